@@ -1,0 +1,241 @@
+//! JSON envelopes: the same arrays as MessagePack, one JSON document per frame.
+//!
+//! ```text
+//! [1, 7, "math/add", {"trace":"ab"}, 0, {"a":1,"b":2}]
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::value::RawValue;
+
+use crate::codec::{payload_or_unit, Codec};
+use crate::envelope::{Envelope, EnvelopeError, EnvelopeKind, ErrorBody, Method, PartialHeader};
+use crate::error::CodecError;
+use crate::message::Attributes;
+
+const CODEC: Codec = Codec::Json;
+
+pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
+    let mut out = Out(dst);
+    out.raw(b"[");
+    out.uint(envelope.kind() as u64);
+    match envelope {
+        Envelope::Request {
+            id,
+            method,
+            attributes,
+            timeout_us,
+            payload,
+        } => {
+            out.next().uint(*id);
+            out.next().json(method.as_str());
+            out.next().json(attributes);
+            out.next().uint(*timeout_us);
+            out.next().raw(payload_or_unit(CODEC, payload));
+        }
+        Envelope::Notification {
+            method,
+            attributes,
+            payload,
+        } => {
+            out.next().json(method.as_str());
+            out.next().json(attributes);
+            out.next().raw(payload_or_unit(CODEC, payload));
+        }
+        Envelope::Response {
+            id,
+            attributes,
+            payload,
+        } => {
+            out.next().uint(*id);
+            out.next().json(attributes);
+            out.next().raw(payload_or_unit(CODEC, payload));
+        }
+        Envelope::Error {
+            id,
+            attributes,
+            error,
+        } => {
+            out.next().uint(*id);
+            out.next().json(attributes);
+            out.next().json(&error.code);
+            out.next().json(&error.message);
+            if let Some(data) = &error.data {
+                out.next().raw(payload_or_unit(CODEC, data));
+            }
+        }
+        Envelope::Fatal { code, message } => {
+            out.next().json(code);
+            out.next().json(message);
+        }
+        Envelope::Cancel { id } => {
+            out.next().uint(*id);
+        }
+        Envelope::Goodbye => {}
+    }
+    out.raw(b"]");
+}
+
+struct Out<'a>(&'a mut BytesMut);
+
+impl Out<'_> {
+    fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.put_slice(bytes);
+        self
+    }
+
+    fn next(&mut self) -> &mut Self {
+        self.raw(b",")
+    }
+
+    fn uint(&mut self, value: u64) {
+        self.json(&value);
+    }
+
+    fn json<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
+        // NB. Strings, integers and string maps always serialize; writing to memory cannot fail.
+        let _ = serde_json::to_writer((&mut *self.0).writer(), value);
+    }
+}
+
+pub(super) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
+    let mut header = PartialHeader::default();
+    match decode_inner(&frame, &mut header) {
+        Ok(envelope) => Ok(envelope),
+        Err(message) => Err(EnvelopeError {
+            header,
+            error: CodecError::new("json", message),
+        }),
+    }
+}
+
+fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, String> {
+    let elements: Vec<&RawValue> =
+        serde_json::from_slice(frame).map_err(|e| format!("not a JSON array: {e}"))?;
+    let field = |index: usize| -> Result<&RawValue, String> {
+        elements
+            .get(index)
+            .copied()
+            .ok_or_else(|| format!("envelope has no element {index}"))
+    };
+    let uint = |index: usize| -> Result<u64, String> {
+        serde_json::from_str(field(index)?.get())
+            .map_err(|e| format!("element {index}: expected an unsigned integer: {e}"))
+    };
+    let sint = |index: usize| -> Result<i64, String> {
+        serde_json::from_str(field(index)?.get())
+            .map_err(|e| format!("element {index}: expected an integer: {e}"))
+    };
+    let string = |index: usize| -> Result<String, String> {
+        serde_json::from_str(field(index)?.get())
+            .map_err(|e| format!("element {index}: expected a string: {e}"))
+    };
+    let attributes = |index: usize| -> Result<Attributes, String> {
+        serde_json::from_str(field(index)?.get())
+            .map_err(|e| format!("element {index}: expected an attribute map: {e}"))
+    };
+    let method = |index: usize| -> Result<Method, String> {
+        let raw = field(index)?.get();
+        let name: String = serde_json::from_str(raw)
+            .map_err(|e| format!("element {index}: expected a method name: {e}"))?;
+        if raw.len() == name.len() + 2 {
+            // No escapes: the name is the raw text between the quotes, sliced without copying.
+            let start = raw.as_ptr() as usize - frame.as_ptr() as usize + 1;
+            Method::from_utf8(frame.slice(start..start + name.len())).map_err(|e| e.to_string())
+        } else {
+            Ok(Method::from(name))
+        }
+    };
+    let payload = |index: usize| -> Result<Bytes, String> {
+        let raw = field(index)?.get();
+        // The raw value borrows from `frame`, so its address gives its offset.
+        let start = raw.as_ptr() as usize - frame.as_ptr() as usize;
+        Ok(frame.slice(start..start + raw.len()))
+    };
+    let expect = |kind: EnvelopeKind, n: usize| -> Result<(), String> {
+        if elements.len() == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "{kind:?} envelope with {} elements, expected {n}",
+                elements.len()
+            ))
+        }
+    };
+
+    let kind = uint(0)?;
+    let kind = u8::try_from(kind)
+        .ok()
+        .and_then(EnvelopeKind::from_u8)
+        .ok_or_else(|| format!("unknown envelope kind {kind}"))?;
+    header.kind = Some(kind);
+    if matches!(
+        kind,
+        EnvelopeKind::Request | EnvelopeKind::Response | EnvelopeKind::Error | EnvelopeKind::Cancel
+    ) {
+        header.id = Some(uint(1)?);
+    }
+    Ok(match kind {
+        EnvelopeKind::Request => {
+            expect(kind, 6)?;
+            Envelope::Request {
+                id: uint(1)?,
+                method: method(2)?,
+                attributes: attributes(3)?,
+                timeout_us: uint(4)?,
+                payload: payload(5)?,
+            }
+        }
+        EnvelopeKind::Notification => {
+            expect(kind, 4)?;
+            Envelope::Notification {
+                method: method(1)?,
+                attributes: attributes(2)?,
+                payload: payload(3)?,
+            }
+        }
+        EnvelopeKind::Response => {
+            expect(kind, 4)?;
+            Envelope::Response {
+                id: uint(1)?,
+                attributes: attributes(2)?,
+                payload: payload(3)?,
+            }
+        }
+        EnvelopeKind::Error => {
+            if elements.len() != 5 && elements.len() != 6 {
+                return Err(format!(
+                    "Error envelope with {} elements, expected 5 or 6",
+                    elements.len()
+                ));
+            }
+            Envelope::Error {
+                id: uint(1)?,
+                attributes: attributes(2)?,
+                error: ErrorBody {
+                    code: sint(3)?,
+                    message: string(4)?,
+                    data: if elements.len() == 6 {
+                        Some(payload(5)?)
+                    } else {
+                        None
+                    },
+                },
+            }
+        }
+        EnvelopeKind::Fatal => {
+            expect(kind, 3)?;
+            Envelope::Fatal {
+                code: sint(1)?,
+                message: string(2)?,
+            }
+        }
+        EnvelopeKind::Cancel => {
+            expect(kind, 2)?;
+            Envelope::Cancel { id: uint(1)? }
+        }
+        EnvelopeKind::Goodbye => {
+            expect(kind, 1)?;
+            Envelope::Goodbye
+        }
+    })
+}

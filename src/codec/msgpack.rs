@@ -1,0 +1,292 @@
+//! MessagePack envelopes: one array per frame, `[kind, fields..., payload]`.
+//!
+//! ```text
+//! request        [1, id, method, attributes, timeout_us, payload]
+//! notification   [2, method, attributes, payload]
+//! response       [3, id, attributes, payload]
+//! error          [4, id, attributes, code, message]  or  [4, id, attributes, code, message, data]
+//! fatal          [5, code, message]
+//! cancel         [6, id]
+//! goodbye        [7]
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rmp::encode as enc;
+
+use crate::codec::{payload_or_unit, Codec};
+use crate::envelope::{Envelope, EnvelopeError, EnvelopeKind, ErrorBody, Method, PartialHeader};
+use crate::error::CodecError;
+use crate::message::Attributes;
+
+const CODEC: Codec = Codec::MessagePack;
+
+pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
+    let mut w = dst.writer();
+    // NB. Writes into a BytesMut cannot fail; the results only carry rmp's io error type.
+    let kind = envelope.kind() as u64;
+    match envelope {
+        Envelope::Request {
+            id,
+            method,
+            attributes,
+            timeout_us,
+            payload,
+        } => {
+            let _ = enc::write_array_len(&mut w, 6);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *id);
+            let _ = enc::write_str(&mut w, method.as_str());
+            write_attributes(&mut w, attributes);
+            let _ = enc::write_uint(&mut w, *timeout_us);
+            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+        }
+        Envelope::Notification {
+            method,
+            attributes,
+            payload,
+        } => {
+            let _ = enc::write_array_len(&mut w, 4);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_str(&mut w, method.as_str());
+            write_attributes(&mut w, attributes);
+            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+        }
+        Envelope::Response {
+            id,
+            attributes,
+            payload,
+        } => {
+            let _ = enc::write_array_len(&mut w, 4);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *id);
+            write_attributes(&mut w, attributes);
+            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+        }
+        Envelope::Error {
+            id,
+            attributes,
+            error,
+        } => {
+            let _ = enc::write_array_len(&mut w, if error.data.is_some() { 6 } else { 5 });
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *id);
+            write_attributes(&mut w, attributes);
+            let _ = enc::write_sint(&mut w, error.code);
+            let _ = enc::write_str(&mut w, &error.message);
+            if let Some(data) = &error.data {
+                w.get_mut().put_slice(payload_or_unit(CODEC, data));
+            }
+        }
+        Envelope::Fatal { code, message } => {
+            let _ = enc::write_array_len(&mut w, 3);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_sint(&mut w, *code);
+            let _ = enc::write_str(&mut w, message);
+        }
+        Envelope::Cancel { id } => {
+            let _ = enc::write_array_len(&mut w, 2);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *id);
+        }
+        Envelope::Goodbye => {
+            let _ = enc::write_array_len(&mut w, 1);
+            let _ = enc::write_uint(&mut w, kind);
+        }
+    }
+}
+
+fn write_attributes<W: std::io::Write>(w: &mut W, attributes: &Attributes) {
+    let _ = enc::write_map_len(w, attributes.len() as u32);
+    for (name, value) in attributes.iter() {
+        let _ = enc::write_str(w, name);
+        let _ = enc::write_str(w, value);
+    }
+}
+
+pub(super) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
+    let mut reader = Reader {
+        frame: &frame,
+        rest: &frame,
+        header: PartialHeader::default(),
+    };
+    match reader.envelope() {
+        Ok(envelope) => Ok(envelope),
+        Err(message) => Err(EnvelopeError {
+            header: reader.header,
+            error: CodecError::new("msgpack", message),
+        }),
+    }
+}
+
+struct Reader<'a> {
+    frame: &'a Bytes,
+    rest: &'a [u8],
+    header: PartialHeader,
+}
+
+type Read<T> = Result<T, String>;
+
+impl Reader<'_> {
+    fn envelope(&mut self) -> Read<Envelope> {
+        let len = rmp::decode::read_array_len(&mut self.rest).map_err(|e| e.to_string())?;
+        let kind = self.uint()?;
+        let kind = u8::try_from(kind)
+            .ok()
+            .and_then(EnvelopeKind::from_u8)
+            .ok_or_else(|| format!("unknown envelope kind {kind}"))?;
+        self.header.kind = Some(kind);
+        let expect = |n: u32| -> Read<()> {
+            if len == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{kind:?} envelope with {len} elements, expected {n}"
+                ))
+            }
+        };
+        Ok(match kind {
+            EnvelopeKind::Request => {
+                let id = self.id()?;
+                expect(6)?;
+                let method = self.method()?;
+                let attributes = self.attributes()?;
+                let timeout_us = self.uint()?;
+                Envelope::Request {
+                    id,
+                    method,
+                    attributes,
+                    timeout_us,
+                    payload: self.payload()?,
+                }
+            }
+            EnvelopeKind::Notification => {
+                expect(4)?;
+                Envelope::Notification {
+                    method: self.method()?,
+                    attributes: self.attributes()?,
+                    payload: self.payload()?,
+                }
+            }
+            EnvelopeKind::Response => {
+                let id = self.id()?;
+                expect(4)?;
+                Envelope::Response {
+                    id,
+                    attributes: self.attributes()?,
+                    payload: self.payload()?,
+                }
+            }
+            EnvelopeKind::Error => {
+                let id = self.id()?;
+                if len != 5 && len != 6 {
+                    return Err(format!(
+                        "Error envelope with {len} elements, expected 5 or 6"
+                    ));
+                }
+                let attributes = self.attributes()?;
+                let code = self.sint()?;
+                let message = self.string()?;
+                let data = if len == 6 {
+                    Some(self.payload()?)
+                } else {
+                    None
+                };
+                Envelope::Error {
+                    id,
+                    attributes,
+                    error: ErrorBody {
+                        code,
+                        message,
+                        data,
+                    },
+                }
+            }
+            EnvelopeKind::Fatal => {
+                expect(3)?;
+                Envelope::Fatal {
+                    code: self.sint()?,
+                    message: self.string()?,
+                }
+            }
+            EnvelopeKind::Cancel => {
+                let id = self.id()?;
+                expect(2)?;
+                self.end()?;
+                Envelope::Cancel { id }
+            }
+            EnvelopeKind::Goodbye => {
+                expect(1)?;
+                self.end()?;
+                Envelope::Goodbye
+            }
+        })
+    }
+
+    fn id(&mut self) -> Read<u64> {
+        let id = self.uint()?;
+        self.header.id = Some(id);
+        Ok(id)
+    }
+
+    fn uint(&mut self) -> Read<u64> {
+        rmp::decode::read_int(&mut self.rest)
+            .map_err(|e| format!("expected an unsigned integer: {e}"))
+    }
+
+    fn sint(&mut self) -> Read<i64> {
+        rmp::decode::read_int(&mut self.rest).map_err(|e| format!("expected an integer: {e}"))
+    }
+
+    fn str(&mut self) -> Read<&str> {
+        let len = rmp::decode::read_str_len(&mut self.rest)
+            .map_err(|e| format!("expected a string: {e}"))? as usize;
+        if len > self.rest.len() {
+            return Err(format!("string of {len} bytes runs past the frame"));
+        }
+        let (bytes, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        std::str::from_utf8(bytes).map_err(|e| format!("string is not UTF-8: {e}"))
+    }
+
+    fn string(&mut self) -> Read<String> {
+        self.str().map(str::to_owned)
+    }
+
+    /// A method name, sliced from the frame.
+    fn method(&mut self) -> Read<Method> {
+        let frame = self.frame;
+        let name = self.str()?;
+        let start = name.as_ptr() as usize - frame.as_ptr() as usize;
+        Method::from_utf8(frame.slice(start..start + name.len())).map_err(|e| e.to_string())
+    }
+
+    fn attributes(&mut self) -> Read<Attributes> {
+        let len = rmp::decode::read_map_len(&mut self.rest)
+            .map_err(|e| format!("expected an attribute map: {e}"))?;
+        let mut attributes = Attributes::new();
+        for _ in 0..len {
+            let name = self.string()?;
+            let value = self.string()?;
+            attributes.insert(name, value);
+        }
+        Ok(attributes)
+    }
+
+    /// The rest of the frame: the last array element, kept as raw MessagePack.
+    fn payload(&mut self) -> Read<Bytes> {
+        if self.rest.is_empty() {
+            return Err("missing payload".into());
+        }
+        let start = self.frame.len() - self.rest.len();
+        self.rest = &[];
+        Ok(self.frame.slice(start..))
+    }
+
+    fn end(&self) -> Read<()> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} trailing bytes", self.rest.len()))
+        }
+    }
+}

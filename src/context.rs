@@ -1,0 +1,248 @@
+//! The per-message [`Context`] handlers receive, and the [`ContextFactory`] hook that prepares it.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::codec::Codec;
+use crate::dispatcher::{Call, Dispatcher, Shared};
+use crate::envelope::Method;
+use crate::error::{CallError, CodecError, Termination};
+use crate::message::{Attributes, Notification, Request};
+
+/// What a handler knows about the message it handles, and its way back to the peer.
+///
+/// It holds the dispatcher weakly (the seed's `WeakReference`): a handler never keeps a
+/// connection alive. Nested calls through it go to the peer that sent the message, and may be
+/// made while the peer waits for this handler's answer.
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::{request, Context, HandlerError, Router};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct Outer(u32);
+/// # #[derive(Serialize, Deserialize)] struct Inner(u32);
+/// # request!(Outer => u32, "outer");
+/// # request!(Inner => u32, "inner");
+///
+/// // Answer `Outer` by asking the peer an `Inner` question first.
+/// let router = Router::new().request(|cx: Context, Outer(n)| async move {
+///     let m = cx.request(Inner(n)).await?;
+///     Ok::<_, HandlerError>(m * 2)
+/// });
+/// ```
+#[derive(Clone)]
+pub struct Context {
+    shared: Weak<Shared>,
+    codec: Codec,
+    id: Option<u64>,
+    method: Method,
+    attributes: Attributes,
+    deadline: Option<Instant>,
+    extensions: Extensions,
+}
+
+impl Context {
+    pub(crate) fn new(
+        shared: Weak<Shared>,
+        codec: Codec,
+        id: Option<u64>,
+        method: Method,
+        attributes: Attributes,
+        deadline: Option<Instant>,
+    ) -> Self {
+        Self {
+            shared,
+            codec,
+            id,
+            method,
+            attributes,
+            deadline,
+            extensions: Extensions::default(),
+        }
+    }
+
+    pub(crate) fn detached(method: String, id: Option<u64>, codec: Codec) -> Self {
+        Self::new(
+            Weak::new(),
+            codec,
+            id,
+            Method::from(method),
+            Attributes::new(),
+            None,
+        )
+    }
+
+    /// The dispatcher, unless every handle is gone and the connection is ending.
+    pub fn dispatcher(&self) -> Option<Dispatcher> {
+        self.shared.upgrade().map(Dispatcher::from_shared)
+    }
+
+    /// Sends a nested request to the peer. It inherits this message's deadline: its timeout
+    /// is at most the time left.
+    pub fn request<R: Request>(&self, request: R) -> Call<R::Response> {
+        let call = match self.dispatcher() {
+            Some(dispatcher) => dispatcher.request(request),
+            None => Call::new(
+                Err(Termination::Dropped),
+                Method::from_static(R::METHOD),
+                self.codec.encode(&request),
+                |codec, raw| codec.decode(&raw.payload).map_err(CallError::Decode),
+            ),
+        };
+        call.timeout_at_most(self.remaining())
+    }
+
+    /// Sends a notification to the peer.
+    ///
+    /// # Errors
+    /// As [`Dispatcher::notify`].
+    pub fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
+        match self.dispatcher() {
+            Some(dispatcher) => dispatcher.notify(notification),
+            None => Err(CallError::Terminated(Termination::Dropped)),
+        }
+    }
+
+    /// The request id; `None` for a notification.
+    pub fn id(&self) -> Option<u64> {
+        self.id
+    }
+
+    /// The method name.
+    pub fn method(&self) -> &str {
+        self.method.as_str()
+    }
+
+    /// The attributes that came with the message.
+    pub fn attributes(&self) -> &Attributes {
+        &self.attributes
+    }
+
+    /// The attributes, mutably.
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        &mut self.attributes
+    }
+
+    /// When the caller stops waiting, if it set a timeout.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Time left until the deadline (zero once passed); `None` without a deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// The connection's codec.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Encodes a value with the connection's codec (for [`Reply::value`](crate::Reply::value)
+    /// and error data).
+    ///
+    /// # Errors
+    /// A [`CodecError`] when serde refuses the value.
+    pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes, CodecError> {
+        self.codec.encode(value)
+    }
+
+    /// Typed values attached by middleware or the [`ContextFactory`].
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// The extensions, mutably.
+    pub fn extensions_mut(&mut self) -> &mut Extensions {
+        &mut self.extensions
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .field("attributes", &self.attributes)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A map from type to value, for state that middleware and factories hand to handlers.
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::Extensions;
+///
+/// struct User(String);
+///
+/// let mut extensions = Extensions::default();
+/// extensions.insert(User("ada".into()));
+/// assert_eq!(extensions.get::<User>().map(|u| u.0.as_str()), Some("ada"));
+/// ```
+#[derive(Clone, Default)]
+pub struct Extensions {
+    map: Option<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+}
+
+impl Extensions {
+    /// Stores `value`, replacing any value of the same type.
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
+        self.map
+            .get_or_insert_with(HashMap::new)
+            .insert(TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// The value of type `T`, if stored.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.map
+            .as_ref()?
+            .get(&TypeId::of::<T>())
+            .and_then(|value| value.downcast_ref())
+    }
+}
+
+impl fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extensions")
+            .field("len", &self.map.as_ref().map_or(0, HashMap::len))
+            .finish()
+    }
+}
+
+/// Prepares the [`Context`] of every inbound message before the handler sees it (the seed's
+/// `ContextFactory`): attach shared state, derive values from attributes.
+///
+/// Any `Fn(&mut Context)` is one.
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::{Context, Dispatcher};
+///
+/// #[derive(Clone)]
+/// struct Db;
+///
+/// let db = Db;
+/// let builder = Dispatcher::builder().context_factory(move |cx: &mut Context| {
+///     cx.extensions_mut().insert(db.clone());
+/// });
+/// ```
+pub trait ContextFactory: Send + Sync + 'static {
+    /// Fills in the context of one inbound message.
+    fn prepare(&self, context: &mut Context);
+}
+
+impl<F: Fn(&mut Context) + Send + Sync + 'static> ContextFactory for F {
+    fn prepare(&self, context: &mut Context) {
+        self(context)
+    }
+}

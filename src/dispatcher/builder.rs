@@ -1,0 +1,251 @@
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tower_service::Service;
+use tracing::Instrument;
+
+use super::connection::{Config, Connection};
+use super::{Dispatcher, Lifecycle, Shared};
+use crate::codec::Codec;
+use crate::context::ContextFactory;
+use crate::envelope::EnvelopeKind;
+use crate::error::HandlerError;
+use crate::handler::{DefaultErrorHandler, ErrorHandler, Incoming, Reply, Router};
+use crate::message::Attributes;
+use crate::transport::Channel;
+
+/// Default maximum frame length: 16 MiB.
+pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
+
+/// An inbound envelope, as the observer hook ([`Builder::on_inbound`]) sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct InboundEnvelope<'a> {
+    /// The envelope kind.
+    pub kind: EnvelopeKind,
+    /// The request id (requests, responses, errors, cancels).
+    pub id: Option<u64>,
+    /// The method (requests and notifications).
+    pub method: Option<&'a str>,
+    /// The attributes (requests, notifications, responses, errors).
+    pub attributes: Option<&'a Attributes>,
+    /// The payload's encoded length.
+    pub payload_len: usize,
+}
+
+type Observer = Arc<dyn Fn(&InboundEnvelope<'_>) + Send + Sync>;
+
+/// Configures and starts a dispatcher on a [`Channel`].
+///
+/// Every setting has a default; `Dispatcher::builder().spawn(channel)` is a working client
+/// with no routes.
+///
+/// # Examples
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use channel_dispatcher::{Channel, Dispatcher, Router};
+///
+/// let (a, _b) = Channel::pair();
+/// let dispatcher = Dispatcher::builder()
+///     .handler(Router::new())
+///     .max_frame_length(1024 * 1024)
+///     .default_timeout(Duration::from_secs(30))
+///     .spawn(a);
+/// # drop(dispatcher);
+/// # }
+/// ```
+#[must_use = "a builder does nothing until `spawn` or `build`"]
+pub struct Builder<S = Router> {
+    handler: S,
+    config: Config,
+    default_timeout: Option<Duration>,
+    token: Option<String>,
+}
+
+impl Builder<Router> {
+    pub(crate) fn new() -> Self {
+        Self {
+            handler: Router::new(),
+            config: Config {
+                codec: Codec::default(),
+                max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
+                handshake_timeout: Duration::from_secs(10),
+                drain_timeout: Duration::from_secs(5),
+                max_concurrent_handlers: 1024,
+                expected_token: None,
+                error_handler: Arc::new(DefaultErrorHandler),
+                context_factory: None,
+                observer: None,
+            },
+            default_timeout: None,
+            token: None,
+        }
+    }
+}
+
+impl<S> Builder<S> {
+    /// The handler of the peer's requests and notifications: a [`Router`], or any
+    /// `tower::Service<Incoming, Response = Reply, Error = HandlerError>`.
+    /// Default: an empty router (every request is answered "unknown method").
+    pub fn handler<T>(self, handler: T) -> Builder<T>
+    where
+        T: Service<Incoming, Response = Reply, Error = HandlerError>,
+    {
+        Builder {
+            handler,
+            config: self.config,
+            default_timeout: self.default_timeout,
+            token: self.token,
+        }
+    }
+
+    /// The codec; both peers must use the same one. Default: [`Codec::default`] (MessagePack).
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.config.codec = codec;
+        self
+    }
+
+    /// The largest frame this side accepts, told to the peer in the handshake. A larger frame
+    /// is discarded without being buffered; a request in it is answered with
+    /// [`code::FRAME_TOO_LARGE`](crate::error::code::FRAME_TOO_LARGE). Default: 16 MiB.
+    pub fn max_frame_length(mut self, bytes: usize) -> Self {
+        self.config.max_frame_length = bytes.min(u32::MAX as usize);
+        self
+    }
+
+    /// How long the peer has to complete the handshake. Default: 10 s.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.config.handshake_timeout = timeout;
+        self
+    }
+
+    /// How long `stop()` lets running handlers finish before dropping them. Default: 5 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// The timeout of every call that sets none itself. Default: none (wait until answered or
+    /// the connection ends).
+    pub fn default_timeout(mut self, timeout: Duration) -> Self {
+        self.default_timeout = Some(timeout);
+        self
+    }
+
+    /// How many of the peer's messages are handled at once; beyond it, this side stops reading
+    /// and the transport pushes back on the peer. Default: 1024.
+    pub fn max_concurrent_handlers(mut self, limit: usize) -> Self {
+        self.config.max_concurrent_handlers = limit.max(1);
+        self
+    }
+
+    /// The token this side presents in the handshake.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Refuses peers that do not present this token in the handshake.
+    pub fn expect_token(mut self, token: impl Into<String>) -> Self {
+        self.config.expected_token = Some(token.into());
+        self
+    }
+
+    /// What handler failures and panics become. Default: [`DefaultErrorHandler`].
+    pub fn error_handler(mut self, error_handler: impl ErrorHandler) -> Self {
+        self.config.error_handler = Arc::new(error_handler);
+        self
+    }
+
+    /// Prepares the context of every inbound message. Default: none.
+    pub fn context_factory(mut self, factory: impl ContextFactory) -> Self {
+        self.config.context_factory = Some(Arc::new(factory));
+        self
+    }
+
+    /// Sees every inbound envelope, before it is handled (the seed's read-loop callback).
+    /// It runs on the connection task: keep it short.
+    pub fn on_inbound(
+        mut self,
+        observer: impl Fn(&InboundEnvelope<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.config.observer = Some(Arc::new(observer) as Observer);
+        self
+    }
+}
+
+impl<S> Builder<S>
+where
+    S: Service<Incoming, Response = Reply, Error = HandlerError> + Send + Unpin + 'static,
+    S::Future: Send + 'static,
+{
+    /// Builds the dispatcher and its [`Connection`], which the caller drives (await it or
+    /// spawn it). Calls made before the handshake completes wait for it.
+    pub fn build(self, channel: Channel) -> (Dispatcher, Connection<S>) {
+        static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let lifecycle = Arc::new(Lifecycle::new(self.config.max_frame_length));
+        let shared = Arc::new(Shared {
+            commands: tx,
+            next_id: AtomicU64::new(1),
+            codec: self.config.codec,
+            lifecycle: lifecycle.clone(),
+            default_timeout: self.default_timeout,
+        });
+        let dispatcher = Dispatcher::from_shared(shared);
+        let span = tracing::info_span!(
+            "connection",
+            id = CONNECTIONS.fetch_add(1, Ordering::Relaxed),
+            transport = channel.label()
+        );
+        let connection = Connection::new(
+            channel,
+            self.handler,
+            self.config,
+            self.token,
+            dispatcher.downgrade(),
+            rx,
+            lifecycle,
+            span,
+        );
+        (dispatcher, connection)
+    }
+
+    /// Builds the dispatcher and spawns its connection on the current tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn(self, channel: Channel) -> Dispatcher {
+        let (dispatcher, connection) = self.build(channel);
+        let span = connection.span().clone();
+        tokio::spawn(connection.instrument(span));
+        dispatcher
+    }
+
+    /// Builds the dispatcher, spawns its connection and waits for the handshake.
+    ///
+    /// # Errors
+    /// The [`Termination`](crate::Termination) if the connection ended before or during the
+    /// handshake, typically [`Termination::Handshake`](crate::Termination::Handshake).
+    pub async fn connect(self, channel: Channel) -> Result<Dispatcher, crate::Termination> {
+        let dispatcher = self.spawn(channel);
+        dispatcher.shared.lifecycle.handshake_done().await?;
+        Ok(dispatcher)
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Builder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("handler", &self.handler)
+            .field("codec", &self.config.codec)
+            .field("max_frame_length", &self.config.max_frame_length)
+            .field("default_timeout", &self.default_timeout)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,278 @@
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use super::{Command, Outbound, Shared};
+use crate::codec::Codec;
+use crate::envelope::Method;
+use crate::error::{CallError, CodecError, Termination};
+use crate::message::Attributes;
+
+type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
+
+/// A request about to be sent: set attributes or a timeout, then `.await` it.
+///
+/// Nothing is sent until it is awaited (or turned into a future with `into_future`).
+///
+/// # Examples
+/// ```
+/// # use channel_dispatcher::{request, Channel, Dispatcher, Context, HandlerError, Router};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct Ping;
+/// # request!(Ping => String, "ping");
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), channel_dispatcher::CallError> {
+/// # let (a, b) = Channel::pair();
+/// # let _server = Dispatcher::builder().handler(Router::new().request(|cx: Context, _: Ping| async move {
+/// #     Ok::<_, HandlerError>(cx.attributes().get("tenant").unwrap_or_default().to_string())
+/// # })).spawn(b);
+/// # let dispatcher = Dispatcher::builder().spawn(a);
+/// use std::time::Duration;
+///
+/// let answer = dispatcher
+///     .request(Ping)
+///     .attribute("tenant", "acme")
+///     .timeout(Duration::from_secs(5))
+///     .await?;
+/// assert_eq!(answer, "acme");
+/// # Ok(())
+/// # }
+/// ```
+#[must_use = "a call does nothing until it is awaited"]
+pub struct Call<T> {
+    target: Result<Arc<Shared>, Termination>,
+    method: Method,
+    payload: Result<Bytes, CodecError>,
+    attributes: Attributes,
+    timeout: Option<Duration>,
+    decode: Decode<T>,
+}
+
+impl<T> Call<T> {
+    pub(crate) fn new(
+        target: Result<Arc<Shared>, Termination>,
+        method: Method,
+        payload: Result<Bytes, CodecError>,
+        decode: Decode<T>,
+    ) -> Self {
+        let timeout = target
+            .as_ref()
+            .ok()
+            .and_then(|shared| shared.default_timeout);
+        Self {
+            target,
+            method,
+            payload,
+            attributes: Attributes::new(),
+            timeout,
+            decode,
+        }
+    }
+
+    /// Adds an attribute to the request.
+    pub fn attribute(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(name, value);
+        self
+    }
+
+    /// Adds attributes to the request.
+    pub fn attributes(mut self, attributes: Attributes) -> Self {
+        self.attributes.extend(attributes.iter());
+        self
+    }
+
+    /// Fails the call with [`CallError::Timeout`] if no answer arrives within `timeout`
+    /// (replacing the dispatcher's default). The peer is told how long the caller waits.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Keeps the shorter of the current timeout and `limit` (for deadlines inherited by
+    /// nested calls).
+    pub(crate) fn timeout_at_most(mut self, limit: Option<Duration>) -> Self {
+        if let Some(limit) = limit {
+            self.timeout = Some(self.timeout.map_or(limit, |t| t.min(limit)));
+        }
+        self
+    }
+
+    fn start(self) -> Result<Waiting, CallError> {
+        let shared = self.target.map_err(CallError::Terminated)?;
+        if shared.lifecycle.stopping.load(Ordering::Acquire) {
+            return Err(shared.terminated());
+        }
+        let payload = self.payload.map_err(CallError::Encode)?;
+        shared.check_size(&self.method, &self.attributes, &payload)?;
+        let id = shared.next_id();
+        let (tx, rx) = oneshot::channel();
+        let outbound = Outbound {
+            id,
+            method: self.method,
+            attributes: self.attributes,
+            timeout_us: self.timeout.map_or(0, |t| {
+                u64::try_from(t.as_micros()).unwrap_or(u64::MAX).max(1)
+            }),
+            payload,
+        };
+        shared
+            .commands
+            .send(Command::Call(outbound, tx))
+            .map_err(|_| shared.terminated())?;
+        Ok(Waiting {
+            id,
+            rx,
+            timer: self
+                .timeout
+                .map(|t| (t, Box::pin(tokio::time::sleep_until(Instant::now() + t)))),
+            shared,
+            answered: false,
+        })
+    }
+}
+
+impl<T> IntoFuture for Call<T> {
+    type Output = Result<T, CallError>;
+    type IntoFuture = ResponseFuture<T>;
+
+    fn into_future(self) -> ResponseFuture<T> {
+        let decode = self.decode;
+        let codec = self
+            .target
+            .as_ref()
+            .map_or_else(|_| Codec::default(), |shared| shared.codec);
+        ResponseFuture {
+            state: match self.start() {
+                Ok(waiting) => State::Waiting(waiting),
+                Err(e) => State::Failed(Some(e)),
+            },
+            codec,
+            decode,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Call<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("method", &self.method)
+            .field("attributes", &self.attributes)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to a call, as it arrived: payload still encoded, attributes the peer sent back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawResponse {
+    /// The encoded payload.
+    pub payload: Bytes,
+    /// Attributes set by the peer's handler or middleware.
+    pub attributes: Attributes,
+    pub(crate) codec: Codec,
+}
+
+impl RawResponse {
+    /// Decodes the payload.
+    ///
+    /// # Errors
+    /// A [`CodecError`] when the payload is not a `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        self.codec.decode(&self.payload)
+    }
+}
+
+/// The future of a [`Call`]: resolves to the decoded answer.
+///
+/// # Cancellation
+/// Dropping it before it completes sends a cancel to the peer.
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture<T> {
+    state: State,
+    codec: Codec,
+    decode: Decode<T>,
+}
+
+enum State {
+    Waiting(Waiting),
+    Failed(Option<CallError>),
+    Done,
+}
+
+struct Waiting {
+    id: u64,
+    rx: oneshot::Receiver<Result<RawResponse, CallError>>,
+    timer: Option<(Duration, Pin<Box<Sleep>>)>,
+    shared: Arc<Shared>,
+    answered: bool,
+}
+
+impl<T> Future for ResponseFuture<T> {
+    type Output = Result<T, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let result = match &mut this.state {
+            State::Failed(error) => Err(error
+                .take()
+                .unwrap_or_else(|| CallError::Terminated(Termination::Stopped))),
+            State::Done => panic!("ResponseFuture polled after completion"),
+            State::Waiting(waiting) => {
+                let answer = match Pin::new(&mut waiting.rx).poll(cx) {
+                    Poll::Ready(answer) => answer,
+                    Poll::Pending => match &mut waiting.timer {
+                        Some((timeout, sleep)) => {
+                            ready!(sleep.as_mut().poll(cx));
+                            let timeout = *timeout;
+                            // Still waiting: the drop below sends the cancel.
+                            this.state = State::Done;
+                            return Poll::Ready(Err(CallError::Timeout(timeout)));
+                        }
+                        None => return Poll::Pending,
+                    },
+                };
+                match answer {
+                    Ok(Ok(raw)) => (this.decode)(this.codec, raw),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(waiting.shared.terminated()),
+                }
+            }
+        };
+        if let State::Waiting(waiting) = &mut this.state {
+            // Answered (or the connection ended): nothing to cancel.
+            waiting.answered = true;
+        }
+        this.state = State::Done;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.shared.commands.send(Command::Cancel(self.id));
+        }
+    }
+}
+
+impl<T> fmt::Debug for ResponseFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting(w) => format!("waiting for answer {}", w.id),
+            State::Failed(_) => "failed".into(),
+            State::Done => "done".into(),
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

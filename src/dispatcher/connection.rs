@@ -1,0 +1,824 @@
+//! The connection task: one future per connection that reads frames, writes frames, answers
+//! the peer through the handler and correlates the peer's answers to our calls.
+//!
+//! Everything happens in one task, so an answer to the peer is encoded straight into the write
+//! buffer (no task and no queue per response), and all frames produced in one turn go out in
+//! one write and one flush.
+//!
+//! | phase    | reads                       | writes                        | ends when                         |
+//! | -------- | --------------------------- | ----------------------------- | --------------------------------- |
+//! | open     | everything                  | calls, answers                | stop, drop, goodbye, EOF, fatal   |
+//! | draining | answers refused, cancels    | answers of running handlers   | handlers done or drain timeout    |
+//! | closing  | until the peer's EOF        | goodbye or fatal, then shut   | peer EOF / goodbye, or linger     |
+
+use std::fmt;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::builder::InboundEnvelope;
+use super::in_flight::{Finished, Incoming as Running, Outcome, Outgoing};
+use super::{Command, Lifecycle, RawResponse, Shared};
+use crate::codec::Codec;
+use crate::context::{Context, ContextFactory};
+use crate::envelope::{Envelope, EnvelopeKind, ErrorBody, Method, PartialHeader};
+use crate::error::{code, CallError, HandshakeError, ProtocolError, RemoteError, Termination};
+use crate::handler::{ErrorHandler, Failed, Incoming, Reply, ReplyBody};
+use crate::message::Attributes;
+use crate::transport::frame::{Frame, FrameReader, FrameWriter};
+use crate::transport::handshake::{handshake, Hello, PROTOCOL_VERSION};
+use crate::transport::Channel;
+
+/// Write-buffer size beyond which the connection stops taking new work until it drains.
+const HIGH_WATER: usize = 256 * 1024;
+/// Turns of the loop before yielding to other tasks.
+const BUDGET: usize = 32;
+/// How long a closing side waits for the peer's end of file after its own goodbye.
+const LINGER: Duration = Duration::from_secs(2);
+
+pub(crate) struct Config {
+    pub(crate) codec: Codec,
+    pub(crate) max_frame_length: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) max_concurrent_handlers: usize,
+    pub(crate) expected_token: Option<String>,
+    pub(crate) error_handler: Arc<dyn ErrorHandler>,
+    pub(crate) context_factory: Option<Arc<dyn ContextFactory>>,
+    pub(crate) observer: Option<Arc<dyn Fn(&InboundEnvelope<'_>) + Send + Sync>>,
+}
+
+type Handshake = Pin<Box<dyn Future<Output = HandshakeResult> + Send>>;
+type HandshakeResult = (FrameReader, FrameWriter, Result<Hello, HandshakeError>);
+
+/// The future that drives one connection; resolves to why it ended.
+///
+/// [`Builder::spawn`](crate::Builder::spawn) spawns it for you; [`Builder::build`](crate::Builder::build)
+/// hands it over to drive yourself (for example on a `LocalSet`, or joined with other work).
+#[must_use = "a connection does nothing unless awaited or spawned"]
+pub struct Connection<S: Service<Incoming>> {
+    driver: Driver<S>,
+    handshake: Option<Handshake>,
+    done: bool,
+    span: tracing::Span,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Open,
+    Draining(Pin<Box<Sleep>>),
+    Closing {
+        linger: Pin<Box<Sleep>>,
+        shut: bool,
+        read_closed: bool,
+    },
+}
+
+struct Driver<S: Service<Incoming>> {
+    reader: FrameReader,
+    writer: FrameWriter,
+    service: S,
+    config: Config,
+    commands: mpsc::UnboundedReceiver<Command>,
+    commands_closed: bool,
+    shared: Weak<Shared>,
+    lifecycle: Arc<Lifecycle>,
+    outgoing: Outgoing,
+    incoming: Running<S::Future>,
+    peer_max_frame: usize,
+    phase: Phase,
+}
+
+impl<S> Connection<S>
+where
+    S: Service<Incoming, Response = Reply, Error = crate::HandlerError>,
+{
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        channel: Channel,
+        service: S,
+        config: Config,
+        token: Option<String>,
+        shared: Weak<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        lifecycle: Arc<Lifecycle>,
+        span: tracing::Span,
+    ) -> Self {
+        let mut reader = FrameReader::new(channel.reader, config.max_frame_length);
+        let mut writer = FrameWriter::new(channel.writer);
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            max_frame: config.max_frame_length as u32,
+            codec: config.codec.name().to_owned(),
+            token,
+        };
+        let expected = config.expected_token.clone();
+        let (timeout, max_frame) = (config.handshake_timeout, config.max_frame_length);
+        let handshake: Handshake = Box::pin(async move {
+            let result = tokio::time::timeout(
+                timeout,
+                handshake(
+                    &mut reader,
+                    &mut writer,
+                    &hello,
+                    expected.as_deref(),
+                    max_frame,
+                ),
+            )
+            .await
+            .unwrap_or(Err(HandshakeError::Timeout(timeout)));
+            (reader, writer, result)
+        });
+        Self {
+            driver: Driver {
+                // Placeholders until the handshake hands the real halves back.
+                reader: FrameReader::new(Box::new(tokio::io::empty()), 0),
+                writer: FrameWriter::new(Box::new(tokio::io::sink())),
+                service,
+                config,
+                commands,
+                commands_closed: false,
+                shared,
+                lifecycle,
+                outgoing: Outgoing::default(),
+                incoming: Running::new(),
+                peer_max_frame: 0,
+                phase: Phase::Open,
+            },
+            handshake: Some(handshake),
+            done: false,
+            span,
+        }
+    }
+
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+}
+
+impl<S> Future for Connection<S>
+where
+    S: Service<Incoming, Response = Reply, Error = crate::HandlerError> + Unpin,
+{
+    type Output = Termination;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Termination> {
+        let this = self.get_mut();
+        assert!(!this.done, "Connection polled after completion");
+        if let Some(handshake) = &mut this.handshake {
+            let (reader, writer, result) = std::task::ready!(handshake.as_mut().poll(cx));
+            this.handshake = None;
+            let driver = &mut this.driver;
+            driver.reader = reader;
+            driver.writer = writer;
+            match result {
+                Ok(peer) => {
+                    driver.peer_max_frame = peer.max_frame as usize;
+                    driver.lifecycle.set_ready(driver.peer_max_frame);
+                    tracing::debug!(peer_max_frame = peer.max_frame, "handshake done");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "handshake failed");
+                    this.done = true;
+                    return Poll::Ready(driver.finish(Termination::Handshake(e)));
+                }
+            }
+        }
+        let result = this.driver.poll_run(cx);
+        this.done = result.is_ready();
+        result
+    }
+}
+
+impl<S: Service<Incoming>> fmt::Debug for Connection<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("handshaking", &self.handshake.is_some())
+            .field("phase", &self.driver.phase)
+            .field("calls_pending", &self.driver.outgoing.len())
+            .field("handlers_running", &self.driver.incoming.len())
+            .finish_non_exhaustive()
+    }
+}
+
+// ===== impl Driver =====
+
+impl<S> Driver<S>
+where
+    S: Service<Incoming, Response = Reply, Error = crate::HandlerError>,
+{
+    fn poll_run(&mut self, cx: &mut TaskContext<'_>) -> Poll<Termination> {
+        for _ in 0..BUDGET {
+            let mut progress = false;
+
+            // Our calls and notifications.
+            while !self.commands_closed && self.writer.pending() < HIGH_WATER {
+                match self.commands.poll_recv(cx) {
+                    Poll::Ready(Some(command)) => self.on_command(command),
+                    Poll::Ready(None) => {
+                        self.commands_closed = true;
+                        self.begin_stop(Termination::Dropped);
+                    }
+                    Poll::Pending => break,
+                }
+                progress = true;
+            }
+
+            // Handlers that finished.
+            while let Poll::Ready(Some(finished)) = self.incoming.poll_finished(cx) {
+                self.on_finished(finished);
+                progress = true;
+            }
+
+            // The peer's frames.
+            match self.poll_read(cx) {
+                Poll::Ready(Ok(read)) => progress |= read,
+                Poll::Ready(Err(reason)) => return Poll::Ready(self.finish(reason)),
+                Poll::Pending => {}
+            }
+
+            if let Some(reason) = self.poll_phase(cx) {
+                return Poll::Ready(self.finish(reason));
+            }
+
+            if let Poll::Ready(Err(e)) = self.writer.poll_drain(cx) {
+                if !matches!(self.phase, Phase::Closing { .. }) {
+                    return Poll::Ready(self.finish(Termination::Transport(Arc::new(e))));
+                }
+                return Poll::Ready(self.finish(Termination::Closed));
+            }
+
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Used the budget with work left: let other tasks run, then come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Reads and handles frames until the socket has no more or backpressure says stop.
+    /// `Ok(true)` when anything was read.
+    fn poll_read(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<bool, Termination>> {
+        let mut progress = false;
+        loop {
+            if let Phase::Closing {
+                read_closed: true, ..
+            } = self.phase
+            {
+                return Poll::Ready(Ok(progress));
+            }
+            if self.writer.pending() >= HIGH_WATER
+                || self.incoming.len() >= self.config.max_concurrent_handlers
+            {
+                return Poll::Ready(Ok(progress));
+            }
+            if matches!(self.phase, Phase::Open) {
+                match self.service.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => {
+                        tracing::error!(error = %e, "handler failed");
+                        self.local_fatal(code::INTERNAL_ERROR, format!("handler failed: {e}"));
+                        return Poll::Ready(Ok(true));
+                    }
+                    Poll::Pending => return Poll::Ready(Ok(progress)),
+                }
+            }
+            if let Some(frame) = self.reader.next_frame() {
+                self.on_frame(frame);
+                progress = true;
+                continue;
+            }
+            match self.reader.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    self.on_eof()?;
+                    return Poll::Ready(Ok(true));
+                }
+                Poll::Ready(Ok(_)) => progress = true,
+                Poll::Ready(Err(e)) => {
+                    if let Phase::Closing { read_closed, .. } = &mut self.phase {
+                        // The peer reset the connection after our goodbye: we are done anyway.
+                        *read_closed = true;
+                        return Poll::Ready(Ok(true));
+                    }
+                    return Poll::Ready(Err(Termination::Transport(Arc::new(e))));
+                }
+                Poll::Pending if progress => return Poll::Ready(Ok(true)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn on_eof(&mut self) -> Result<(), Termination> {
+        if let Phase::Closing { read_closed, .. } = &mut self.phase {
+            *read_closed = true;
+            return Ok(());
+        }
+        if self.reader.in_frame() {
+            return Err(Termination::Protocol(ProtocolError::TruncatedFrame {
+                received: self.reader.buffered(),
+                expected: self.reader.claimed().unwrap_or(0),
+            }));
+        }
+        Err(Termination::Closed)
+    }
+
+    /// Advances draining and closing; `Some` once the connection is over.
+    fn poll_phase(&mut self, cx: &mut TaskContext<'_>) -> Option<Termination> {
+        match &mut self.phase {
+            Phase::Open => None,
+            Phase::Draining(deadline) => {
+                let expired = deadline.as_mut().poll(cx).is_ready();
+                if self.incoming.is_empty() || expired {
+                    if !self.incoming.is_empty() {
+                        tracing::warn!(
+                            handlers = self.incoming.len(),
+                            "drain timeout: dropping handlers still running"
+                        );
+                    }
+                    self.close(Envelope::Goodbye, false);
+                }
+                None
+            }
+            Phase::Closing {
+                linger,
+                shut,
+                read_closed,
+            } => {
+                if !*shut {
+                    match self.writer.poll_shutdown(cx) {
+                        Poll::Ready(_) => *shut = true,
+                        Poll::Pending => return None,
+                    }
+                }
+                if *read_closed || linger.as_mut().poll(cx).is_ready() {
+                    return Some(self.lifecycle.reason_or(Termination::Stopped));
+                }
+                None
+            }
+        }
+    }
+
+    // ===== our side =====
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Call(call, reply) => {
+                if !matches!(self.phase, Phase::Open) {
+                    let _ = reply.send(Err(self.terminated()));
+                    return;
+                }
+                let id = call.id;
+                let envelope = Envelope::Request {
+                    id,
+                    method: call.method,
+                    attributes: call.attributes,
+                    timeout_us: call.timeout_us,
+                    payload: call.payload,
+                };
+                match self.write(&envelope) {
+                    Ok(()) => self.outgoing.insert_request(id, reply),
+                    Err(size) => {
+                        let _ = reply.send(Err(CallError::FrameTooLarge {
+                            size,
+                            limit: self.peer_max_frame,
+                        }));
+                    }
+                }
+            }
+            Command::Notify(notification) => {
+                if !matches!(self.phase, Phase::Open) {
+                    tracing::debug!(method = %notification.method, "notification after stop dropped");
+                    return;
+                }
+                let method = notification.method.clone();
+                let envelope = Envelope::Notification {
+                    method: notification.method,
+                    attributes: notification.attributes,
+                    payload: notification.payload,
+                };
+                if let Err(size) = self.write(&envelope) {
+                    tracing::warn!(%method, size, limit = self.peer_max_frame, "notification over the peer's frame limit dropped");
+                }
+            }
+            Command::Cancel(id) => {
+                if self.outgoing.cancel_request(id) && !matches!(self.phase, Phase::Closing { .. })
+                {
+                    let _ = self.write(&Envelope::Cancel { id });
+                }
+            }
+            Command::Stop => self.begin_stop(Termination::Stopped),
+        }
+    }
+
+    /// Encodes one envelope into the write buffer; `Err(size)` (and nothing written) when it
+    /// exceeds the peer's maximum frame length.
+    fn write(&mut self, envelope: &Envelope) -> Result<(), usize> {
+        let start = self.writer.begin();
+        self.config
+            .codec
+            .encode_envelope(envelope, self.writer.body());
+        let len = self.writer.finish(start);
+        if len > self.peer_max_frame {
+            self.writer.abandon(start);
+            return Err(len);
+        }
+        Ok(())
+    }
+
+    fn terminated(&self) -> CallError {
+        CallError::Terminated(self.lifecycle.reason_or(Termination::Stopped))
+    }
+
+    /// Stops taking work: new calls fail, running handlers may finish (draining).
+    fn begin_stop(&mut self, reason: Termination) {
+        if !matches!(self.phase, Phase::Open) {
+            return;
+        }
+        tracing::debug!(%reason, "stopping");
+        self.lifecycle.set_reason(reason);
+        self.fail_outgoing(true);
+        self.phase = Phase::Draining(Box::pin(tokio::time::sleep(self.config.drain_timeout)));
+    }
+
+    /// Sends the last envelope (goodbye or fatal) and waits for the peer's end of file.
+    fn close(&mut self, last: Envelope, read_closed: bool) {
+        if matches!(self.phase, Phase::Closing { .. }) {
+            return;
+        }
+        self.fail_outgoing(false);
+        self.incoming.abort_all();
+        let _ = self.write(&last);
+        self.phase = Phase::Closing {
+            linger: Box::pin(tokio::time::sleep(LINGER)),
+            shut: false,
+            read_closed,
+        };
+    }
+
+    fn local_fatal(&mut self, code: i64, message: String) {
+        tracing::error!(code, %message, "sending fatal error to the peer");
+        self.lifecycle.set_reason(Termination::LocalFatal {
+            code,
+            message: message.clone(),
+        });
+        self.close(Envelope::Fatal { code, message }, false);
+    }
+
+    /// Fails every call awaiting an answer; with `cancel`, tells the peer to stop working on them.
+    fn fail_outgoing(&mut self, cancel: bool) {
+        let reason = self.lifecycle.reason_or(Termination::Stopped);
+        let ids = self
+            .outgoing
+            .fail_all(|| CallError::Terminated(reason.clone()));
+        if cancel {
+            for id in ids {
+                let _ = self.write(&Envelope::Cancel { id });
+            }
+        }
+    }
+
+    /// Ends the connection: fails everything still waiting and runs the `on_stop` callbacks.
+    fn finish(&mut self, reason: Termination) -> Termination {
+        self.lifecycle.set_reason(reason);
+        let reason = self.lifecycle.reason_or(Termination::Stopped);
+        self.outgoing
+            .fail_all(|| CallError::Terminated(reason.clone()));
+        self.incoming.abort_all();
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Call(_, reply) = command {
+                let _ = reply.send(Err(CallError::Terminated(reason.clone())));
+            }
+        }
+        if reason.is_graceful() {
+            tracing::debug!(%reason, "connection closed");
+        } else {
+            tracing::warn!(%reason, error = ?std::error::Error::source(&reason), "connection closed");
+        }
+        self.lifecycle.finish();
+        reason
+    }
+
+    // ===== the peer's side =====
+
+    fn on_frame(&mut self, frame: Frame) {
+        let codec = self.config.codec;
+        match frame {
+            Frame::TooLarge { len, head } => {
+                let header = match codec.decode_envelope(head) {
+                    Ok(envelope) => PartialHeader {
+                        kind: Some(envelope.kind()),
+                        id: envelope.id(),
+                    },
+                    Err(e) => e.header,
+                };
+                let limit = self.config.max_frame_length;
+                tracing::warn!(len, limit, kind = ?header.kind, id = ?header.id, "frame over the maximum length discarded");
+                match (header.kind, header.id) {
+                    (Some(EnvelopeKind::Request), Some(id)) => self.answer_error(
+                        id,
+                        code::FRAME_TOO_LARGE,
+                        format!("request of {len} bytes exceeds the maximum frame length of {limit} bytes"),
+                    ),
+                    (Some(EnvelopeKind::Response | EnvelopeKind::Error), Some(id)) => {
+                        self.outgoing
+                            .complete_request(id, Err(CallError::FrameTooLarge { size: len, limit }));
+                    }
+                    _ => {}
+                }
+            }
+            Frame::Whole(body) => match codec.decode_envelope(body) {
+                Ok(envelope) => self.on_envelope(envelope),
+                Err(e) => {
+                    tracing::warn!(error = %e.error, kind = ?e.header.kind, id = ?e.header.id, "undecodable frame discarded");
+                    match (e.header.kind, e.header.id) {
+                        (Some(EnvelopeKind::Request), Some(id)) => self.answer_error(
+                            id,
+                            code::INVALID_REQUEST,
+                            format!("malformed request: {}", e.error),
+                        ),
+                        (Some(EnvelopeKind::Response | EnvelopeKind::Error), Some(id)) => {
+                            self.outgoing
+                                .complete_request(id, Err(CallError::Decode(e.error)));
+                        }
+                        _ => {}
+                    }
+                }
+            },
+        }
+    }
+
+    fn on_envelope(&mut self, envelope: Envelope) {
+        if let Some(observer) = &self.config.observer {
+            observe(observer.as_ref(), &envelope);
+        }
+        if let Phase::Closing { read_closed, .. } = &mut self.phase {
+            // Goodbye or fatal already sent: only the peer's end matters now.
+            if matches!(envelope, Envelope::Goodbye | Envelope::Fatal { .. }) {
+                *read_closed = true;
+            }
+            return;
+        }
+        match envelope {
+            Envelope::Request {
+                id,
+                method,
+                attributes,
+                timeout_us,
+                payload,
+            } => {
+                if !matches!(self.phase, Phase::Open) {
+                    return self.answer_error(
+                        id,
+                        code::SHUTTING_DOWN,
+                        "the peer is shutting down".into(),
+                    );
+                }
+                if self.incoming.is_running(id) {
+                    // Answering would be read as the answer to the first request with this id.
+                    tracing::warn!(id, %method, "request reuses the id of a running request: dropped");
+                    return;
+                }
+                let deadline =
+                    (timeout_us > 0).then(|| Instant::now() + Duration::from_micros(timeout_us));
+                self.dispatch(Some(id), method, attributes, deadline, payload);
+            }
+            Envelope::Notification {
+                method,
+                attributes,
+                payload,
+            } => {
+                if !matches!(self.phase, Phase::Open) {
+                    tracing::debug!(%method, "notification during shutdown dropped");
+                    return;
+                }
+                self.dispatch(None, method, attributes, None, payload);
+            }
+            Envelope::Response {
+                id,
+                attributes,
+                payload,
+            } => {
+                let codec = self.config.codec;
+                let answer = Ok(RawResponse {
+                    payload,
+                    attributes,
+                    codec,
+                });
+                if !self.outgoing.complete_request(id, answer) {
+                    tracing::debug!(
+                        id,
+                        "response for no pending call (late or cancelled) dropped"
+                    );
+                }
+            }
+            Envelope::Error { id, error, .. } => {
+                let answer = Err(CallError::Remote(RemoteError {
+                    code: error.code,
+                    message: error.message,
+                    data: error.data,
+                    codec: self.config.codec,
+                }));
+                if !self.outgoing.complete_request(id, answer) {
+                    tracing::debug!(id, "error for no pending call (late or cancelled) dropped");
+                }
+            }
+            Envelope::Cancel { id } => {
+                if self.incoming.cancel_request(id) {
+                    tracing::debug!(id, "peer cancelled a request");
+                }
+            }
+            Envelope::Fatal { code, message } => {
+                tracing::error!(code, %message, "peer sent a fatal error");
+                self.lifecycle
+                    .set_reason(Termination::PeerFatal { code, message });
+                // Nothing more is read or written: the peer is gone after a fatal.
+                self.close_now();
+            }
+            Envelope::Goodbye => {
+                self.lifecycle.set_reason(Termination::PeerStopped);
+                self.close(Envelope::Goodbye, true);
+            }
+        }
+    }
+
+    /// Ends without a last envelope (after the peer's fatal).
+    fn close_now(&mut self) {
+        self.fail_outgoing(false);
+        self.incoming.abort_all();
+        self.phase = Phase::Closing {
+            linger: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            shut: false,
+            read_closed: true,
+        };
+    }
+
+    fn dispatch(
+        &mut self,
+        id: Option<u64>,
+        method: Method,
+        attributes: Attributes,
+        deadline: Option<Instant>,
+        payload: Bytes,
+    ) {
+        let mut context = Context::new(
+            self.shared.clone(),
+            self.config.codec,
+            id,
+            method.clone(),
+            attributes,
+            deadline,
+        );
+        if let Some(factory) = &self.config.context_factory {
+            factory.prepare(&mut context);
+        }
+        let span = tracing::debug_span!("handle", %method, id);
+        let registration = self.incoming.registration(id);
+        let service = &mut self.service;
+        let call = catch_unwind(AssertUnwindSafe(|| {
+            let _entered = span.enter();
+            service.call(Incoming { context, payload })
+        }));
+        match call {
+            Ok(fut) => self
+                .incoming
+                .push(fut, registration, id, method, deadline, span),
+            Err(panic) => {
+                if let Some(id) = id {
+                    self.incoming.complete_request(id);
+                }
+                let failed = Failed {
+                    method: method.as_str(),
+                    id,
+                };
+                let reply = self.config.error_handler.handle_panic(failed, panic);
+                self.send_reply(id, reply);
+            }
+        }
+    }
+
+    fn on_finished(&mut self, finished: Finished) {
+        let Finished {
+            id,
+            method,
+            outcome,
+        } = finished;
+        if let Some(id) = id {
+            if !self.incoming.complete_request(id) {
+                return; // cancelled by the peer meanwhile
+            }
+        }
+        let failed = Failed {
+            method: method.as_str(),
+            id,
+        };
+        let reply = match outcome {
+            Outcome::Done(Ok(reply)) => reply,
+            Outcome::Done(Err(error)) => self.config.error_handler.handle_error(failed, error),
+            Outcome::Panicked(panic) => self.config.error_handler.handle_panic(failed, panic),
+            Outcome::Aborted => return,
+            Outcome::Expired => Reply::error(
+                code::DEADLINE_EXCEEDED,
+                "the caller's deadline passed before the handler finished",
+            ),
+        };
+        self.send_reply(id, reply);
+    }
+
+    fn send_reply(&mut self, id: Option<u64>, reply: Reply) {
+        let (body, attributes) = reply.into_parts();
+        let id = match (body, id) {
+            (ReplyBody::Fatal { code, message }, _) => return self.local_fatal(code, message),
+            (_, None) => return, // notifications are never answered
+            (ReplyBody::Value(payload), Some(id)) => {
+                let response = Envelope::Response {
+                    id,
+                    attributes,
+                    payload,
+                };
+                match self.write(&response) {
+                    Ok(()) => return,
+                    Err(size) => {
+                        let limit = self.peer_max_frame;
+                        return self.answer_error(
+                            id,
+                            code::FRAME_TOO_LARGE,
+                            format!("response of {size} bytes exceeds the maximum frame length of {limit} bytes"),
+                        );
+                    }
+                }
+            }
+            (ReplyBody::Error(error), Some(id)) => {
+                let envelope = Envelope::Error {
+                    id,
+                    attributes,
+                    error,
+                };
+                if self.write(&envelope).is_ok() {
+                    return;
+                }
+                id
+            }
+            (ReplyBody::Nothing, Some(id)) => id,
+        };
+        self.answer_error(
+            id,
+            code::INTERNAL_ERROR,
+            "the handler gave no answer to a request".into(),
+        );
+    }
+
+    fn answer_error(&mut self, id: u64, code: i64, message: String) {
+        let envelope = Envelope::Error {
+            id,
+            attributes: Attributes::new(),
+            error: ErrorBody {
+                code,
+                message,
+                data: None,
+            },
+        };
+        if self.write(&envelope).is_err() {
+            tracing::error!(id, "error answer over the peer's frame limit dropped");
+        }
+    }
+}
+
+fn observe(observer: &(dyn Fn(&InboundEnvelope<'_>) + Send + Sync), envelope: &Envelope) {
+    let (method, attributes, payload_len) = match envelope {
+        Envelope::Request {
+            method,
+            attributes,
+            payload,
+            ..
+        }
+        | Envelope::Notification {
+            method,
+            attributes,
+            payload,
+        } => (Some(method.as_str()), Some(attributes), payload.len()),
+        Envelope::Response {
+            attributes,
+            payload,
+            ..
+        } => (None, Some(attributes), payload.len()),
+        Envelope::Error { attributes, .. } => (None, Some(attributes), 0),
+        _ => (None, None, 0),
+    };
+    observer(&InboundEnvelope {
+        kind: envelope.kind(),
+        id: envelope.id(),
+        method,
+        attributes,
+        payload_len,
+    });
+}

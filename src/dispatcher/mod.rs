@@ -1,0 +1,385 @@
+//! The [`Dispatcher`] handle, its [`Builder`] and the [`Connection`] that drives one channel.
+//!
+//! A dispatcher is two parts: a cheap, cloneable handle that user code calls through, and one
+//! connection task that owns the channel, reads and writes frames, keeps the table of calls
+//! awaiting answers and runs the handlers for inbound requests. They talk over one queue.
+
+mod builder;
+mod call;
+mod connection;
+mod in_flight;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use builder::{Builder, InboundEnvelope, DEFAULT_MAX_FRAME_LENGTH};
+pub use call::{Call, RawResponse, ResponseFuture};
+pub use connection::Connection;
+
+use crate::codec::Codec;
+use crate::envelope::Method;
+use crate::error::{CallError, Termination};
+use crate::handler::Router;
+use crate::message::{Attributes, Notification, Request};
+
+/// A handle to one connection: send requests and notifications to the peer, stop it, watch it
+/// end. Cheap to clone; every clone talks to the same connection.
+///
+/// Dropping every handle (and every call in flight) stops the connection gracefully, as
+/// [`stop`](Self::stop) does. Handlers get a weak handle through their [`Context`](crate::Context),
+/// so they never keep a connection alive by themselves.
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::{request, Channel, Context, Dispatcher, HandlerError, Router};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Ping(u32);
+/// request!(Ping => u32, "ping");
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (a, b) = Channel::pair();
+/// let server = Dispatcher::builder()
+///     .handler(Router::new().request(|_cx: Context, Ping(n)| async move {
+///         Ok::<_, HandlerError>(n + 1)
+///     }))
+///     .spawn(b);
+/// let client = Dispatcher::builder().spawn(a);
+///
+/// assert_eq!(client.request(Ping(41)).await?, 42);
+///
+/// client.stop().await;
+/// server.closed().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+}
+
+/// What the handles share; the connection task holds it weakly.
+pub(crate) struct Shared {
+    commands: mpsc::UnboundedSender<Command>,
+    next_id: AtomicU64,
+    codec: Codec,
+    lifecycle: Arc<Lifecycle>,
+    default_timeout: Option<std::time::Duration>,
+}
+
+/// The part of a connection that outlives its handles: how it ended, and who to tell.
+pub(crate) struct Lifecycle {
+    /// Set as soon as the connection stops taking calls.
+    stopping: AtomicBool,
+    reason: OnceLock<Termination>,
+    state: watch::Sender<State>,
+    on_stop: Mutex<Option<Vec<StopCallback>>>,
+    /// The peer's maximum frame length, known after the handshake.
+    peer_max_frame: AtomicUsize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Handshaking,
+    Ready,
+    Closed,
+}
+
+type StopCallback = Box<dyn FnOnce(&Termination) + Send>;
+
+/// An outbound call or notification, as queued for the connection task.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    pub(crate) id: u64,
+    pub(crate) method: Method,
+    pub(crate) attributes: Attributes,
+    pub(crate) timeout_us: u64,
+    pub(crate) payload: Bytes,
+}
+
+pub(crate) type ReplySender = oneshot::Sender<Result<RawResponse, CallError>>;
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    Call(Outbound, ReplySender),
+    Notify(Outbound),
+    Cancel(u64),
+    Stop,
+}
+
+impl Dispatcher {
+    /// A builder with the defaults: no routes, MessagePack, 16 MiB frames.
+    pub fn builder() -> Builder<Router> {
+        Builder::new()
+    }
+
+    /// Sends a typed request; `.await` the returned [`Call`] for the response.
+    ///
+    /// The call can carry attributes and a timeout before it is awaited:
+    /// `dispatcher.request(msg).attribute("trace", id).timeout(d).await`.
+    ///
+    /// # Errors
+    /// See [`CallError`]: the peer's error answer, the end of the connection, a timeout, or a
+    /// message that cannot be encoded or is too large.
+    ///
+    /// # Cancellation
+    /// Dropping the future before it completes sends a cancel to the peer, whose handler is
+    /// dropped; a late answer is discarded quietly.
+    pub fn request<R: Request>(&self, request: R) -> Call<R::Response> {
+        Call::new(
+            Ok(self.shared.clone()),
+            Method::from_static(R::METHOD),
+            self.shared.codec.encode(&request),
+            decode_typed::<R::Response>,
+        )
+    }
+
+    /// Sends an untyped request: a method name and a payload already encoded with the
+    /// connection's codec (see [`Codec::encode`]). The answer comes back raw.
+    pub fn call_raw(&self, method: impl Into<String>, payload: Bytes) -> Call<RawResponse> {
+        Call::new(
+            Ok(self.shared.clone()),
+            Method::from(method.into()),
+            Ok(payload),
+            |_, raw| Ok(raw),
+        )
+    }
+
+    /// Sends a notification: queued at once, never answered.
+    ///
+    /// # Errors
+    /// [`CallError::Terminated`] once the connection is stopping; [`CallError::Encode`] or
+    /// [`CallError::FrameTooLarge`] for a message that cannot be sent.
+    pub fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
+        self.notify_with(notification, Attributes::new())
+    }
+
+    /// Sends a notification with attributes.
+    ///
+    /// # Errors
+    /// As [`notify`](Self::notify).
+    pub fn notify_with<N: Notification>(
+        &self,
+        notification: N,
+        attributes: Attributes,
+    ) -> Result<(), CallError> {
+        let payload = self
+            .shared
+            .codec
+            .encode(&notification)
+            .map_err(CallError::Encode)?;
+        self.shared
+            .send_notification(Method::from_static(N::METHOD), attributes, payload)
+    }
+
+    /// Sends an untyped notification with a payload already encoded with the connection's codec.
+    ///
+    /// # Errors
+    /// As [`notify`](Self::notify).
+    pub fn notify_raw(
+        &self,
+        method: impl Into<String>,
+        attributes: Attributes,
+        payload: Bytes,
+    ) -> Result<(), CallError> {
+        self.shared
+            .send_notification(Method::from(method.into()), attributes, payload)
+    }
+
+    /// Stops gracefully and waits until the connection has ended.
+    ///
+    /// New calls fail at once with [`CallError::Terminated`]; queued messages are written;
+    /// handlers running for the peer may finish (up to the drain timeout,
+    /// [`Builder::drain_timeout`]); calls still awaiting answers fail with
+    /// `Terminated(Stopped)`; a goodbye is sent and the channel closed. Calling it again, or
+    /// after the connection ended, just waits for (or returns) the same end.
+    pub async fn stop(&self) -> Termination {
+        self.shared
+            .lifecycle
+            .stopping
+            .store(true, Ordering::Release);
+        let _ = self.shared.commands.send(Command::Stop);
+        self.closed().await
+    }
+
+    /// Waits until the connection has ended, and says why.
+    pub async fn closed(&self) -> Termination {
+        self.shared.lifecycle.closed().await
+    }
+
+    /// `true` once the connection has stopped taking calls (stopping or ended).
+    pub fn is_closed(&self) -> bool {
+        self.shared.lifecycle.stopping.load(Ordering::Acquire)
+    }
+
+    /// Runs `callback` once when the connection ends (at once if it has ended already).
+    ///
+    /// Every callback runs exactly once, on the connection task, after every pending call has
+    /// failed; keep it short.
+    pub fn on_stop(&self, callback: impl FnOnce(&Termination) + Send + 'static) {
+        self.shared.lifecycle.on_stop(Box::new(callback));
+    }
+
+    /// The connection's codec.
+    pub fn codec(&self) -> Codec {
+        self.shared.codec
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<Shared> {
+        Arc::downgrade(&self.shared)
+    }
+
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn decode_typed<T: DeserializeOwned>(codec: Codec, raw: RawResponse) -> Result<T, CallError> {
+    codec.decode(&raw.payload).map_err(CallError::Decode)
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("codec", &self.shared.codec)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+// ===== impl Shared =====
+
+impl Shared {
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The error for a call that cannot be made because the connection is stopping or over.
+    fn terminated(&self) -> CallError {
+        CallError::Terminated(self.lifecycle.reason_or(Termination::Stopped))
+    }
+
+    /// Fails when the message cannot fit in one of the peer's frames (a cheap upper bound; the
+    /// connection task checks the exact size).
+    fn check_size(
+        &self,
+        method: &Method,
+        attributes: &Attributes,
+        payload: &Bytes,
+    ) -> Result<(), CallError> {
+        let size = payload.len() + method.as_str().len() + attributes.encoded_len_hint();
+        let limit = self.lifecycle.peer_max_frame.load(Ordering::Relaxed);
+        if size > limit {
+            return Err(CallError::FrameTooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    fn send_notification(
+        &self,
+        method: Method,
+        attributes: Attributes,
+        payload: Bytes,
+    ) -> Result<(), CallError> {
+        if self.lifecycle.stopping.load(Ordering::Acquire) {
+            return Err(self.terminated());
+        }
+        self.check_size(&method, &attributes, &payload)?;
+        let outbound = Outbound {
+            id: 0,
+            method,
+            attributes,
+            timeout_us: 0,
+            payload,
+        };
+        self.commands
+            .send(Command::Notify(outbound))
+            .map_err(|_| self.terminated())
+    }
+}
+
+// ===== impl Lifecycle =====
+
+impl Lifecycle {
+    pub(crate) fn new(max_frame: usize) -> Self {
+        Self {
+            stopping: AtomicBool::new(false),
+            reason: OnceLock::new(),
+            state: watch::Sender::new(State::Handshaking),
+            on_stop: Mutex::new(Some(Vec::new())),
+            peer_max_frame: AtomicUsize::new(max_frame),
+        }
+    }
+
+    pub(crate) fn reason_or(&self, fallback: Termination) -> Termination {
+        self.reason.get().cloned().unwrap_or(fallback)
+    }
+
+    async fn closed(&self) -> Termination {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|state| *state == State::Closed).await;
+        self.reason_or(Termination::Stopped)
+    }
+
+    /// Waits for the end of the handshake: `Err` when the connection ended instead.
+    async fn handshake_done(&self) -> Result<(), Termination> {
+        let mut rx = self.state.subscribe();
+        let state = match rx.wait_for(|state| *state != State::Handshaking).await {
+            Ok(state) => *state,
+            Err(_) => State::Closed,
+        };
+        match state {
+            State::Closed => Err(self.reason_or(Termination::Stopped)),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn set_ready(&self, peer_max_frame: usize) {
+        self.peer_max_frame.store(peer_max_frame, Ordering::Relaxed);
+        self.state.send_if_modified(|state| {
+            let handshaking = *state == State::Handshaking;
+            if handshaking {
+                *state = State::Ready;
+            }
+            handshaking
+        });
+    }
+
+    fn on_stop(&self, callback: StopCallback) {
+        let mut slot = self.on_stop.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            Some(callbacks) => callbacks.push(callback),
+            None => {
+                drop(slot);
+                callback(&self.reason_or(Termination::Stopped));
+            }
+        }
+    }
+
+    /// Records why the connection ends; the first reason wins.
+    pub(crate) fn set_reason(&self, reason: Termination) {
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.reason.set(reason);
+    }
+
+    /// Runs the `on_stop` callbacks (once) and wakes everyone waiting in `closed()`.
+    pub(crate) fn finish(&self) {
+        let reason = self.reason_or(Termination::Stopped);
+        let callbacks = self
+            .on_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        for callback in callbacks.into_iter().flatten() {
+            callback(&reason);
+        }
+        self.state.send_replace(State::Closed);
+    }
+}

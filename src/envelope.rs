@@ -1,0 +1,165 @@
+//! The envelope: what one frame carries. Private; codecs turn it into bytes and back.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::message::Attributes;
+
+/// The kind byte of an envelope on the wire (PROTOCOL.md, "Envelopes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EnvelopeKind {
+    /// A request, answered by a response or an error.
+    Request = 1,
+    /// A notification, never answered.
+    Notification = 2,
+    /// A successful answer to a request.
+    Response = 3,
+    /// An error answer to a request.
+    Error = 4,
+    /// A fatal error: ends the connection.
+    Fatal = 5,
+    /// The caller gave up on a request.
+    Cancel = 6,
+    /// A graceful goodbye: the sender stops.
+    Goodbye = 7,
+}
+
+impl EnvelopeKind {
+    pub(crate) fn from_u8(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Self::Request,
+            2 => Self::Notification,
+            3 => Self::Response,
+            4 => Self::Error,
+            5 => Self::Fatal,
+            6 => Self::Cancel,
+            7 => Self::Goodbye,
+            _ => return None,
+        })
+    }
+}
+
+/// A method name: UTF-8 checked once, then shared without copying (usually a slice of the
+/// frame it arrived in, or a `&'static str` for typed messages).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Method(Bytes);
+
+impl Method {
+    pub(crate) const fn from_static(name: &'static str) -> Self {
+        Self(Bytes::from_static(name.as_bytes()))
+    }
+
+    pub(crate) fn from_utf8(bytes: Bytes) -> Result<Self, std::str::Utf8Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Self(bytes))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // NB. Checked on construction: the fallback is unreachable.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl From<String> for Method {
+    fn from(name: String) -> Self {
+        Self(Bytes::from(name))
+    }
+}
+
+impl fmt::Debug for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of an error or fatal envelope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ErrorBody {
+    pub(crate) code: i64,
+    pub(crate) message: String,
+    pub(crate) data: Option<Bytes>,
+}
+
+/// One decoded frame. `payload` is the codec-encoded user value, sliced from the frame without
+/// copying; an empty payload stands for the codec's unit value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Envelope {
+    Request {
+        id: u64,
+        method: Method,
+        attributes: Attributes,
+        /// Microseconds the caller still waits; 0 means no deadline.
+        timeout_us: u64,
+        payload: Bytes,
+    },
+    Notification {
+        method: Method,
+        attributes: Attributes,
+        payload: Bytes,
+    },
+    Response {
+        id: u64,
+        attributes: Attributes,
+        payload: Bytes,
+    },
+    Error {
+        id: u64,
+        attributes: Attributes,
+        error: ErrorBody,
+    },
+    Fatal {
+        code: i64,
+        message: String,
+    },
+    Cancel {
+        id: u64,
+    },
+    Goodbye,
+}
+
+impl Envelope {
+    pub(crate) fn kind(&self) -> EnvelopeKind {
+        match self {
+            Self::Request { .. } => EnvelopeKind::Request,
+            Self::Notification { .. } => EnvelopeKind::Notification,
+            Self::Response { .. } => EnvelopeKind::Response,
+            Self::Error { .. } => EnvelopeKind::Error,
+            Self::Fatal { .. } => EnvelopeKind::Fatal,
+            Self::Cancel { .. } => EnvelopeKind::Cancel,
+            Self::Goodbye => EnvelopeKind::Goodbye,
+        }
+    }
+
+    /// The request id this envelope carries or answers.
+    pub(crate) fn id(&self) -> Option<u64> {
+        match self {
+            Self::Request { id, .. }
+            | Self::Response { id, .. }
+            | Self::Error { id, .. }
+            | Self::Cancel { id } => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// What a codec could read from a frame it failed to decode: enough to answer a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PartialHeader {
+    pub(crate) kind: Option<EnvelopeKind>,
+    pub(crate) id: Option<u64>,
+}
+
+/// A frame that is not a valid envelope.
+#[derive(Debug)]
+pub(crate) struct EnvelopeError {
+    pub(crate) header: PartialHeader,
+    pub(crate) error: crate::error::CodecError,
+}

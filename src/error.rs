@@ -1,0 +1,365 @@
+//! Errors: what a caller, a handler and a connection can see go wrong.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::codec::Codec;
+
+/// Error codes carried by error envelopes; the values follow JSON-RPC 2.0 where one fits.
+///
+/// Handlers may use any other `i64` for their own errors.
+pub mod code {
+    /// The frame could not be decoded as an envelope.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// The envelope was well-formed but not a valid request (for example, a reused id).
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// No route handles the requested method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// The payload could not be decoded as the route's message type.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// The handler failed or panicked.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// A frame was larger than the receiver's maximum frame length.
+    pub const FRAME_TOO_LARGE: i64 = -32001;
+    /// The receiver is shutting down and takes no new requests.
+    pub const SHUTTING_DOWN: i64 = -32002;
+    /// The caller's deadline passed before the handler finished.
+    pub const DEADLINE_EXCEEDED: i64 = -32003;
+}
+
+/// An error from encoding or decoding a value or an envelope with a [`Codec`].
+#[derive(Debug, thiserror::Error)]
+#[error("{codec} codec: {message}")]
+pub struct CodecError {
+    codec: &'static str,
+    message: String,
+}
+
+impl CodecError {
+    pub(crate) fn new(codec: &'static str, message: impl fmt::Display) -> Self {
+        Self {
+            codec,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// An error response from the peer: it answers one call and leaves the connection up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteError {
+    /// The error code (see [`code`] for the reserved ones).
+    pub code: i64,
+    /// A human-readable message.
+    pub message: String,
+    /// Optional structured data, encoded with the connection's codec; see [`RemoteError::data`].
+    pub data: Option<Bytes>,
+    pub(crate) codec: Codec,
+}
+
+impl RemoteError {
+    /// Decodes the optional structured data attached to the error.
+    ///
+    /// # Errors
+    /// A [`CodecError`] when the data is not a `T`.
+    pub fn data<T: DeserializeOwned>(&self) -> Result<Option<T>, CodecError> {
+        self.data
+            .as_ref()
+            .map(|bytes| self.codec.decode(bytes))
+            .transpose()
+    }
+}
+
+impl fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer answered error {}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for RemoteError {}
+
+/// Why a connection ended. Every pending call fails with this reason inside
+/// [`CallError::Terminated`], and `on_stop` callbacks and `closed()` receive it.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Termination {
+    /// This side called `stop()`.
+    #[error("dispatcher stopped")]
+    Stopped,
+    /// Every `Dispatcher` handle was dropped.
+    #[error("every dispatcher handle was dropped")]
+    Dropped,
+    /// The peer said goodbye (it stopped gracefully).
+    #[error("peer stopped (goodbye received)")]
+    PeerStopped,
+    /// The transport reached end of file without a goodbye: the peer closed or died.
+    #[error("connection closed by the peer without goodbye")]
+    Closed,
+    /// Reading or writing the transport failed.
+    #[error("transport error")]
+    Transport(#[source] Arc<io::Error>),
+    /// The peer broke the protocol in a way that ends the connection (for example a frame cut
+    /// off by end of file).
+    #[error("protocol violation")]
+    Protocol(#[source] ProtocolError),
+    /// The handshake failed; no envelope was exchanged.
+    #[error("handshake failed")]
+    Handshake(#[source] HandshakeError),
+    /// The peer sent a fatal error, which ends both sides.
+    #[error("peer sent fatal error {code}: {message}")]
+    PeerFatal {
+        /// The fatal error's code.
+        code: i64,
+        /// The fatal error's message.
+        message: String,
+    },
+    /// This side sent a fatal error (from its [`ErrorHandler`](crate::ErrorHandler)).
+    #[error("sent fatal error {code} to the peer: {message}")]
+    LocalFatal {
+        /// The fatal error's code.
+        code: i64,
+        /// The fatal error's message.
+        message: String,
+    },
+}
+
+impl Termination {
+    /// `true` when the connection ended because one side asked it to (stop, drop, goodbye),
+    /// rather than through an error.
+    pub fn is_graceful(&self) -> bool {
+        matches!(self, Self::Stopped | Self::Dropped | Self::PeerStopped)
+    }
+}
+
+/// The peer broke the wire protocol. See PROTOCOL.md.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// End of file arrived in the middle of a frame.
+    #[error(
+        "connection closed in the middle of a frame ({received} of {expected} bytes received)"
+    )]
+    TruncatedFrame {
+        /// Bytes of the frame (prefix included) that arrived.
+        received: usize,
+        /// Bytes the frame should have had (prefix included), when the prefix was complete.
+        expected: usize,
+    },
+}
+
+/// The handshake at connection start failed. Both sides report the mismatch; neither hangs.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peer's first frame is not a channel-dispatcher hello.
+    #[error("the peer is not a channel-dispatcher peer (bad hello)")]
+    NotAPeer,
+    /// The peers speak different protocol versions.
+    #[error("protocol version mismatch: this side speaks {ours}, the peer speaks {theirs}")]
+    VersionMismatch {
+        /// Our version.
+        ours: u16,
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// The peers use different codecs.
+    #[error("codec mismatch: this side uses {ours}, the peer uses {theirs}; configure both with the same codec")]
+    CodecMismatch {
+        /// Our codec's name.
+        ours: String,
+        /// The peer's codec's name.
+        theirs: String,
+    },
+    /// The peer did not present the token this side expects.
+    #[error("the peer's authentication token was missing or wrong")]
+    BadToken,
+    /// The peer refused this side, giving a reason.
+    #[error("the peer refused the connection: {reason}")]
+    Refused {
+        /// The reason the peer gave.
+        reason: String,
+    },
+    /// The peer did not complete the handshake in time.
+    #[error("the peer did not complete the handshake within {0:?}")]
+    Timeout(Duration),
+    /// The transport closed or failed during the handshake.
+    #[error("transport failed during the handshake")]
+    Transport(#[source] Arc<io::Error>),
+}
+
+/// Why a call (request or notification) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The peer answered with an error response.
+    #[error(transparent)]
+    Remote(RemoteError),
+    /// The connection ended before an answer arrived, or was already over when the call was made.
+    #[error("connection terminated: {0}")]
+    Terminated(#[source] Termination),
+    /// No answer arrived within the call's timeout; a cancel was sent to the peer.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The message could not be encoded; nothing was sent.
+    #[error("could not encode the message")]
+    Encode(#[source] CodecError),
+    /// The answer arrived but is not the expected response type.
+    #[error("could not decode the response")]
+    Decode(#[source] CodecError),
+    /// The message is larger than the peer accepts; nothing was sent.
+    #[error("message of {size} bytes exceeds the peer's maximum frame length of {limit} bytes")]
+    FrameTooLarge {
+        /// The encoded size.
+        size: usize,
+        /// The peer's maximum frame length.
+        limit: usize,
+    },
+}
+
+impl CallError {
+    /// The remote error, if the peer answered with one.
+    pub fn as_remote(&self) -> Option<&RemoteError> {
+        match self {
+            Self::Remote(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The termination reason, if the call failed because the connection ended.
+    pub fn termination(&self) -> Option<&Termination> {
+        match self {
+            Self::Terminated(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// The error a handler returns; the [`ErrorHandler`](crate::ErrorHandler) turns it into an error
+/// response (for a request) or decides what to do (for a notification).
+///
+/// Any `std::error::Error` converts into it with `?`, so handlers can use ordinary error types.
+/// It deliberately does not implement `std::error::Error` itself (as `anyhow::Error`), which is
+/// what makes that blanket conversion possible.
+pub struct HandlerError {
+    pub(crate) kind: HandlerErrorKind,
+    pub(crate) code: i64,
+    pub(crate) message: String,
+    pub(crate) data: Option<Bytes>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HandlerErrorKind {
+    Failed,
+    UnknownMethod,
+    InvalidPayload,
+    Panicked,
+}
+
+impl HandlerError {
+    /// An error with a code and a message, sent to the caller as they are.
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            kind: HandlerErrorKind::Failed,
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    /// An internal error ([`code::INTERNAL_ERROR`]) with a message.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(code::INTERNAL_ERROR, message)
+    }
+
+    /// Attaches structured data, already encoded with the connection's codec
+    /// (see [`Context::encode`](crate::Context::encode)).
+    pub fn with_data(mut self, data: Bytes) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    pub(crate) fn unknown_method(method: &str) -> Self {
+        Self {
+            kind: HandlerErrorKind::UnknownMethod,
+            code: code::METHOD_NOT_FOUND,
+            message: format!("unknown method `{method}`"),
+            data: None,
+        }
+    }
+
+    pub(crate) fn invalid_payload(method: &str, error: &CodecError) -> Self {
+        Self {
+            kind: HandlerErrorKind::InvalidPayload,
+            code: code::INVALID_PARAMS,
+            message: format!("invalid payload for `{method}`: {error}"),
+            data: None,
+        }
+    }
+
+    pub(crate) fn panicked(message: &str) -> Self {
+        Self {
+            kind: HandlerErrorKind::Panicked,
+            code: code::INTERNAL_ERROR,
+            message: format!("handler panicked: {message}"),
+            data: None,
+        }
+    }
+
+    /// The error code sent to the caller.
+    pub fn code(&self) -> i64 {
+        self.code
+    }
+
+    /// The message sent to the caller.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// `true` when no route matched the method.
+    pub fn is_unknown_method(&self) -> bool {
+        self.kind == HandlerErrorKind::UnknownMethod
+    }
+
+    /// `true` when the payload could not be decoded as the route's message type.
+    pub fn is_invalid_payload(&self) -> bool {
+        self.kind == HandlerErrorKind::InvalidPayload
+    }
+
+    /// `true` when the handler panicked.
+    pub fn is_panic(&self) -> bool {
+        self.kind == HandlerErrorKind::Panicked
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::internal(message)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("code", &self.code)
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (code {})", self.message, self.code)
+    }
+}

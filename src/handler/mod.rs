@@ -1,0 +1,282 @@
+//! The answering side: what a handler receives ([`Incoming`]), what it returns ([`Reply`]),
+//! the [`Router`] that maps methods to typed handlers, and the pluggable [`ErrorHandler`].
+//!
+//! A handler is any `tower::Service<Incoming, Response = Reply, Error = HandlerError>`; the
+//! [`Router`] is the usual one.
+
+mod router;
+
+use std::any::Any;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+pub use router::Router;
+
+use crate::codec::Codec;
+use crate::context::Context;
+use crate::envelope::ErrorBody;
+use crate::error::{CodecError, HandlerError};
+use crate::message::Attributes;
+
+/// An inbound request or notification, as the handler pipeline sees it.
+#[derive(Debug)]
+pub struct Incoming {
+    pub(crate) context: Context,
+    pub(crate) payload: Bytes,
+}
+
+impl Incoming {
+    /// The method name.
+    pub fn method(&self) -> &str {
+        self.context.method()
+    }
+
+    /// The request id; `None` for a notification.
+    pub fn id(&self) -> Option<u64> {
+        self.context.id()
+    }
+
+    /// `true` for a notification (no answer will be sent, whatever the handler returns).
+    pub fn is_notification(&self) -> bool {
+        self.context.id().is_none()
+    }
+
+    /// The attributes that came with the message.
+    pub fn attributes(&self) -> &Attributes {
+        self.context.attributes()
+    }
+
+    /// The attributes, to change before the handler runs.
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        self.context.attributes_mut()
+    }
+
+    /// The raw payload, encoded with the connection's codec.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Decodes the payload.
+    ///
+    /// # Errors
+    /// A [`CodecError`] when the payload is not a `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        self.context.codec().decode(&self.payload)
+    }
+
+    /// The handler context (dispatcher handle, nested calls, extensions).
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// The context, mutably (to add extensions in middleware).
+    pub fn context_mut(&mut self) -> &mut Context {
+        &mut self.context
+    }
+
+    /// Splits into context and raw payload.
+    pub fn into_parts(self) -> (Context, Bytes) {
+        (self.context, self.payload)
+    }
+
+    /// Builds an inbound message by hand: for testing handlers and middleware without a peer.
+    ///
+    /// The context has no dispatcher, so nested calls from it fail with
+    /// [`CallError::Terminated`](crate::CallError::Terminated).
+    pub fn new(method: impl Into<String>, id: Option<u64>, payload: Bytes, codec: Codec) -> Self {
+        Self {
+            context: Context::detached(method.into(), id, codec),
+            payload,
+        }
+    }
+}
+
+/// What a handler answers. For a notification only a fatal reply has an effect (it ends the
+/// connection); anything else is dropped, since notifications are never answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub(crate) body: ReplyBody,
+    attributes: Attributes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ReplyBody {
+    Value(Bytes),
+    Error(ErrorBody),
+    Fatal { code: i64, message: String },
+    Nothing,
+}
+
+impl Reply {
+    /// A successful answer with an already encoded payload (see [`Context::encode`]).
+    pub fn value(payload: Bytes) -> Self {
+        Self::with_body(ReplyBody::Value(payload))
+    }
+
+    /// An error answer (the seed's `ErrorResponse`): the caller gets
+    /// [`CallError::Remote`](crate::CallError::Remote); the connection stays up.
+    pub fn error(code: i64, message: impl Into<String>) -> Self {
+        Self::with_body(ReplyBody::Error(ErrorBody {
+            code,
+            message: message.into(),
+            data: None,
+        }))
+    }
+
+    /// A fatal error (the seed's `FatalErrorResponse`): sent to the peer, then the connection
+    /// ends on both sides with this message.
+    pub fn fatal(code: i64, message: impl Into<String>) -> Self {
+        Self::with_body(ReplyBody::Fatal {
+            code,
+            message: message.into(),
+        })
+    }
+
+    /// No answer: what a notification handler returns.
+    pub fn nothing() -> Self {
+        Self::with_body(ReplyBody::Nothing)
+    }
+
+    pub(crate) fn from_error(error: HandlerError) -> Self {
+        Self::with_body(ReplyBody::Error(ErrorBody {
+            code: error.code,
+            message: error.message,
+            data: error.data,
+        }))
+    }
+
+    fn with_body(body: ReplyBody) -> Self {
+        Self {
+            body,
+            attributes: Attributes::new(),
+        }
+    }
+
+    /// Sets an attribute sent back with the answer.
+    pub fn with_attribute(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(name, value);
+        self
+    }
+
+    /// The attributes sent back with the answer.
+    pub fn attributes(&self) -> &Attributes {
+        &self.attributes
+    }
+
+    /// The attributes, mutably.
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        &mut self.attributes
+    }
+
+    pub(crate) fn into_parts(self) -> (ReplyBody, Attributes) {
+        (self.body, self.attributes)
+    }
+
+    /// The encoded payload of a successful answer.
+    pub fn payload(&self) -> Option<&Bytes> {
+        match &self.body {
+            ReplyBody::Value(payload) => Some(payload),
+            _ => None,
+        }
+    }
+
+    /// The code and message of an error or fatal answer.
+    pub fn error_code(&self) -> Option<(i64, &str)> {
+        match &self.body {
+            ReplyBody::Error(e) => Some((e.code, &e.message)),
+            ReplyBody::Fatal { code, message } => Some((*code, message)),
+            _ => None,
+        }
+    }
+
+    /// `true` for a fatal answer.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self.body, ReplyBody::Fatal { .. })
+    }
+
+    /// `true` for "no answer".
+    pub fn is_nothing(&self) -> bool {
+        matches!(self.body, ReplyBody::Nothing)
+    }
+}
+
+/// Which inbound message failed, for the [`ErrorHandler`].
+#[derive(Clone, Copy, Debug)]
+pub struct Failed<'a> {
+    /// The method name.
+    pub method: &'a str,
+    /// The request id; `None` for a notification.
+    pub id: Option<u64>,
+}
+
+/// Decides what a handler failure becomes (the seed's `ErrorHandler`).
+///
+/// The default, [`DefaultErrorHandler`], keeps the seed's rule. Implement it to map errors
+/// differently, to hide messages from the peer, or to report panics. Set it with
+/// [`Builder::error_handler`](crate::Builder::error_handler).
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::{ErrorHandler, Failed, HandlerError, Reply};
+///
+/// /// Never tells the peer why: every failure is the same opaque error.
+/// struct Opaque;
+///
+/// impl ErrorHandler for Opaque {
+///     fn handle_error(&self, failed: Failed<'_>, error: HandlerError) -> Reply {
+///         tracing::warn!(method = failed.method, %error, "handler failed");
+///         Reply::error(-1, "request failed")
+///     }
+/// }
+/// ```
+pub trait ErrorHandler: Send + Sync + 'static {
+    /// Turns a handler error into a reply. For a notification, return [`Reply::nothing`] to
+    /// keep the connection, or a fatal [`Reply`] to end it.
+    fn handle_error(&self, failed: Failed<'_>, error: HandlerError) -> Reply;
+
+    /// Turns a handler panic into a reply. The default passes
+    /// [`HandlerError`] with [`HandlerError::is_panic`] to [`handle_error`](Self::handle_error).
+    fn handle_panic(&self, failed: Failed<'_>, panic: Box<dyn Any + Send>) -> Reply {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(non-string panic payload)");
+        self.handle_error(failed, HandlerError::panicked(message))
+    }
+}
+
+/// The seed's rule: a failed request gets an error response; a failed notification, having no
+/// one to answer, ends the connection with a fatal error.
+///
+/// One refinement: a notification for an unknown method, or one whose payload does not decode,
+/// is logged and dropped rather than fatal, so a peer's typo cannot end the connection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DefaultErrorHandler;
+
+impl ErrorHandler for DefaultErrorHandler {
+    fn handle_error(&self, failed: Failed<'_>, error: HandlerError) -> Reply {
+        match failed.id {
+            Some(id) => {
+                tracing::debug!(method = failed.method, id, %error, "request failed");
+                Reply::from_error(error)
+            }
+            None if error.is_unknown_method() || error.is_invalid_payload() => {
+                tracing::warn!(method = failed.method, %error, "notification dropped");
+                Reply::nothing()
+            }
+            None => {
+                tracing::error!(method = failed.method, %error, "notification handler failed");
+                Reply::fatal(error.code, error.message)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for dyn ErrorHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn ErrorHandler")
+    }
+}

@@ -1,0 +1,172 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use crate::context::Context;
+use crate::error::HandlerError;
+use crate::handler::{Incoming, Reply};
+use crate::message::{Notification, Request};
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
+type Route = Box<dyn Fn(Incoming) -> BoxFuture + Send + Sync>;
+
+/// Maps method names to async handlers: the usual handler of a dispatcher.
+///
+/// Typed routes decode the payload into the message type and encode the answer; raw routes see
+/// the [`Incoming`] as it is. A method without a route fails with
+/// [`HandlerError::is_unknown_method`], which the [`ErrorHandler`](crate::ErrorHandler) turns
+/// into a `-32601` error response (or, for a notification, a log event).
+///
+/// Cloning a router is cheap: clones share their routes.
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::{notification, request, Context, HandlerError, Router};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Add(i64, i64);
+/// request!(Add => i64, "add");
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Log(String);
+/// notification!(Log, "log");
+///
+/// let router = Router::new()
+///     .request(|_cx: Context, Add(a, b)| async move { Ok::<_, HandlerError>(a + b) })
+///     .notification(|_cx: Context, Log(line)| async move {
+///         tracing::info!("{line}");
+///         Ok(())
+///     });
+/// ```
+#[derive(Clone, Default)]
+pub struct Router {
+    routes: Arc<HashMap<String, Route>>,
+}
+
+impl Router {
+    /// A router without routes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Routes `R::METHOD` to `handler`, which gets the context and the decoded request and
+    /// returns the response or an error.
+    ///
+    /// # Panics
+    /// If the router is shared (cloned) already: add every route before using it.
+    pub fn request<R, F, Fut>(self, handler: F) -> Self
+    where
+        R: Request,
+        F: Fn(Context, R) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R::Response, HandlerError>> + Send + 'static,
+    {
+        self.route(
+            R::METHOD,
+            Box::new(move |incoming: Incoming| {
+                let (cx, payload) = incoming.into_parts();
+                let codec = cx.codec();
+                let request = match codec.decode::<R>(&payload) {
+                    Ok(request) => request,
+                    Err(e) => {
+                        let error = HandlerError::invalid_payload(R::METHOD, &e);
+                        return Box::pin(std::future::ready(Err(error))) as BoxFuture;
+                    }
+                };
+                let fut = handler(cx, request);
+                Box::pin(async move {
+                    let response = fut.await?;
+                    codec.encode(&response).map(Reply::value).map_err(|e| {
+                        HandlerError::internal(format!("could not encode the response: {e}"))
+                    })
+                })
+            }),
+        )
+    }
+
+    /// Routes `N::METHOD` to `handler`, which gets the context and the decoded notification.
+    ///
+    /// # Panics
+    /// If the router is shared (cloned) already.
+    pub fn notification<N, F, Fut>(self, handler: F) -> Self
+    where
+        N: Notification,
+        F: Fn(Context, N) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.route(
+            N::METHOD,
+            Box::new(move |incoming: Incoming| {
+                let (cx, payload) = incoming.into_parts();
+                match cx.codec().decode::<N>(&payload) {
+                    Ok(notification) => {
+                        let fut = handler(cx, notification);
+                        Box::pin(async move { fut.await.map(|()| Reply::nothing()) }) as BoxFuture
+                    }
+                    Err(e) => Box::pin(std::future::ready(Err(HandlerError::invalid_payload(
+                        N::METHOD,
+                        &e,
+                    )))),
+                }
+            }),
+        )
+    }
+
+    /// Routes `method` to a handler of raw [`Incoming`] messages, for generic tools and
+    /// proxies.
+    ///
+    /// # Panics
+    /// If the router is shared (cloned) already.
+    pub fn raw<F, Fut>(self, method: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(Incoming) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
+    {
+        self.route(
+            method.into(),
+            Box::new(move |incoming| Box::pin(handler(incoming))),
+        )
+    }
+
+    fn route(mut self, method: impl Into<String>, route: Route) -> Self {
+        let routes = Arc::get_mut(&mut self.routes)
+            .expect("add every route before cloning or using the router");
+        routes.insert(method.into(), route);
+        self
+    }
+
+    /// The methods with a route, in no particular order.
+    pub fn methods(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+}
+
+impl tower_service::Service<Incoming> for Router {
+    type Response = Reply;
+    type Error = HandlerError;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), HandlerError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, incoming: Incoming) -> Self::Future {
+        match self.routes.get(incoming.method()) {
+            Some(route) => route(incoming),
+            None => Box::pin(std::future::ready(Err(HandlerError::unknown_method(
+                incoming.method(),
+            )))),
+        }
+    }
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut methods: Vec<_> = self.methods().collect();
+        methods.sort_unstable();
+        f.debug_struct("Router").field("methods", &methods).finish()
+    }
+}

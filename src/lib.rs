@@ -1,0 +1,76 @@
+//! Async, bidirectional message dispatching over one channel.
+//!
+//! Two peers (processes, threads or machines) share one connection. Either side, at any time:
+//!
+//! - sends a [`Request`] and awaits the correlated response ([`Dispatcher::request`]);
+//! - sends a [`Notification`]: fire and forget, never answered ([`Dispatcher::notify`]);
+//! - answers the peer through a handler, usually a [`Router`] of async typed handlers that get
+//!   a [`Context`] for nested calls back to the peer;
+//! - stops gracefully ([`Dispatcher::stop`]): pending calls fail with a typed
+//!   [`CallError::Terminated`], `on_stop` callbacks run exactly once.
+//!
+//! The pieces, from the bottom up: a [`Channel`] carries length-prefixed frames over any byte
+//! stream (Unix or TCP socket, stdio, a child process, an in-memory pair); a [`Codec`]
+//! (MessagePack by default, JSON, postcard) turns envelopes into frames; the connection task
+//! correlates answers and runs handlers; [`Dispatcher`] is the cloneable handle. The wire
+//! format is specified in `PROTOCOL.md`.
+//!
+//! # Quick start
+//! ```
+//! use channel_dispatcher::{request, Channel, Context, Dispatcher, HandlerError, Router};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Add { a: i64, b: i64 }
+//! request!(Add => i64, "add");
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), channel_dispatcher::CallError> {
+//! let (left, right) = Channel::pair();
+//! let router = Router::new().request(|_cx: Context, add: Add| async move {
+//!     Ok::<_, HandlerError>(add.a + add.b)
+//! });
+//! let server = Dispatcher::builder().handler(router).spawn(right);
+//! let client = Dispatcher::builder().spawn(left);
+//!
+//! assert_eq!(client.request(Add { a: 2, b: 3 }).await?, 5);
+//! client.stop().await;
+//! # server.closed().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Features
+//! - `msgpack` (default): the MessagePack codec.
+//! - `json`: the JSON codec.
+//! - `postcard`: the postcard codec.
+//!
+//! # Minimum supported Rust version
+//! Rust 1.80; raising it is a minor-version change.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings))))]
+
+pub mod codec;
+mod context;
+mod dispatcher;
+mod envelope;
+pub mod error;
+mod handler;
+mod message;
+mod transport;
+
+pub use bytes;
+pub use codec::Codec;
+pub use context::{Context, ContextFactory, Extensions};
+pub use dispatcher::{
+    Builder, Call, Connection, Dispatcher, InboundEnvelope, RawResponse, ResponseFuture,
+    DEFAULT_MAX_FRAME_LENGTH,
+};
+pub use envelope::EnvelopeKind;
+pub use error::{
+    CallError, CodecError, HandlerError, HandshakeError, ProtocolError, RemoteError, Termination,
+};
+pub use handler::{DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router};
+pub use message::{Accepted, Attributes, Notification, Request, Success};
+pub use tower_service::Service;
+pub use transport::Channel;

@@ -1,0 +1,315 @@
+//! Length-prefixed framing over byte streams: a 4-byte big-endian body length, then the body.
+//!
+//! ```text
+//! +----------------+---------------------------+
+//! | length: u32 BE | body: `length` bytes      |
+//! +----------------+---------------------------+
+//! ```
+//! The length is checked against the maximum before anything is allocated for the body; an
+//! oversized body is read and discarded in place, never buffered whole.
+
+use std::io;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::future::Future;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+pub(crate) const PREFIX: usize = 4;
+/// Bytes of an oversized frame kept to read its envelope header (kind and id) from.
+const OVERSIZED_HEAD: usize = 64;
+const READ_CHUNK: usize = 16 * 1024;
+
+pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A frame taken from the stream.
+#[derive(Debug)]
+pub(crate) enum Frame {
+    /// A whole frame body.
+    Whole(Bytes),
+    /// A frame over the maximum: its claimed length and its first bytes; the rest is discarded.
+    TooLarge { len: usize, head: Bytes },
+}
+
+/// The read half: buffers bytes and cuts them into frames.
+pub(crate) struct FrameReader {
+    io: BoxRead,
+    buf: BytesMut,
+    max_frame: usize,
+    /// Bytes of an oversized frame still to throw away.
+    discard: usize,
+}
+
+impl FrameReader {
+    pub(crate) fn new(io: BoxRead, max_frame: usize) -> Self {
+        Self {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max_frame,
+            discard: 0,
+        }
+    }
+
+    pub(crate) fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
+    /// The next complete frame in the buffer, if any.
+    pub(crate) fn next_frame(&mut self) -> Option<Frame> {
+        if self.discard > 0 {
+            let n = self.discard.min(self.buf.len());
+            self.buf.advance(n);
+            self.discard -= n;
+            if self.discard > 0 {
+                return None;
+            }
+        }
+        if self.buf.len() < PREFIX {
+            return None;
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max_frame {
+            let head_len = len.min(OVERSIZED_HEAD);
+            if self.buf.len() < PREFIX + head_len {
+                return None;
+            }
+            self.buf.advance(PREFIX);
+            let head = self.buf.split_to(head_len).freeze();
+            self.discard = len - head_len;
+            return Some(Frame::TooLarge { len, head });
+        }
+        if self.buf.len() < PREFIX + len {
+            // Reserve once for the whole frame (it is within the maximum) so a large frame
+            // does not regrow the buffer chunk by chunk.
+            self.buf.reserve(PREFIX + len - self.buf.len());
+            return None;
+        }
+        self.buf.advance(PREFIX);
+        Some(Frame::Whole(self.buf.split_to(len).freeze()))
+    }
+
+    /// Reads more bytes into the buffer. `Ready(Ok(0))` is end of file.
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let fut = pin!(self.io.read_buf(&mut self.buf));
+        fut.poll(cx)
+    }
+
+    /// Reads the next frame, waiting for bytes as needed; `None` at a clean end of file.
+    pub(crate) async fn read_frame(&mut self) -> io::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.next_frame() {
+                return Ok(Some(frame));
+            }
+            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
+                return if !self.in_frame() {
+                    Ok(None)
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                };
+            }
+        }
+    }
+
+    /// `true` when end of file now would cut a frame short.
+    pub(crate) fn in_frame(&self) -> bool {
+        !self.buf.is_empty() || self.discard > 0
+    }
+
+    /// Bytes of the partial frame received so far, prefix included.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The length the partial frame in the buffer claims, prefix included, if known.
+    pub(crate) fn claimed(&self) -> Option<usize> {
+        (self.buf.len() >= PREFIX).then(|| {
+            PREFIX
+                + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
+        })
+    }
+}
+
+/// The write half: frames are appended to one buffer and written together, with one flush
+/// when the buffer empties (write coalescing).
+pub(crate) struct FrameWriter {
+    io: BoxWrite,
+    buf: BytesMut,
+    /// Bytes were written since the last flush; writers that buffer (stdout, TLS) need one even
+    /// when our buffer is empty.
+    unflushed: bool,
+}
+
+impl FrameWriter {
+    pub(crate) fn new(io: BoxWrite) -> Self {
+        Self {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            unflushed: false,
+        }
+    }
+
+    /// Starts a frame: reserves its prefix and returns where it starts.
+    pub(crate) fn begin(&mut self) -> usize {
+        let start = self.buf.len();
+        self.buf.put_u32(0);
+        start
+    }
+
+    /// The buffer to append the body of the frame begun at `start` to.
+    pub(crate) fn body(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Ends the frame begun at `start`: writes its prefix, returns the body length.
+    pub(crate) fn finish(&mut self, start: usize) -> usize {
+        let len = self.buf.len() - start - PREFIX;
+        self.buf[start..start + PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+        len
+    }
+
+    /// Drops the frame begun at `start` (it was too large to send).
+    pub(crate) fn abandon(&mut self, start: usize) {
+        self.buf.truncate(start);
+    }
+
+    /// Appends a whole frame.
+    pub(crate) fn put_frame(&mut self, body: &[u8]) {
+        let start = self.begin();
+        self.buf.put_slice(body);
+        self.finish(start);
+    }
+
+    /// Bytes waiting to be written.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes the buffer out and flushes. `Ready(Ok)` once everything is written and flushed.
+    pub(crate) fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.buf.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.buf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.buf.advance(n);
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.unflushed {
+            std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Shuts the write direction down (after draining).
+    pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    /// Writes and flushes everything buffered.
+    pub(crate) async fn drain(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reader_over(bytes: Vec<u8>, max_frame: usize) -> FrameReader {
+        FrameReader::new(Box::new(std::io::Cursor::new(bytes)), max_frame)
+    }
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[tokio::test]
+    async fn frames_are_cut_at_their_prefix() {
+        let mut bytes = frame(b"hello");
+        bytes.extend(frame(b""));
+        bytes.extend(frame(b"world"));
+        let mut reader = reader_over(bytes, 1024);
+        let mut got = Vec::new();
+        while let Some(Frame::Whole(body)) = reader.read_frame().await.unwrap() {
+            got.push(body);
+        }
+        assert_eq!(got, vec![&b"hello"[..], b"", b"world"]);
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_skipped_without_allocating_its_length() {
+        let mut bytes = (u32::MAX).to_be_bytes().to_vec();
+        bytes.extend(std::iter::repeat_n(7u8, 100_000));
+        let mut reader = reader_over(bytes, 1024);
+        match reader.read_frame().await.unwrap() {
+            Some(Frame::TooLarge { len, head }) => {
+                assert_eq!(len, u32::MAX as usize);
+                assert_eq!(head.len(), OVERSIZED_HEAD);
+            }
+            other => panic!("expected an oversized frame, got {other:?}"),
+        }
+        // The stream ends inside the claimed body: a truncated frame, and the buffer never
+        // grew anywhere near the claimed 4 GiB.
+        let err = reader.read_frame().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(reader.buf.capacity() < 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn frame_after_an_oversized_one_is_read() {
+        let mut bytes = frame(&[1u8; 5000]);
+        bytes.extend(frame(b"next"));
+        let mut reader = reader_over(bytes, 100);
+        assert!(matches!(
+            reader.read_frame().await.unwrap(),
+            Some(Frame::TooLarge { len: 5000, .. })
+        ));
+        assert!(matches!(reader.read_frame().await.unwrap(), Some(Frame::Whole(b)) if b == "next"));
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_an_error() {
+        let mut bytes = frame(b"complete");
+        bytes.extend_from_slice(&10u32.to_be_bytes());
+        bytes.extend_from_slice(b"part");
+        let mut reader = reader_over(bytes, 1024);
+        assert!(reader.read_frame().await.unwrap().is_some());
+        let err = reader.read_frame().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(reader.claimed(), Some(14));
+    }
+
+    proptest! {
+        /// Any byte stream ends in a sequence of frames followed by a clean end, or an error:
+        /// never a panic, never a frame over the maximum.
+        #[test]
+        fn any_bytes_end_in_frames_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let mut reader = reader_over(bytes, 512);
+                loop {
+                    match reader.read_frame().await {
+                        Ok(Some(Frame::Whole(body))) => prop_assert!(body.len() <= 512),
+                        Ok(Some(Frame::TooLarge { len, .. })) => prop_assert!(len > 512),
+                        Ok(None) => break,
+                        Err(e) => { prop_assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof); break }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Transports: where frames travel. A [`Channel`] is any byte stream pair; framing and the
+//! handshake are the same on all of them.
+
+pub(crate) mod frame;
+pub(crate) mod handshake;
+
+use std::fmt;
+use std::io;
+use std::process::Stdio;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::process::{Child, Command};
+
+use frame::{BoxRead, BoxWrite};
+
+/// Buffer size of each direction of [`Channel::pair`].
+const PAIR_BUFFER: usize = 256 * 1024;
+
+/// One end of a connection: a byte stream to read frames from and one to write them to.
+///
+/// Build it from whatever connects the two peers: a Unix or TCP socket
+/// (`Channel::from(stream)`), any `AsyncRead + AsyncWrite` ([`Channel::from_io`]), separate
+/// halves ([`Channel::new`]), an in-memory pair ([`Channel::pair`]), this process's stdio
+/// ([`Channel::stdio`]) or a child process's ([`Channel::spawn_child`]).
+///
+/// # Examples
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// use channel_dispatcher::Channel;
+/// use tokio::net::UnixStream;
+///
+/// let (a, b) = UnixStream::pair()?;
+/// let (ours, theirs) = (Channel::from(a), Channel::from(b));
+/// # drop((ours, theirs));
+/// # Ok(())
+/// # }
+/// ```
+pub struct Channel {
+    pub(crate) reader: BoxRead,
+    pub(crate) writer: BoxWrite,
+    label: &'static str,
+}
+
+impl Channel {
+    /// A channel from a read half and a write half.
+    pub fn new<R, W>(reader: R, writer: W) -> Self
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        Self::labelled(Box::new(reader), Box::new(writer), "io")
+    }
+
+    /// A channel from one bidirectional stream (split internally).
+    ///
+    /// Prefer `Channel::from` for Unix and TCP sockets: it splits them without a lock.
+    pub fn from_io<T>(io: T) -> Self
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(io);
+        Self::labelled(Box::new(reader), Box::new(writer), "io")
+    }
+
+    /// Two connected in-memory channels, for peers in one process and for tests.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use channel_dispatcher::{Channel, Dispatcher};
+    ///
+    /// let (a, b) = Channel::pair();
+    /// let one = Dispatcher::builder().spawn(a);
+    /// let two = Dispatcher::builder().spawn(b);
+    /// # one.stop().await; two.closed().await;
+    /// # }
+    /// ```
+    pub fn pair() -> (Self, Self) {
+        let (a, b) = tokio::io::duplex(PAIR_BUFFER);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        (
+            Self::labelled(Box::new(ar), Box::new(aw), "memory"),
+            Self::labelled(Box::new(br), Box::new(bw), "memory"),
+        )
+    }
+
+    /// This process's standard input and output: the child side of
+    /// [`Channel::spawn_child`]. Standard error stays free for logs.
+    ///
+    /// Nothing else may write to standard output while the channel is in use (use `eprintln!`
+    /// or `tracing` to standard error).
+    pub fn stdio() -> Self {
+        Self::labelled(
+            Box::new(tokio::io::stdin()),
+            Box::new(tokio::io::stdout()),
+            "stdio",
+        )
+    }
+
+    /// Spawns `command` with piped standard input and output, which carry the channel; the
+    /// child's standard error is inherited, so its logs reach ours. The child builds its side
+    /// with [`Channel::stdio`].
+    ///
+    /// The returned [`Child`] is killed when dropped (`kill_on_drop`); keep it for as long as
+    /// the connection runs, and `wait` on it after `stop()`.
+    ///
+    /// # Errors
+    /// The `io::Error` from spawning the command.
+    pub fn spawn_child(command: &mut Command) -> io::Result<(Self, Child)> {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let missing = || io::Error::other("child standard input/output not piped");
+        let stdin = child.stdin.take().ok_or_else(missing)?;
+        let stdout = child.stdout.take().ok_or_else(missing)?;
+        Ok((
+            Self::labelled(Box::new(stdout), Box::new(stdin), "child"),
+            child,
+        ))
+    }
+
+    fn labelled(reader: BoxRead, writer: BoxWrite, label: &'static str) -> Self {
+        Self {
+            reader,
+            writer,
+            label,
+        }
+    }
+
+    pub(crate) fn label(&self) -> &'static str {
+        self.label
+    }
+}
+
+impl From<UnixStream> for Channel {
+    fn from(stream: UnixStream) -> Self {
+        let (reader, writer) = stream.into_split();
+        Self::labelled(Box::new(reader), Box::new(writer), "unix")
+    }
+}
+
+impl From<TcpStream> for Channel {
+    fn from(stream: TcpStream) -> Self {
+        // Small frames must not wait for Nagle's algorithm: we coalesce writes ourselves.
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        Self::labelled(Box::new(reader), Box::new(writer), "tcp")
+    }
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Channel")
+            .field("kind", &self.label)
+            .finish_non_exhaustive()
+    }
+}
