@@ -297,7 +297,12 @@ mod tests {
         let mut incoming = Incoming::new();
         let registration = incoming.registration(None);
         incoming.push(
-            Box::pin(async { panic!("boom") }) as Pin<Box<dyn Future<Output = _> + Send>>,
+            Box::pin(async {
+                if true {
+                    panic!("boom");
+                }
+                Ok(Reply::nothing())
+            }) as Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>,
             registration,
             None,
             Method::from_static("bad"),
