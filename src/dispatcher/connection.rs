@@ -74,7 +74,11 @@ pub struct Connection<S: Service<Incoming>> {
 #[derive(Debug)]
 enum Phase {
     Open,
-    Draining(Pin<Box<Sleep>>),
+    /// Running handlers may finish; `peer_gone` once the peer said goodbye (nothing more to read).
+    Draining {
+        deadline: Pin<Box<Sleep>>,
+        peer_gone: bool,
+    },
     Closing {
         linger: Pin<Box<Sleep>>,
         shut: bool,
@@ -272,6 +276,9 @@ where
         loop {
             if let Phase::Closing {
                 read_closed: true, ..
+            }
+            | Phase::Draining {
+                peer_gone: true, ..
             } = self.phase
             {
                 return Poll::Ready(Ok(progress));
@@ -335,7 +342,10 @@ where
     fn poll_phase(&mut self, cx: &mut TaskContext<'_>) -> Option<Termination> {
         match &mut self.phase {
             Phase::Open => None,
-            Phase::Draining(deadline) => {
+            Phase::Draining {
+                deadline,
+                peer_gone,
+            } => {
                 let expired = deadline.as_mut().poll(cx).is_ready();
                 if self.incoming.is_empty() || expired {
                     if !self.incoming.is_empty() {
@@ -344,7 +354,8 @@ where
                             "drain timeout: dropping handlers still running"
                         );
                     }
-                    self.close(Envelope::Goodbye, false);
+                    let peer_gone = *peer_gone;
+                    self.close(Envelope::Goodbye, peer_gone);
                 }
                 None
             }
@@ -446,11 +457,33 @@ where
         tracing::debug!(%reason, "stopping");
         self.lifecycle.set_reason(reason);
         self.fail_outgoing(true);
-        self.phase = Phase::Draining(Box::pin(tokio::time::sleep(self.config.drain_timeout)));
+        self.phase = Phase::Draining {
+            deadline: Box::pin(tokio::time::sleep(self.config.drain_timeout)),
+            peer_gone: false,
+        };
+    }
+
+    /// The peer said goodbye: it has failed the calls it made, so our answers to them are
+    /// useless and those handlers stop; its notifications still get handled (drained).
+    fn on_goodbye(&mut self) {
+        self.lifecycle.set_reason(Termination::PeerStopped);
+        self.fail_outgoing(false);
+        self.incoming.cancel_requests();
+        match &mut self.phase {
+            Phase::Open => {
+                self.phase = Phase::Draining {
+                    deadline: Box::pin(tokio::time::sleep(self.config.drain_timeout)),
+                    peer_gone: true,
+                }
+            }
+            Phase::Draining { peer_gone, .. } => *peer_gone = true,
+            Phase::Closing { read_closed, .. } => *read_closed = true,
+        }
     }
 
     /// Sends the last envelope (goodbye or fatal) and waits for the peer's end of file.
     fn close(&mut self, last: Envelope, read_closed: bool) {
+        tracing::trace!(running = self.incoming.len(), ?last, "close");
         if matches!(self.phase, Phase::Closing { .. }) {
             return;
         }
@@ -488,6 +521,7 @@ where
 
     /// Ends the connection: fails everything still waiting and runs the `on_stop` callbacks.
     fn finish(&mut self, reason: Termination) -> Termination {
+        tracing::trace!(running = self.incoming.len(), phase = ?self.phase, %reason, "finish");
         self.lifecycle.set_reason(reason);
         let reason = self.lifecycle.reason_or(Termination::Stopped);
         self.outgoing
@@ -558,6 +592,7 @@ where
     }
 
     fn on_envelope(&mut self, envelope: Envelope) {
+        tracing::trace!(kind = ?envelope.kind(), id = ?envelope.id(), "inbound");
         if let Some(observer) = &self.config.observer {
             observe(observer.as_ref(), &envelope);
         }
@@ -644,10 +679,7 @@ where
                 // Nothing more is read or written: the peer is gone after a fatal.
                 self.close_now();
             }
-            Envelope::Goodbye => {
-                self.lifecycle.set_reason(Termination::PeerStopped);
-                self.close(Envelope::Goodbye, true);
-            }
+            Envelope::Goodbye => self.on_goodbye(),
         }
     }
 

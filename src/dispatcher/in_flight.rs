@@ -105,6 +105,18 @@ pub(crate) enum Outcome {
     Expired,
 }
 
+impl Outcome {
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            Self::Done(Ok(_)) => "done",
+            Self::Done(Err(_)) => "failed",
+            Self::Panicked(_) => "panicked",
+            Self::Aborted => "aborted",
+            Self::Expired => "expired",
+        }
+    }
+}
+
 /// A finished handler run.
 pub(crate) struct Finished {
     pub(crate) id: Option<u64>,
@@ -211,6 +223,13 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Aborts every running request (notifications keep running).
+    pub(crate) fn cancel_requests(&mut self) {
+        for (_, handle) in self.requests.drain() {
+            handle.abort();
         }
     }
 

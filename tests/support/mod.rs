@@ -1,0 +1,80 @@
+//! Shared helpers for the integration tests: connected channel pairs over each transport, and
+//! the messages the suites exchange.
+#![allow(dead_code, unreachable_pub)]
+
+use channel_dispatcher::{notification, request, Channel};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+/// The transports every suite runs over.
+#[derive(Clone, Copy, Debug)]
+pub enum Transport {
+    Memory,
+    Unix,
+    Tcp,
+}
+
+/// Two connected channels over `transport`.
+pub async fn pair(transport: Transport) -> (Channel, Channel) {
+    match transport {
+        Transport::Memory => Channel::pair(),
+        Transport::Unix => {
+            let (a, b) = UnixStream::pair().expect("unix socket pair");
+            (Channel::from(a), Channel::from(b))
+        }
+        Transport::Tcp => {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+            let addr = listener.local_addr().expect("local addr");
+            let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            (
+                Channel::from(client.expect("connect")),
+                Channel::from(server.expect("accept").0),
+            )
+        }
+    }
+}
+
+/// Generates one `#[tokio::test]` per transport for each listed `async fn(Transport)`.
+#[macro_export]
+macro_rules! over_every_transport {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Transport::Memory).await })*
+        }
+        mod unix {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Transport::Unix).await })*
+        }
+        mod tcp {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Transport::Tcp).await })*
+        }
+    };
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Echo(pub String);
+request!(Echo => String, "echo");
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Square(pub u64);
+request!(Square => u64, "square");
+
+/// Never answered by the test routers: keeps a call pending.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Hang;
+request!(Hang => (), "hang");
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Count(pub u32);
+notification!(Count, "count");
+
+/// Bounds every wait in the tests: generous, so only a hang trips it.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+
+pub async fn within<F: std::future::IntoFuture>(fut: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, fut.into_future())
+        .await
+        .expect("timed out: something hangs")
+}
