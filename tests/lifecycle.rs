@@ -53,7 +53,10 @@ async fn peers_draining_for(transport: Transport, drain: Duration) -> Peers {
 async fn request_gets_its_response(transport: Transport) {
     let (one, two, ..) = peers(transport).await;
     assert_eq!(within(one.request(Echo("hi".into()))).await.unwrap(), "hi");
-    assert_eq!(within(two.request(Echo("back".into()))).await.unwrap(), "back");
+    assert_eq!(
+        within(two.request(Echo("back".into()))).await.unwrap(),
+        "back"
+    );
     one.stop().await;
 }
 
@@ -91,18 +94,34 @@ async fn stop_fails_pending_calls_and_runs_on_stop_once(transport: Transport) {
     let reason = within(one.stop()).await;
     assert!(matches!(reason, Termination::Stopped), "{reason:?}");
     let err = within(pending).await.unwrap().unwrap_err();
-    assert!(matches!(err, CallError::Terminated(Termination::Stopped)), "{err:?}");
-    assert!(matches!(within(two.closed()).await, Termination::PeerStopped));
+    assert!(
+        matches!(err, CallError::Terminated(Termination::Stopped)),
+        "{err:?}"
+    );
+    assert!(matches!(
+        within(two.closed()).await,
+        Termination::PeerStopped
+    ));
 
     // Stopping again, or a call after stop, changes nothing and fails at once.
     within(one.stop()).await;
-    let late = one.request(Echo("late".into())).into_future().now_or_never();
+    let late = one
+        .request(Echo("late".into()))
+        .into_future()
+        .now_or_never();
     assert!(
         matches!(late, Some(Err(CallError::Terminated(Termination::Stopped)))),
         "{late:?}"
     );
-    assert!(matches!(one.notify(Count(1)), Err(CallError::Terminated(_))));
-    assert_eq!(stops.load(Ordering::SeqCst), 2, "each side's on_stop runs exactly once");
+    assert!(matches!(
+        one.notify(Count(1)),
+        Err(CallError::Terminated(_))
+    ));
+    assert_eq!(
+        stops.load(Ordering::SeqCst),
+        2,
+        "each side's on_stop runs exactly once"
+    );
 
     // Registered after the end: runs at once.
     let late_stop = Arc::new(AtomicUsize::new(0));
@@ -135,7 +154,10 @@ async fn peer_goodbye_fails_our_pending_calls(transport: Transport) {
         matches!(err, CallError::Terminated(Termination::PeerStopped)),
         "{err:?}"
     );
-    assert!(matches!(within(one.closed()).await, Termination::PeerStopped));
+    assert!(matches!(
+        within(one.closed()).await,
+        Termination::PeerStopped
+    ));
 }
 
 async fn dropping_every_handle_stops_the_connection(transport: Transport) {
@@ -145,7 +167,10 @@ async fn dropping_every_handle_stops_the_connection(transport: Transport) {
     one.on_stop(move |r| *slot.lock().unwrap() = Some(r.clone()));
     within(one.request(Echo("x".into()))).await.unwrap();
     drop(one);
-    assert!(matches!(within(two.closed()).await, Termination::PeerStopped));
+    assert!(matches!(
+        within(two.closed()).await,
+        Termination::PeerStopped
+    ));
     // The dropped side's connection ends too, and says why.
     within(async {
         while reason.lock().unwrap().is_none() {
@@ -153,7 +178,10 @@ async fn dropping_every_handle_stops_the_connection(transport: Transport) {
         }
     })
     .await;
-    assert!(matches!(*reason.lock().unwrap(), Some(Termination::Dropped)));
+    assert!(matches!(
+        *reason.lock().unwrap(),
+        Some(Termination::Dropped)
+    ));
 }
 
 async fn stop_lets_running_handlers_answer(transport: Transport) {
@@ -186,7 +214,10 @@ async fn stop_lets_running_handlers_answer(transport: Transport) {
     .await;
     release.send_replace(true);
     assert_eq!(within(call).await.unwrap().unwrap(), "drained");
-    assert!(matches!(within(stopping).await.unwrap(), Termination::Stopped));
+    assert!(matches!(
+        within(stopping).await.unwrap(),
+        Termination::Stopped
+    ));
 }
 
 over_every_transport!(

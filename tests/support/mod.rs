@@ -23,7 +23,9 @@ pub async fn pair(transport: Transport) -> (Channel, Channel) {
             (Channel::from(a), Channel::from(b))
         }
         Transport::Tcp => {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind loopback");
             let addr = listener.local_addr().expect("local addr");
             let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
             (
