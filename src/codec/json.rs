@@ -109,8 +109,13 @@ pub(super) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
 }
 
 fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, String> {
-    let elements: Vec<&RawValue> =
-        serde_json::from_slice(frame).map_err(|e| format!("not a JSON array: {e}"))?;
+    let elements: Vec<&RawValue> = match serde_json::from_slice(frame) {
+        Ok(elements) => elements,
+        Err(e) => {
+            *header = scan_header(frame);
+            return Err(format!("not a JSON array: {e}"));
+        }
+    };
     let field = |index: usize| -> Result<&RawValue, String> {
         elements
             .get(index)
@@ -238,4 +243,37 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             Envelope::Goodbye
         }
     })
+}
+
+/// Reads `[kind, id` from the start of a frame that is not valid JSON as a whole (cut off, or
+/// broken further on), so a broken request can still be answered.
+fn scan_header(frame: &[u8]) -> PartialHeader {
+    fn number(rest: &mut &[u8]) -> Option<u64> {
+        let text = rest.trim_ascii_start();
+        let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
+        let value = std::str::from_utf8(&text[..digits]).ok()?.parse().ok()?;
+        *rest = text[digits..].trim_ascii_start();
+        Some(value)
+    }
+    let mut header = PartialHeader::default();
+    let Some(mut rest) = frame.trim_ascii_start().strip_prefix(b"[") else {
+        return header;
+    };
+    let kind = number(&mut rest)
+        .and_then(|k| u8::try_from(k).ok())
+        .and_then(EnvelopeKind::from_u8);
+    header.kind = kind;
+    if matches!(
+        kind,
+        Some(EnvelopeKind::Request | EnvelopeKind::Response | EnvelopeKind::Error | EnvelopeKind::Cancel)
+    ) {
+        if let Some(mut rest) = rest.strip_prefix(b",") {
+            // A number cut off by the end of the frame is not an id.
+            let id = number(&mut rest);
+            if !rest.is_empty() {
+                header.id = id;
+            }
+        }
+    }
+    header
 }

@@ -197,3 +197,143 @@ pub(crate) fn payload_or_unit(codec: Codec, payload: &Bytes) -> &[u8] {
         payload
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{ErrorBody, Method};
+    use crate::message::Attributes;
+    use proptest::prelude::*;
+
+    type Value = (u32, String, Vec<u8>, Option<bool>);
+
+    fn attributes() -> impl Strategy<Value = Attributes> {
+        proptest::collection::btree_map(".{0,8}", ".{0,12}", 0..4)
+            .prop_map(|map| map.into_iter().collect())
+    }
+
+    /// Any envelope, with payloads encoded by `codec` (a payload is always one codec value).
+    fn envelope(codec: Codec) -> impl Strategy<Value = Envelope> {
+        let payload = any::<Value>().prop_map(move |v| codec.encode(&v).unwrap());
+        prop_oneof![
+            (any::<u64>(), ".{0,16}", attributes(), any::<u64>(), payload.clone()).prop_map(
+                |(id, method, attributes, timeout_us, payload)| Envelope::Request {
+                    id,
+                    method: Method::from(method),
+                    attributes,
+                    timeout_us,
+                    payload,
+                }
+            ),
+            (".{0,16}", attributes(), payload.clone()).prop_map(|(method, attributes, payload)| {
+                Envelope::Notification {
+                    method: Method::from(method),
+                    attributes,
+                    payload,
+                }
+            }),
+            (any::<u64>(), attributes(), payload.clone()).prop_map(|(id, attributes, payload)| {
+                Envelope::Response {
+                    id,
+                    attributes,
+                    payload,
+                }
+            }),
+            (any::<u64>(), attributes(), any::<i64>(), ".{0,24}", proptest::option::of(payload))
+                .prop_map(|(id, attributes, code, message, data)| Envelope::Error {
+                    id,
+                    attributes,
+                    error: ErrorBody {
+                        code,
+                        message,
+                        data,
+                    },
+                }),
+            (any::<i64>(), ".{0,24}").prop_map(|(code, message)| Envelope::Fatal { code, message }),
+            any::<u64>().prop_map(|id| Envelope::Cancel { id }),
+            Just(Envelope::Goodbye),
+        ]
+    }
+
+    fn encode(codec: Codec, envelope: &Envelope) -> Bytes {
+        let mut buf = BytesMut::new();
+        codec.encode_envelope(envelope, &mut buf);
+        buf.freeze()
+    }
+
+    fn codec_and_envelope() -> impl Strategy<Value = (Codec, Envelope)> {
+        proptest::sample::select(Codec::all()).prop_flat_map(|codec| (Just(codec), envelope(codec)))
+    }
+
+    proptest! {
+        #[test]
+        fn every_envelope_round_trips_through_every_codec((codec, envelope) in codec_and_envelope()) {
+            let decoded = codec.decode_envelope(encode(codec, &envelope));
+            prop_assert_eq!(decoded.map_err(|e| e.error.to_string()), Ok(envelope));
+        }
+
+        #[test]
+        fn any_bytes_decode_to_an_envelope_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            for &codec in Codec::all() {
+                let _ = codec.decode_envelope(Bytes::from(bytes.clone()));
+            }
+        }
+
+        #[test]
+        fn corrupted_envelopes_never_panic(
+            (codec, envelope) in codec_and_envelope(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let bytes = encode(codec, &envelope).to_vec();
+            let _ = codec.decode_envelope(Bytes::from(bytes[..cut.index(bytes.len() + 1)].to_vec()));
+            let mut flipped = bytes.clone();
+            let at = flip.index(flipped.len());
+            flipped[at] ^= byte;
+            let _ = codec.decode_envelope(Bytes::from(flipped));
+        }
+    }
+
+    #[test]
+    fn request_header_is_readable_from_a_broken_request() {
+        for &codec in Codec::all() {
+            let request = Envelope::Request {
+                id: 77,
+                method: Method::from_static("m"),
+                attributes: Attributes::new(),
+                timeout_us: 0,
+                payload: codec.encode(&1u8).unwrap(),
+            };
+            let bytes = encode(codec, &request);
+            // Cut inside the method name: the kind and the id come first and survive.
+            let cut = bytes.len() - 4;
+            let error = codec
+                .decode_envelope(bytes.slice(..cut))
+                .expect_err("a cut request does not decode");
+            assert_eq!(error.header.kind, Some(crate::EnvelopeKind::Request), "{codec:?}");
+            assert_eq!(error.header.id, Some(77), "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn payload_is_sliced_from_the_frame_not_copied() {
+        for &codec in Codec::all() {
+            let payload = codec.encode(&"a payload of some length").unwrap();
+            let frame = encode(
+                codec,
+                &Envelope::Response {
+                    id: 1,
+                    attributes: Attributes::new(),
+                    payload: payload.clone(),
+                },
+            );
+            let Ok(Envelope::Response { payload: decoded, .. }) = codec.decode_envelope(frame.clone()) else {
+                panic!("{codec:?}: not a response");
+            };
+            assert_eq!(decoded, payload);
+            let inside = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
+            assert!(inside.contains(&(decoded.as_ptr() as usize)), "{codec:?}");
+        }
+    }
+}
