@@ -265,7 +265,12 @@ fn scan_header(frame: &[u8]) -> PartialHeader {
     header.kind = kind;
     if matches!(
         kind,
-        Some(EnvelopeKind::Request | EnvelopeKind::Response | EnvelopeKind::Error | EnvelopeKind::Cancel)
+        Some(
+            EnvelopeKind::Request
+                | EnvelopeKind::Response
+                | EnvelopeKind::Error
+                | EnvelopeKind::Cancel
+        )
     ) {
         if let Some(mut rest) = rest.strip_prefix(b",") {
             // A number cut off by the end of the frame is not an id.

@@ -216,15 +216,22 @@ mod tests {
     fn envelope(codec: Codec) -> impl Strategy<Value = Envelope> {
         let payload = any::<Value>().prop_map(move |v| codec.encode(&v).unwrap());
         prop_oneof![
-            (any::<u64>(), ".{0,16}", attributes(), any::<u64>(), payload.clone()).prop_map(
-                |(id, method, attributes, timeout_us, payload)| Envelope::Request {
-                    id,
-                    method: Method::from(method),
-                    attributes,
-                    timeout_us,
-                    payload,
-                }
-            ),
+            (
+                any::<u64>(),
+                ".{0,16}",
+                attributes(),
+                any::<u64>(),
+                payload.clone()
+            )
+                .prop_map(|(id, method, attributes, timeout_us, payload)| {
+                    Envelope::Request {
+                        id,
+                        method: Method::from(method),
+                        attributes,
+                        timeout_us,
+                        payload,
+                    }
+                }),
             (".{0,16}", attributes(), payload.clone()).prop_map(|(method, attributes, payload)| {
                 Envelope::Notification {
                     method: Method::from(method),
@@ -239,7 +246,13 @@ mod tests {
                     payload,
                 }
             }),
-            (any::<u64>(), attributes(), any::<i64>(), ".{0,24}", proptest::option::of(payload))
+            (
+                any::<u64>(),
+                attributes(),
+                any::<i64>(),
+                ".{0,24}",
+                proptest::option::of(payload)
+            )
                 .prop_map(|(id, attributes, code, message, data)| Envelope::Error {
                     id,
                     attributes,
@@ -311,7 +324,11 @@ mod tests {
             let error = codec
                 .decode_envelope(bytes.slice(..cut))
                 .expect_err("a cut request does not decode");
-            assert_eq!(error.header.kind, Some(crate::EnvelopeKind::Request), "{codec:?}");
+            assert_eq!(
+                error.header.kind,
+                Some(crate::EnvelopeKind::Request),
+                "{codec:?}"
+            );
             assert_eq!(error.header.id, Some(77), "{codec:?}");
         }
     }
@@ -328,7 +345,10 @@ mod tests {
                     payload: payload.clone(),
                 },
             );
-            let Ok(Envelope::Response { payload: decoded, .. }) = codec.decode_envelope(frame.clone()) else {
+            let Ok(Envelope::Response {
+                payload: decoded, ..
+            }) = codec.decode_envelope(frame.clone())
+            else {
                 panic!("{codec:?}: not a response");
             };
             assert_eq!(decoded, payload);

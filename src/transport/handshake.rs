@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, BytesMut};
 
-use super::frame::{Frame, FrameReader, FrameWriter};
+use super::frame::{Frame, FrameReader, FrameWriter, PREFIX};
 use crate::error::HandshakeError;
 
 pub(crate) const MAGIC: &[u8; 4] = b"CHDP";
@@ -86,44 +86,62 @@ pub(crate) async fn handshake(
 
     reader.set_max_frame(MAX_HANDSHAKE_FRAME);
     let theirs = match read(reader).await? {
-        Frame::Whole(body) => Hello::decode(&body),
-        Frame::TooLarge { .. } => None,
+        Some(Frame::Whole(body)) => Hello::decode(&body),
+        _ => None,
     };
     let verdict = match &theirs {
         None => Err(HandshakeError::NotAPeer),
         Some(theirs) => check(ours, theirs, expected_token),
     };
     match &verdict {
-        Ok(()) => writer.put_frame(&[0]),
+        Ok(()) => {
+            writer.put_frame(&[0]);
+            writer.drain().await.map_err(io)?;
+        }
         Err(e) => {
             let mut refusal = vec![1];
             refusal.extend_from_slice(e.to_string().as_bytes());
             writer.put_frame(&refusal);
+            // The peer may have refused us too and gone: our own reason is what matters.
+            let _ = writer.drain().await;
         }
     }
-    writer.drain().await.map_err(io)?;
     verdict?;
 
     let peer_verdict = read(reader).await?;
     reader.set_max_frame(max_frame);
     match peer_verdict {
-        Frame::Whole(body) if body.first() == Some(&0) && body.len() == 1 => {
+        Some(Frame::Whole(body)) if body.first() == Some(&0) && body.len() == 1 => {
             theirs.ok_or(HandshakeError::NotAPeer)
         }
-        Frame::Whole(body) if body.first() == Some(&1) => Err(HandshakeError::Refused {
+        Some(Frame::Whole(body)) if body.first() == Some(&1) => Err(HandshakeError::Refused {
             reason: String::from_utf8_lossy(&body[1..]).into_owned(),
         }),
         _ => Err(HandshakeError::NotAPeer),
     }
 }
 
-async fn read(reader: &mut FrameReader) -> Result<Frame, HandshakeError> {
-    match reader.read_frame().await {
-        Ok(Some(frame)) => Ok(frame),
-        Ok(None) => Err(HandshakeError::Transport(Arc::new(
-            std::io::ErrorKind::UnexpectedEof.into(),
-        ))),
-        Err(e) => Err(HandshakeError::Transport(Arc::new(e))),
+/// The next handshake frame; `None` for one over the handshake limit, known from its prefix
+/// alone (whatever sent it is not a peer, and may never send the claimed bytes).
+async fn read(reader: &mut FrameReader) -> Result<Option<Frame>, HandshakeError> {
+    let io = |e: std::io::Error| HandshakeError::Transport(Arc::new(e));
+    loop {
+        if reader
+            .claimed()
+            .is_some_and(|len| len > PREFIX + MAX_HANDSHAKE_FRAME)
+        {
+            return Ok(None);
+        }
+        if let Some(frame) = reader.next_frame() {
+            return Ok(Some(frame));
+        }
+        if std::future::poll_fn(|cx| reader.poll_fill(cx))
+            .await
+            .map_err(io)?
+            == 0
+        {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
     }
 }
 

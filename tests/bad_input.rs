@@ -1,0 +1,367 @@
+//! Bad input from the peer: every case gets a typed error or a documented teardown, and the
+//! other calls in flight on the connection complete or fail typed. The peer here is raw bytes
+//! on a Unix socket, written by hand from PROTOCOL.md.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use channel_dispatcher::error::code;
+use channel_dispatcher::{
+    CallError, Channel, Context, Dispatcher, HandlerError, HandshakeError, ProtocolError, Router,
+    Termination,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+use support::{within, Echo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
+
+type NoAttributes = BTreeMap<String, String>;
+
+/// A hand-written peer: frames in, frames out, MessagePack envelopes as PROTOCOL.md draws them.
+struct RawPeer {
+    io: UnixStream,
+}
+
+fn hello(version: u16, codec: &str) -> Vec<u8> {
+    let mut body = b"CHDP".to_vec();
+    body.extend_from_slice(&version.to_be_bytes());
+    body.extend_from_slice(&(16u32 << 20).to_be_bytes());
+    body.push(codec.len() as u8);
+    body.extend_from_slice(codec.as_bytes());
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body
+}
+
+impl RawPeer {
+    /// A dispatcher on one end, this raw peer (handshake done) on the other.
+    async fn connect(router: Router, max_frame: usize) -> (Dispatcher, RawPeer) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let dispatcher = Dispatcher::builder()
+            .handler(router)
+            .max_frame_length(max_frame)
+            .spawn(Channel::from(a));
+        let mut peer = RawPeer { io: b };
+        peer.send_frame(&hello(1, "msgpack")).await;
+        peer.send_frame(&[0]).await;
+        assert_eq!(&peer.read_frame().await.unwrap()[..4], b"CHDP");
+        assert_eq!(
+            peer.read_frame().await.unwrap(),
+            [0],
+            "the dispatcher accepts"
+        );
+        (dispatcher, peer)
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.unwrap();
+    }
+
+    async fn send_frame(&mut self, body: &[u8]) {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        self.send_raw(&frame).await;
+    }
+
+    async fn send<T: Serialize>(&mut self, envelope: &T) {
+        self.send_frame(&rmp_serde::to_vec(envelope).unwrap()).await;
+    }
+
+    async fn read_frame(&mut self) -> Option<Vec<u8>> {
+        within(async {
+            let len = self.io.read_u32().await.ok()? as usize;
+            let mut body = vec![0; len];
+            self.io.read_exact(&mut body).await.ok()?;
+            Some(body)
+        })
+        .await
+    }
+
+    /// The next envelope, as JSON for easy matching.
+    async fn read(&mut self) -> Value {
+        let frame = self.read_frame().await.expect("a frame");
+        rmp_serde::from_slice(&frame).expect("a MessagePack envelope")
+    }
+
+    /// Reads the dispatcher's request and returns its id.
+    async fn read_request(&mut self, method: &str) -> u64 {
+        let request = self.read().await;
+        assert_eq!(request[0], 1, "{request}");
+        assert_eq!(request[2], method, "{request}");
+        request[1].as_u64().unwrap()
+    }
+
+    async fn request(&mut self, id: u64, method: &str, payload: &str) {
+        self.send(&(1u8, id, method, NoAttributes::new(), 0u64, payload))
+            .await;
+    }
+
+    async fn respond(&mut self, id: u64, payload: &str) {
+        self.send(&(3u8, id, NoAttributes::new(), payload)).await;
+    }
+}
+
+fn echo_router() -> Router {
+    Router::new().request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+}
+
+/// A call from the dispatcher to the raw peer, left in flight while the test misbehaves.
+async fn call_in_flight(
+    dispatcher: &Dispatcher,
+    peer: &mut RawPeer,
+) -> (u64, JoinHandle<Result<String, CallError>>) {
+    let call = tokio::spawn(dispatcher.request(Echo("in flight".into())).into_future());
+    let id = peer.read_request("echo").await;
+    (id, call)
+}
+
+fn assert_error(envelope: &Value, id: u64, code: i64) {
+    assert_eq!(envelope[0], 4, "not an error: {envelope}");
+    assert_eq!(envelope[1], id, "{envelope}");
+    assert_eq!(envelope[3], code, "{envelope}");
+}
+
+#[tokio::test]
+async fn truncated_frame_then_eof_ends_with_a_protocol_error() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1 << 20).await;
+    let (_, call) = call_in_flight(&dispatcher, &mut peer).await;
+    peer.send_raw(&100u32.to_be_bytes()).await;
+    peer.send_raw(&[0x94, 3, 1, 0x80]).await;
+    drop(peer);
+    let expected = Termination::Protocol(ProtocolError::TruncatedFrame {
+        received: 8,
+        expected: 104,
+    });
+    assert_eq!(
+        within(dispatcher.closed()).await.to_string(),
+        expected.to_string()
+    );
+    let err = within(call).await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallError::Terminated(Termination::Protocol(ProtocolError::TruncatedFrame { .. }))
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn peer_closing_without_goodbye_fails_calls_in_flight() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1 << 20).await;
+    let (_, call) = call_in_flight(&dispatcher, &mut peer).await;
+    drop(peer);
+    assert!(matches!(
+        within(dispatcher.closed()).await,
+        Termination::Closed
+    ));
+    let err = within(call).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, CallError::Terminated(Termination::Closed)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_request_is_answered_and_the_connection_stays() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1024).await;
+    let (call_id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    peer.request(9, "echo", &"x".repeat(10_000)).await;
+    let answer = peer.read().await;
+    assert_error(&answer, 9, code::FRAME_TOO_LARGE);
+    assert!(answer[4].as_str().unwrap().contains("1024"), "{answer}");
+
+    peer.respond(call_id, "answered").await;
+    assert_eq!(within(call).await.unwrap().unwrap(), "answered");
+    peer.request(10, "echo", "small").await;
+    assert_eq!(peer.read().await, json!([3, 10, {}, "small"]));
+}
+
+#[tokio::test]
+async fn garbage_frames_are_skipped_and_a_readable_request_id_is_answered() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1 << 20).await;
+    let (call_id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    peer.send_frame(&[0xff, 0x00, 0xc1, 0x13, 0x37]).await;
+    peer.send_frame(b"").await;
+    // A request whose method is a number: kind and id are readable, so it is refused by id.
+    peer.send(&(1u8, 11u64, 42u8)).await;
+    assert_error(&peer.read().await, 11, code::INVALID_REQUEST);
+
+    peer.request(12, "echo", "fine").await;
+    assert_eq!(peer.read().await, json!([3, 12, {}, "fine"]));
+    peer.respond(call_id, "ok").await;
+    assert_eq!(within(call).await.unwrap().unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn unknown_envelope_kind_is_skipped() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1 << 20).await;
+    let (call_id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    peer.send(&(99u8, 1u64, "future extension")).await;
+    peer.request(13, "echo", "after").await;
+    assert_eq!(peer.read().await, json!([3, 13, {}, "after"]));
+    peer.respond(call_id, "ok").await;
+    assert_eq!(within(call).await.unwrap().unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn unknown_method_is_answered_with_method_not_found() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1 << 20).await;
+    let (call_id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    peer.request(14, "no/such/method", "x").await;
+    let answer = peer.read().await;
+    assert_error(&answer, 14, code::METHOD_NOT_FOUND);
+    assert!(answer[4].as_str().unwrap().contains("no/such/method"));
+    peer.respond(call_id, "ok").await;
+    assert_eq!(within(call).await.unwrap().unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn answer_to_an_id_nobody_waits_for_is_dropped_quietly() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1 << 20).await;
+    let (call_id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    peer.respond(999_999, "stray").await;
+    peer.send(&(4u8, 888_888u64, NoAttributes::new(), -1i64, "stray error"))
+        .await;
+    peer.send(&(6u8, 777_777u64)).await;
+    // Nothing comes back for the strays: the next frame is the answer to this request.
+    peer.request(15, "echo", "next").await;
+    assert_eq!(peer.read().await, json!([3, 15, {}, "next"]));
+    peer.respond(call_id, "mine").await;
+    assert_eq!(within(call).await.unwrap().unwrap(), "mine");
+    assert!(!dispatcher.is_closed());
+}
+
+#[tokio::test]
+async fn duplicate_request_id_in_flight_is_refused_and_the_first_answered() {
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let router = echo_router().raw("wait", move |incoming: channel_dispatcher::Incoming| {
+        let mut gate = gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+            Ok(channel_dispatcher::Reply::value(incoming.payload().clone()))
+        }
+    });
+    let (dispatcher, mut peer) = RawPeer::connect(router, 1 << 20).await;
+    let (call_id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    peer.request(5, "wait", "first").await;
+    peer.request(5, "wait", "second").await;
+    // Both are in; only then open the gate.
+    peer.request(6, "echo", "sync").await;
+    assert_eq!(peer.read().await, json!([3, 6, {}, "sync"]));
+    release.send_replace(true);
+    assert_eq!(peer.read().await, json!([3, 5, {}, "first"]));
+    peer.request(7, "echo", "after").await;
+    assert_eq!(
+        peer.read().await,
+        json!([3, 7, {}, "after"]),
+        "no second answer for id 5"
+    );
+    peer.respond(call_id, "ok").await;
+    assert_eq!(within(call).await.unwrap().unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn handshake_version_mismatch_is_a_typed_error_on_both_sides() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let dispatcher = Dispatcher::builder().spawn(Channel::from(a));
+    let call = tokio::spawn(dispatcher.request(Echo("never sent".into())).into_future());
+    let mut peer = RawPeer { io: b };
+    peer.send_frame(&hello(99, "msgpack")).await;
+    assert_eq!(&peer.read_frame().await.unwrap()[..4], b"CHDP");
+    let verdict = peer.read_frame().await.unwrap();
+    assert_eq!(verdict[0], 1, "refused");
+    let reason = String::from_utf8(verdict[1..].to_vec()).unwrap();
+    assert!(reason.contains("version"), "{reason}");
+
+    match within(dispatcher.closed()).await {
+        Termination::Handshake(HandshakeError::VersionMismatch {
+            ours: 1,
+            theirs: 99,
+        }) => {}
+        other => panic!("expected a version mismatch, got {other:?}"),
+    }
+    let err = within(call).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, CallError::Terminated(Termination::Handshake(_))),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn something_that_is_not_a_peer_is_refused() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let dispatcher = Dispatcher::builder().spawn(Channel::from(a));
+    let mut peer = RawPeer { io: b };
+    peer.send_raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    assert!(matches!(
+        within(dispatcher.closed()).await,
+        Termination::Handshake(HandshakeError::NotAPeer)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_peer_times_out_in_the_handshake() {
+    let (a, _silent) = UnixStream::pair().unwrap();
+    let dispatcher = Dispatcher::builder()
+        .handshake_timeout(Duration::from_secs(3))
+        .spawn(Channel::from(a));
+    assert!(matches!(
+        dispatcher.closed().await,
+        Termination::Handshake(HandshakeError::Timeout(t)) if t == Duration::from_secs(3)
+    ));
+}
+
+#[tokio::test]
+async fn wrong_token_is_refused_and_both_sides_say_why() {
+    let (a, b) = Channel::pair();
+    let server = Dispatcher::builder().expect_token("s3cret").spawn(a);
+    let client = Dispatcher::builder().token("guess").spawn(b);
+    assert!(matches!(
+        within(server.closed()).await,
+        Termination::Handshake(HandshakeError::BadToken)
+    ));
+    match within(client.closed()).await {
+        Termination::Handshake(HandshakeError::Refused { reason }) => {
+            assert!(reason.contains("token"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    let (a, b) = Channel::pair();
+    let _server = Dispatcher::builder()
+        .expect_token("s3cret")
+        .handler(echo_router())
+        .spawn(a);
+    let client = Dispatcher::builder()
+        .token("s3cret")
+        .connect(b)
+        .await
+        .expect("the right token is accepted");
+    assert_eq!(
+        within(client.request(Echo("in".into()))).await.unwrap(),
+        "in"
+    );
+}
+
+#[cfg(feature = "json")]
+#[tokio::test]
+async fn codec_mismatch_is_a_typed_error_on_both_sides() {
+    use channel_dispatcher::Codec;
+    let (a, b) = Channel::pair();
+    let one = Dispatcher::builder().codec(Codec::MessagePack).spawn(a);
+    let two = Dispatcher::builder().codec(Codec::Json).connect(b).await;
+    for reason in [within(one.closed()).await, two.unwrap_err()] {
+        match reason {
+            Termination::Handshake(HandshakeError::CodecMismatch { ours, theirs }) => {
+                assert_ne!(ours, theirs);
+            }
+            other => panic!("expected a codec mismatch, got {other:?}"),
+        }
+    }
+}
