@@ -93,7 +93,15 @@ impl Channel {
     ///
     /// Nothing else may write to standard output while the channel is in use (use `eprintln!`
     /// or `tracing` to standard error).
+    ///
+    /// On Unix, when both are pipes (as under [`Channel::spawn_child`]), they are read and
+    /// written directly by the reactor, in non-blocking mode; otherwise (a terminal, a file)
+    /// through tokio's blocking-thread stdio, which costs a thread hop per read.
     pub fn stdio() -> Self {
+        #[cfg(unix)]
+        if let Some((reader, writer)) = unix_stdio_pipes() {
+            return Self::labelled(Box::new(reader), Box::new(writer), "stdio");
+        }
         Self::labelled(
             Box::new(tokio::io::stdin()),
             Box::new(tokio::io::stdout()),
@@ -137,6 +145,20 @@ impl Channel {
     pub(crate) fn label(&self) -> &'static str {
         self.label
     }
+}
+
+/// Standard input and output as non-blocking pipes, when both are pipes.
+#[cfg(unix)]
+fn unix_stdio_pipes() -> Option<(
+    tokio::net::unix::pipe::Receiver,
+    tokio::net::unix::pipe::Sender,
+)> {
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
+    let reader = tokio::net::unix::pipe::Receiver::from_file(std::fs::File::from(stdin)).ok()?;
+    let writer = tokio::net::unix::pipe::Sender::from_file(std::fs::File::from(stdout)).ok()?;
+    Some((reader, writer))
 }
 
 impl From<UnixStream> for Channel {
