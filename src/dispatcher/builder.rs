@@ -36,7 +36,7 @@ pub struct InboundEnvelope<'a> {
     pub payload_len: usize,
 }
 
-type Observer = Arc<dyn Fn(&InboundEnvelope<'_>) + Send + Sync>;
+pub(crate) type Observer = Arc<dyn Fn(&InboundEnvelope<'_>) + Send + Sync>;
 
 /// Configures and starts a dispatcher on a [`Channel`].
 ///

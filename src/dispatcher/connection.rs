@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::builder::InboundEnvelope;
+use super::builder::{InboundEnvelope, Observer};
 use super::in_flight::{Finished, Incoming as Running, Outcome, Outgoing};
 use super::{Command, Lifecycle, RawResponse, Shared};
 use crate::codec::Codec;
@@ -53,7 +53,7 @@ pub(crate) struct Config {
     pub(crate) expected_token: Option<String>,
     pub(crate) error_handler: Arc<dyn ErrorHandler>,
     pub(crate) context_factory: Option<Arc<dyn ContextFactory>>,
-    pub(crate) observer: Option<Arc<dyn Fn(&InboundEnvelope<'_>) + Send + Sync>>,
+    pub(crate) observer: Option<Observer>,
 }
 
 type Handshake = Pin<Box<dyn Future<Output = HandshakeResult> + Send>>;
@@ -483,7 +483,7 @@ where
 
     /// Sends the last envelope (goodbye or fatal) and waits for the peer's end of file.
     fn close(&mut self, last: Envelope, read_closed: bool) {
-        tracing::trace!(running = self.incoming.len(), ?last, "close");
+        tracing::trace!(running = self.incoming.len(), ?last, "closing");
         if matches!(self.phase, Phase::Closing { .. }) {
             return;
         }
@@ -521,7 +521,6 @@ where
 
     /// Ends the connection: fails everything still waiting and runs the `on_stop` callbacks.
     fn finish(&mut self, reason: Termination) -> Termination {
-        tracing::trace!(running = self.incoming.len(), phase = ?self.phase, %reason, "finish");
         self.lifecycle.set_reason(reason);
         let reason = self.lifecycle.reason_or(Termination::Stopped);
         self.outgoing
@@ -744,6 +743,7 @@ where
             method,
             outcome,
         } = finished;
+        tracing::trace!(?id, %method, outcome = outcome.describe(), "handler finished");
         if let Some(id) = id {
             if !self.incoming.complete_request(id) {
                 return; // cancelled by the peer meanwhile

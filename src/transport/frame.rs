@@ -100,6 +100,7 @@ impl FrameReader {
     }
 
     /// Reads the next frame, waiting for bytes as needed; `None` at a clean end of file.
+    #[cfg(test)]
     pub(crate) async fn read_frame(&mut self) -> io::Result<Option<Frame>> {
         loop {
             if let Some(frame) = self.next_frame() {
