@@ -73,4 +73,9 @@ pub use error::{
 pub use handler::{DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router};
 pub use message::{Accepted, Attributes, Notification, Request, Success};
 pub use tower_service::Service;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 pub use transport::Channel;

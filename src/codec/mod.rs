@@ -357,3 +357,59 @@ mod tests {
         }
     }
 }
+
+/// The examples in PROTOCOL.md, byte for byte.
+#[cfg(test)]
+mod protocol_examples {
+    use super::*;
+    use crate::envelope::Method;
+    use crate::message::Attributes;
+
+    fn response(codec: Codec) -> Bytes {
+        let mut buf = BytesMut::new();
+        codec.encode_envelope(
+            &Envelope::Response {
+                id: 7,
+                attributes: Attributes::new(),
+                payload: codec.encode(&5u8).unwrap(),
+            },
+            &mut buf,
+        );
+        buf.freeze()
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn msgpack_response_bytes() {
+        assert_eq!(&response(Codec::MessagePack)[..], [0x94, 0x03, 0x07, 0x80, 0x05]);
+    }
+
+    #[cfg(feature = "json")]
+    #[test]
+    fn json_request_text() {
+        #[derive(serde::Serialize)]
+        struct Add {
+            a: i32,
+            b: i32,
+        }
+        let mut buf = BytesMut::new();
+        Codec::Json.encode_envelope(
+            &Envelope::Request {
+                id: 7,
+                method: Method::from_static("math/add"),
+                attributes: [("trace-id", "ab12")].into_iter().collect(),
+                timeout_us: 0,
+                payload: Codec::Json.encode(&Add { a: 2, b: 3 }).unwrap(),
+            },
+            &mut buf,
+        );
+        assert_eq!(&buf[..], br#"[1,7,"math/add",{"trace-id":"ab12"},0,{"a":2,"b":3}]"#);
+        assert_eq!(&response(Codec::Json)[..], b"[3,7,{},5]");
+    }
+
+    #[cfg(feature = "postcard")]
+    #[test]
+    fn postcard_response_bytes() {
+        assert_eq!(&response(Codec::Postcard)[..], [3, 7, 0, 5]);
+    }
+}
