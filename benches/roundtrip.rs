@@ -39,7 +39,9 @@ async fn raw_echo_server(stream: UnixStream) {
     let mut writer = BufWriter::with_capacity(64 * 1024, write);
     let mut body = Vec::new();
     loop {
-        let Ok(len) = reader.read_u32().await else { return };
+        let Ok(len) = reader.read_u32().await else {
+            return;
+        };
         body.resize(len as usize, 0);
         if reader.read_exact(&mut body).await.is_err() {
             return;
@@ -114,7 +116,11 @@ enum Peer {
 }
 
 /// Connects to a peer in this process or in a child process; returns the client's stream.
-async fn connect(peer: Peer, two_processes: bool, dir: &Path) -> (UnixStream, Option<tokio::process::Child>) {
+async fn connect(
+    peer: Peer,
+    two_processes: bool,
+    dir: &Path,
+) -> (UnixStream, Option<tokio::process::Child>) {
     if !two_processes {
         let (client, server) = UnixStream::pair().unwrap();
         match peer {
@@ -130,9 +136,16 @@ async fn connect(peer: Peer, two_processes: bool, dir: &Path) -> (UnixStream, Op
     }
     let path = dir.join(format!("peer-{}.sock", rand_suffix()));
     let listener = UnixListener::bind(&path).unwrap();
-    let mode = if peer == Peer::Raw { "raw" } else { "dispatcher" };
+    let mode = if peer == Peer::Raw {
+        "raw"
+    } else {
+        "dispatcher"
+    };
     let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
-    command.args(["--child", mode]).arg(&path).kill_on_drop(true);
+    command
+        .args(["--child", mode])
+        .arg(&path)
+        .kill_on_drop(true);
     if std::env::args().any(|a| a == "--current-thread") {
         command.arg("--current-thread");
     }
@@ -149,7 +162,13 @@ fn rand_suffix() -> u64 {
 }
 
 /// Runs `total` round trips with `window` in flight; returns the elapsed time.
-async fn measure(peer: Peer, two_processes: bool, total: usize, window: usize, dir: &Path) -> Duration {
+async fn measure(
+    peer: Peer,
+    two_processes: bool,
+    total: usize,
+    window: usize,
+    dir: &Path,
+) -> Duration {
     let (stream, child) = connect(peer, two_processes, dir).await;
     let elapsed = match peer {
         Peer::Raw => {
@@ -194,7 +213,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let current_thread = args.iter().any(|a| a == "--current-thread");
     let runtime = if current_thread {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -208,6 +229,14 @@ fn main() {
         return runtime.block_on(child(&mode, path));
     }
 
+    if args.iter().any(|a| a == "--profile") {
+        // For profilers: only the dispatcher, one process, 1024 in flight.
+        let total = std::env::var("PROFILE_TOTAL").map_or(200_000, |v| v.parse().unwrap());
+        let dir = std::env::temp_dir();
+        let elapsed = runtime.block_on(measure(Peer::Dispatcher, false, total, 1024, &dir));
+        println!("{total} calls in {elapsed:?}");
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
     let dir = std::env::temp_dir().join(format!("cd-bench-{}", std::process::id()));
@@ -215,7 +244,11 @@ fn main() {
 
     println!(
         "roundtrip: 32-byte echo over Unix sockets, {} runtime, {} cores",
-        if current_thread { "current-thread" } else { "multi-thread (2 workers)" },
+        if current_thread {
+            "current-thread"
+        } else {
+            "multi-thread (2 workers)"
+        },
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
@@ -224,9 +257,16 @@ fn main() {
     );
     runtime.block_on(async {
         for two_processes in [false, true] {
-            let place = if two_processes { "two processes" } else { "one process" };
+            let place = if two_processes {
+                "two processes"
+            } else {
+                "one process"
+            };
             let total = 20_000 / scale;
-            let d = best_of(3, || measure(Peer::Dispatcher, two_processes, total, 1, &dir)).await;
+            let d = best_of(3, || {
+                measure(Peer::Dispatcher, two_processes, total, 1, &dir)
+            })
+            .await;
             let r = best_of(3, || measure(Peer::Raw, two_processes, total, 1, &dir)).await;
             let (d_us, r_us) = (micros(d) / total as f64, micros(r) / total as f64);
             println!(
@@ -238,9 +278,15 @@ fn main() {
             );
             for window in [64, 1024] {
                 let total = 200_000 / scale;
-                let d = best_of(3, || measure(Peer::Dispatcher, two_processes, total, window, &dir)).await;
+                let d = best_of(3, || {
+                    measure(Peer::Dispatcher, two_processes, total, window, &dir)
+                })
+                .await;
                 let r = best_of(3, || measure(Peer::Raw, two_processes, total, window, &dir)).await;
-                let (d_rate, r_rate) = (total as f64 / d.as_secs_f64(), total as f64 / r.as_secs_f64());
+                let (d_rate, r_rate) = (
+                    total as f64 / d.as_secs_f64(),
+                    total as f64 / r.as_secs_f64(),
+                );
                 println!(
                     "{:<34} {:>9.0} k/s {:>9.0} k/s {:>7.2}x",
                     format!("{window} in flight, {place}"),

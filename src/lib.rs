@@ -56,6 +56,7 @@ mod dispatcher;
 mod envelope;
 pub mod error;
 mod handler;
+mod hash;
 mod message;
 mod transport;
 

@@ -25,6 +25,15 @@ use serde::Serialize;
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::error::CodecError;
 
+/// Values are encoded into per-thread chunks of this size and split off, so a small payload
+/// costs no allocation of its own; a chunk is freed once every payload cut from it is dropped.
+const CHUNK_SIZE: usize = 8 * 1024;
+const CHUNK_REFILL: usize = 512;
+
+thread_local! {
+    static ENCODE_CHUNK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
 #[cfg(not(any(feature = "msgpack", feature = "json", feature = "postcard")))]
 compile_error!("channel-dispatcher needs at least one codec feature: msgpack, json or postcard");
 
@@ -84,9 +93,22 @@ impl Codec {
     /// A [`CodecError`] when serde refuses the value (for example a map with non-string keys in
     /// JSON).
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, CodecError> {
-        let mut buf = BytesMut::with_capacity(64);
-        self.encode_into(value, &mut buf)?;
-        Ok(buf.freeze())
+        ENCODE_CHUNK.with(|chunk| match chunk.try_borrow_mut() {
+            Ok(mut chunk) => {
+                if chunk.capacity() < CHUNK_REFILL {
+                    *chunk = BytesMut::with_capacity(CHUNK_SIZE);
+                }
+                let result = self.encode_into(value, &mut chunk);
+                let encoded = chunk.split();
+                result.map(|()| encoded.freeze())
+            }
+            // A `Serialize` impl that encodes with a codec itself: use a buffer of its own.
+            Err(_) => {
+                let mut buf = BytesMut::new();
+                self.encode_into(value, &mut buf)?;
+                Ok(buf.freeze())
+            }
+        })
     }
 
     pub(crate) fn encode_into<T: Serialize + ?Sized>(
@@ -381,7 +403,10 @@ mod protocol_examples {
     #[cfg(feature = "msgpack")]
     #[test]
     fn msgpack_response_bytes() {
-        assert_eq!(&response(Codec::MessagePack)[..], [0x94, 0x03, 0x07, 0x80, 0x05]);
+        assert_eq!(
+            &response(Codec::MessagePack)[..],
+            [0x94, 0x03, 0x07, 0x80, 0x05]
+        );
     }
 
     #[cfg(feature = "json")]
@@ -403,7 +428,10 @@ mod protocol_examples {
             },
             &mut buf,
         );
-        assert_eq!(&buf[..], br#"[1,7,"math/add",{"trace-id":"ab12"},0,{"a":2,"b":3}]"#);
+        assert_eq!(
+            &buf[..],
+            br#"[1,7,"math/add",{"trace-id":"ab12"},0,{"a":2,"b":3}]"#
+        );
         assert_eq!(&response(Codec::Json)[..], b"[3,7,{},5]");
     }
 

@@ -5,7 +5,6 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,32 +19,12 @@ use super::{RawResponse, ReplySender};
 use crate::envelope::Method;
 use crate::error::{CallError, HandlerError};
 use crate::handler::Reply;
-
-/// Our ids are sequential and ours alone, so a multiplicative hash is enough (and much cheaper
-/// than SipHash); the peer's ids use the default hasher, since a peer can choose them.
-#[derive(Default)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
+use crate::hash::SeededState;
 
 /// Our calls awaiting answers.
 #[derive(Default)]
 pub(crate) struct Outgoing {
-    pending: HashMap<u64, ReplySender, BuildHasherDefault<IdHasher>>,
+    pending: HashMap<u64, ReplySender, SeededState>,
 }
 
 impl Outgoing {
@@ -167,7 +146,7 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Future for InFlight<F> {
 pub(crate) struct Incoming<F> {
     running: FuturesUnordered<InFlight<F>>,
     /// Abort handles of running requests, by the peer's id.
-    requests: HashMap<u64, AbortHandle>,
+    requests: HashMap<u64, AbortHandle, SeededState>,
 }
 
 impl<F> Incoming<F> {
@@ -180,7 +159,7 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
     pub(crate) fn new() -> Self {
         Self {
             running: FuturesUnordered::new(),
-            requests: HashMap::new(),
+            requests: HashMap::default(),
         }
     }
 

@@ -8,6 +8,7 @@ use std::task::{Context as TaskContext, Poll};
 use crate::context::Context;
 use crate::error::HandlerError;
 use crate::handler::{Incoming, Reply};
+use crate::hash::SeededState;
 use crate::message::{Notification, Request};
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
@@ -44,7 +45,7 @@ type Route = Box<dyn Fn(Incoming) -> BoxFuture + Send + Sync>;
 /// ```
 #[derive(Clone, Default)]
 pub struct Router {
-    routes: Arc<HashMap<String, Route>>,
+    routes: Arc<HashMap<String, Route, SeededState>>,
 }
 
 impl Router {
