@@ -72,7 +72,7 @@ pub use error::{
     CallError, CodecError, HandlerError, HandshakeError, ProtocolError, RemoteError, Termination,
 };
 pub use handler::{DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router};
-pub use message::{Accepted, Attributes, Notification, Request, Success};
+pub use message::{Accepted, Attributes, Notification, Request, Success, MAX_ATTRIBUTES};
 pub use tower_service::Service;
 
 /// The README's examples, compiled and run as doctests.

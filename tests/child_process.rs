@@ -118,10 +118,8 @@ async fn main() -> ExitCode {
         return child().await;
     }
     let mut failed = 0;
-    let tests: [(
-        &str,
-        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ); 2] = [
+    type Test = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let tests: [(&str, Test); 2] = [
         (
             "exchange_both_ways_with_nested_calls",
             Box::pin(exchange_both_ways_with_nested_calls()),

@@ -16,7 +16,7 @@ use rmp::encode as enc;
 use crate::codec::{payload_or_unit, Codec};
 use crate::envelope::{Envelope, EnvelopeError, EnvelopeKind, ErrorBody, Method, PartialHeader};
 use crate::error::CodecError;
-use crate::message::Attributes;
+use crate::message::{Attributes, MAX_ATTRIBUTES};
 
 const CODEC: Codec = Codec::MessagePack;
 
@@ -263,6 +263,9 @@ impl Reader<'_> {
     fn attributes(&mut self) -> Read<Attributes> {
         let len = rmp::decode::read_map_len(&mut self.rest)
             .map_err(|e| format!("expected an attribute map: {e}"))?;
+        if len as usize > MAX_ATTRIBUTES {
+            return Err(format!("{len} attributes, more than {MAX_ATTRIBUTES}"));
+        }
         let mut attributes = Attributes::new();
         for _ in 0..len {
             let name = self.string()?;
