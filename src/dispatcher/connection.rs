@@ -713,20 +713,18 @@ where
             factory.prepare(&mut context);
         }
         let span = tracing::debug_span!("handle", %method, id);
-        let registration = self.incoming.registration(id);
         let service = &mut self.service;
         let call = catch_unwind(AssertUnwindSafe(|| {
             let _entered = span.enter();
             service.call(Incoming { context, payload })
         }));
         match call {
-            Ok(fut) => self
-                .incoming
-                .push(fut, registration, id, method, deadline, span),
-            Err(panic) => {
-                if let Some(id) = id {
-                    self.incoming.complete_request(id);
+            Ok(fut) => {
+                if let Some(finished) = self.incoming.start(fut, id, method, deadline, span) {
+                    self.on_finished(finished);
                 }
+            }
+            Err(panic) => {
                 let failed = Failed {
                     method: method.as_str(),
                     id,
@@ -744,11 +742,6 @@ where
             outcome,
         } = finished;
         tracing::trace!(?id, %method, outcome = outcome.describe(), "handler finished");
-        if let Some(id) = id {
-            if !self.incoming.complete_request(id) {
-                return; // cancelled by the peer meanwhile
-            }
-        }
         let failed = Failed {
             method: method.as_str(),
             id,
@@ -757,7 +750,6 @@ where
             Outcome::Done(Ok(reply)) => reply,
             Outcome::Done(Err(error)) => self.config.error_handler.handle_error(failed, error),
             Outcome::Panicked(panic) => self.config.error_handler.handle_panic(failed, panic),
-            Outcome::Aborted => return,
             Outcome::Expired => Reply::error(
                 code::DEADLINE_EXCEEDED,
                 "the caller's deadline passed before the handler finished",

@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::future::{AbortHandle, AbortRegistration, Abortable};
-use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
@@ -78,8 +79,6 @@ impl Outgoing {
 pub(crate) enum Outcome {
     Done(Result<Reply, HandlerError>),
     Panicked(Box<dyn Any + Send>),
-    /// The peer cancelled the request, or the connection is ending.
-    Aborted,
     /// The caller's deadline passed.
     Expired,
 }
@@ -90,7 +89,6 @@ impl Outcome {
             Self::Done(Ok(_)) => "done",
             Self::Done(Err(_)) => "failed",
             Self::Panicked(_) => "panicked",
-            Self::Aborted => "aborted",
             Self::Expired => "expired",
         }
     }
@@ -104,62 +102,100 @@ pub(crate) struct Finished {
 }
 
 pin_project! {
-    /// One handler run: the service's future, made abortable, panic-safe and deadline-bound.
-    pub(crate) struct InFlight<F> {
+    /// One handler run: the service's future, made panic-safe and deadline-bound.
+    struct InFlight<F> {
         #[pin]
-        fut: tracing::instrument::Instrumented<Abortable<F>>,
+        fut: tracing::instrument::Instrumented<F>,
         deadline: Option<Pin<Box<Sleep>>>,
         id: Option<u64>,
-        method: Option<Method>,
+        method: Method,
     }
 }
 
-impl<F: Future<Output = Result<Reply, HandlerError>>> Future for InFlight<F> {
-    type Output = Finished;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Finished> {
+impl<F: Future<Output = Result<Reply, HandlerError>>> InFlight<F> {
+    /// Polls once; `Some` with the outcome when the run is over.
+    fn poll_outcome(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Outcome> {
         let mut this = self.project();
-        let outcome = match catch_unwind(AssertUnwindSafe(|| this.fut.as_mut().poll(cx))) {
-            Ok(Poll::Ready(Ok(result))) => Outcome::Done(result),
-            Ok(Poll::Ready(Err(_aborted))) => Outcome::Aborted,
-            Err(panic) => Outcome::Panicked(panic),
-            Ok(Poll::Pending) => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
-                if !expired {
-                    return Poll::Pending;
-                }
-                Outcome::Expired
-            }
-        };
-        Poll::Ready(Finished {
-            id: *this.id,
-            method: this.method.take().unwrap_or(Method::from_static("")),
-            outcome,
-        })
+        match catch_unwind(AssertUnwindSafe(|| this.fut.as_mut().poll(cx))) {
+            Ok(Poll::Ready(result)) => Some(Outcome::Done(result)),
+            Err(panic) => Some(Outcome::Panicked(panic)),
+            Ok(Poll::Pending) => this
+                .deadline
+                .as_mut()
+                .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+                .then_some(Outcome::Expired),
+        }
     }
+}
+
+/// Slot indices whose handler was woken, and the connection task to tell.
+#[derive(Default)]
+struct ReadyQueue {
+    indices: Mutex<Vec<usize>>,
+    connection: AtomicWaker,
+}
+
+/// Wakes one slot: queues its index (once until polled) and wakes the connection task.
+struct SlotWaker {
+    index: usize,
+    queued: AtomicBool,
+    queue: Arc<ReadyQueue>,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.queue
+                .indices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.index);
+            self.queue.connection.wake();
+        }
+    }
+}
+
+struct Slot<F> {
+    /// Reused from run to run: a new handler future is pinned into the same allocation.
+    run: Pin<Box<Option<InFlight<F>>>>,
+    waker: Arc<SlotWaker>,
 }
 
 /// The peer's requests (and notifications) our handlers are working on.
+///
+/// A slab of reusable pinned slots instead of a `FuturesUnordered`: a handler is polled once
+/// as soon as it is dispatched (most finish right there, with no queueing), a running one is
+/// woken through its slot's own waker, and a cancelled one is dropped in place at once.
 pub(crate) struct Incoming<F> {
-    running: FuturesUnordered<InFlight<F>>,
-    /// Abort handles of running requests, by the peer's id.
-    requests: HashMap<u64, AbortHandle, SeededState>,
+    slots: Vec<Slot<F>>,
+    free: Vec<usize>,
+    queue: Arc<ReadyQueue>,
+    /// Indices taken from the queue and not yet polled.
+    batch: Vec<usize>,
+    /// Slots of running requests, by the peer's id.
+    requests: HashMap<u64, usize, SeededState>,
+    running: usize,
 }
 
 impl<F> Incoming<F> {
     pub(crate) fn len(&self) -> usize {
-        self.running.len()
+        self.running
     }
 }
 
 impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
     pub(crate) fn new() -> Self {
         Self {
-            running: FuturesUnordered::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            queue: Arc::default(),
+            batch: Vec::new(),
             requests: HashMap::default(),
+            running: 0,
         }
     }
 
@@ -168,68 +204,118 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
         self.requests.contains_key(&id)
     }
 
-    /// Registers a handler run; returns the registration its future must be made abortable with.
-    pub(crate) fn registration(&mut self, id: Option<u64>) -> AbortRegistration {
-        let (handle, registration) = AbortHandle::new_pair();
-        if let Some(id) = id {
-            self.requests.insert(id, handle);
-        }
-        registration
-    }
-
-    pub(crate) fn push(
+    /// Starts a handler run and polls it once; `Some` when it finished right away.
+    pub(crate) fn start(
         &mut self,
         fut: F,
-        registration: AbortRegistration,
         id: Option<u64>,
         method: Method,
         deadline: Option<Instant>,
         span: tracing::Span,
-    ) {
-        self.running.push(InFlight {
-            fut: Abortable::new(fut, registration).instrument(span),
+    ) -> Option<Finished> {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot {
+                run: Box::pin(None),
+                waker: Arc::new(SlotWaker {
+                    index: self.slots.len(),
+                    queued: AtomicBool::new(false),
+                    queue: Arc::clone(&self.queue),
+                }),
+            });
+            self.slots.len() - 1
+        });
+        self.slots[index].run.as_mut().set(Some(InFlight {
+            fut: fut.instrument(span),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             id,
-            method: Some(method),
-        });
+            method,
+        }));
+        self.running += 1;
+        if let Some(id) = id {
+            self.requests.insert(id, index);
+        }
+        self.poll_slot(index)
     }
 
-    /// Aborts the request the peer cancelled; `false` if it was not running.
+    fn poll_slot(&mut self, index: usize) -> Option<Finished> {
+        let slot = &mut self.slots[index];
+        slot.waker.queued.store(false, Ordering::Release);
+        let waker = Waker::from(Arc::clone(&slot.waker));
+        let outcome = slot
+            .run
+            .as_mut()
+            .as_pin_mut()?
+            .poll_outcome(&mut Context::from_waker(&waker))?;
+        let (id, method) = match slot.run.as_ref().get_ref() {
+            Some(run) => (run.id, run.method.clone()),
+            None => return None,
+        };
+        self.release(index, id);
+        Some(Finished {
+            id,
+            method,
+            outcome,
+        })
+    }
+
+    fn release(&mut self, index: usize, id: Option<u64>) {
+        self.slots[index].run.as_mut().set(None);
+        self.free.push(index);
+        self.running -= 1;
+        if let Some(id) = id {
+            self.requests.remove(&id);
+        }
+    }
+
+    /// Drops the request the peer cancelled; `false` if it was not running.
     pub(crate) fn cancel_request(&mut self, id: u64) -> bool {
-        match self.requests.remove(&id) {
-            Some(handle) => {
-                handle.abort();
+        match self.requests.get(&id) {
+            Some(&index) => {
+                self.release(index, Some(id));
                 true
             }
             None => false,
         }
     }
 
-    /// Aborts every running request (notifications keep running).
+    /// Drops every running request (notifications keep running).
     pub(crate) fn cancel_requests(&mut self) {
-        for (_, handle) in self.requests.drain() {
-            handle.abort();
+        let running: Vec<(u64, usize)> = self.requests.drain().collect();
+        for (_, index) in running {
+            self.release(index, None);
         }
     }
 
-    /// Takes a finished run's id out of the table; `false` when it was cancelled meanwhile.
-    pub(crate) fn complete_request(&mut self, id: u64) -> bool {
-        self.requests.remove(&id).is_some()
-    }
-
+    /// Polls the woken handlers until one finishes.
     pub(crate) fn poll_finished(&mut self, cx: &mut Context<'_>) -> Poll<Option<Finished>> {
-        use futures_util::StreamExt;
-        self.running.poll_next_unpin(cx)
+        loop {
+            if let Some(index) = self.batch.pop() {
+                if let Some(finished) = self.poll_slot(index) {
+                    return Poll::Ready(Some(finished));
+                }
+                continue;
+            }
+            self.queue.connection.register(cx.waker());
+            let mut queued = self.queue.indices.lock().unwrap_or_else(|e| e.into_inner());
+            if queued.is_empty() {
+                return Poll::Pending;
+            }
+            std::mem::swap(&mut *queued, &mut self.batch);
+        }
     }
 
     /// Drops every running handler.
     pub(crate) fn abort_all(&mut self) {
-        self.running.clear();
+        for index in 0..self.slots.len() {
+            if self.slots[index].run.is_some() {
+                self.release(index, None);
+            }
+        }
         self.requests.clear();
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.running.is_empty()
+        self.running == 0
     }
 }
 
@@ -269,50 +355,138 @@ mod tests {
         assert!(!outgoing.cancel_request(1));
     }
 
-    #[tokio::test]
-    async fn cancelled_handler_finishes_as_aborted() {
+    fn pending() -> Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>> {
+        Box::pin(std::future::pending())
+    }
+
+    #[test]
+    fn cancelled_handler_is_dropped_at_once_and_its_slot_reused() {
+        struct DropGuard(Arc<AtomicBool>);
+        impl Drop for DropGuard {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let guard = DropGuard(Arc::clone(&dropped));
         let mut incoming = Incoming::new();
-        let registration = incoming.registration(Some(3));
-        incoming.push(
-            Box::pin(std::future::pending::<Result<Reply, HandlerError>>()),
-            registration,
-            Some(3),
-            Method::from_static("slow"),
-            None,
-            tracing::Span::none(),
-        );
+        let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<Result<Reply, HandlerError>>().await
+        });
+        assert!(incoming
+            .start(
+                fut,
+                Some(3),
+                Method::from_static("slow"),
+                None,
+                tracing::Span::none()
+            )
+            .is_none());
         assert!(incoming.is_running(3));
+        assert!(!dropped.load(Ordering::SeqCst));
         assert!(incoming.cancel_request(3));
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the handler future is dropped by the cancel"
+        );
+        assert!(!incoming.is_running(3) && incoming.is_empty());
+        assert!(incoming
+            .start(
+                pending(),
+                Some(4),
+                Method::from_static("next"),
+                None,
+                tracing::Span::none()
+            )
+            .is_none());
+        assert_eq!(incoming.slots.len(), 1, "the slot is reused");
+    }
+
+    #[test]
+    fn ready_handler_finishes_on_dispatch() {
+        let mut incoming = Incoming::new();
+        let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async { Ok(Reply::nothing()) });
+        let finished = incoming
+            .start(
+                fut,
+                Some(1),
+                Method::from_static("fast"),
+                None,
+                tracing::Span::none(),
+            )
+            .expect("finished without waiting");
+        assert!(matches!(finished.outcome, Outcome::Done(Ok(_))));
+        assert!(incoming.is_empty() && !incoming.is_running(1));
+    }
+
+    #[tokio::test]
+    async fn woken_handler_finishes_through_poll_finished() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut incoming = Incoming::new();
+        let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let _ = rx.await;
+            Ok(Reply::nothing())
+        });
+        assert!(incoming
+            .start(
+                fut,
+                None,
+                Method::from_static("n"),
+                None,
+                tracing::Span::none()
+            )
+            .is_none());
+        tx.send(()).unwrap();
         let finished = std::future::poll_fn(|cx| incoming.poll_finished(cx))
             .await
             .unwrap();
-        assert!(matches!(finished.outcome, Outcome::Aborted));
-        assert!(!incoming.complete_request(3));
+        assert!(finished.id.is_none());
+        assert!(incoming.is_empty());
     }
 
     #[tokio::test]
     async fn panicking_handler_is_caught() {
         let mut incoming = Incoming::new();
-        let registration = incoming.registration(None);
-        incoming.push(
+        let fut: Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>> =
             Box::pin(async {
                 if true {
                     panic!("boom");
                 }
                 Ok(Reply::nothing())
-            }) as Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>,
-            registration,
-            None,
-            Method::from_static("bad"),
-            None,
-            tracing::Span::none(),
-        );
-        let finished = std::future::poll_fn(|cx| incoming.poll_finished(cx))
-            .await
-            .unwrap();
+            });
+        let finished = incoming
+            .start(
+                fut,
+                None,
+                Method::from_static("bad"),
+                None,
+                tracing::Span::none(),
+            )
+            .expect("a panic ends the run");
         match finished.outcome {
             Outcome::Panicked(p) => assert_eq!(p.downcast_ref::<&str>(), Some(&"boom")),
             _ => panic!("expected a caught panic"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handler_past_its_deadline_expires() {
+        let mut incoming = Incoming::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        assert!(incoming
+            .start(
+                pending(),
+                Some(9),
+                Method::from_static("slow"),
+                Some(deadline),
+                tracing::Span::none()
+            )
+            .is_none());
+        let finished = std::future::poll_fn(|cx| incoming.poll_finished(cx))
+            .await
+            .unwrap();
+        assert!(matches!(finished.outcome, Outcome::Expired));
+        assert!(!incoming.is_running(9));
     }
 }
