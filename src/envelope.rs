@@ -3,6 +3,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 use crate::message::Attributes;
 
@@ -44,27 +45,30 @@ impl EnvelopeKind {
 /// A method name: UTF-8 checked once, then shared without copying (usually a slice of the
 /// frame it arrived in, or a `&'static str` for typed messages).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Method(Bytes);
+pub(crate) struct Method(ByteString);
 
 impl Method {
     pub(crate) const fn from_static(name: &'static str) -> Self {
-        Self(Bytes::from_static(name.as_bytes()))
+        Self(ByteString::from_static(name))
     }
 
-    pub(crate) fn from_utf8(bytes: Bytes) -> Result<Self, std::str::Utf8Error> {
-        std::str::from_utf8(&bytes)?;
-        Ok(Self(bytes))
+    /// A name that is a slice of `frame`.
+    pub(crate) fn from_frame(frame: &Bytes, name: &str) -> Self {
+        match ByteString::try_from(frame.slice_ref(name.as_bytes())) {
+            Ok(name) => Self(name),
+            // NB. Unreachable: `name` is a `str` already.
+            Err(_) => Self(ByteString::from(name)),
+        }
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        // NB. Checked on construction: the fallback is unreachable.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        &self.0
     }
 }
 
 impl From<String> for Method {
     fn from(name: String) -> Self {
-        Self(Bytes::from(name))
+        Self(ByteString::from(name))
     }
 }
 

@@ -142,12 +142,10 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
         let raw = field(index)?.get();
         let name: String = serde_json::from_str(raw)
             .map_err(|e| format!("element {index}: expected a method name: {e}"))?;
-        if raw.len() == name.len() + 2 {
+        match raw.get(1..raw.len() - 1) {
             // No escapes: the name is the raw text between the quotes, sliced without copying.
-            let start = raw.as_ptr() as usize - frame.as_ptr() as usize + 1;
-            Method::from_utf8(frame.slice(start..start + name.len())).map_err(|e| e.to_string())
-        } else {
-            Ok(Method::from(name))
+            Some(inner) if inner == name => Ok(Method::from_frame(frame, inner)),
+            _ => Ok(Method::from(name)),
         }
     };
     let payload = |index: usize| -> Result<Bytes, String> {

@@ -256,8 +256,7 @@ impl Reader<'_> {
     fn method(&mut self) -> Read<Method> {
         let frame = self.frame;
         let name = self.str()?;
-        let start = name.as_ptr() as usize - frame.as_ptr() as usize;
-        Method::from_utf8(frame.slice(start..start + name.len())).map_err(|e| e.to_string())
+        Ok(Method::from_frame(frame, name))
     }
 
     fn attributes(&mut self) -> Read<Attributes> {

@@ -105,7 +105,7 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             rest = &[];
             Envelope::Request {
                 id,
-                method: slice_method(frame, method)?,
+                method: Method::from_frame(frame, method),
                 attributes,
                 timeout_us,
                 payload: tail(r),
@@ -115,7 +115,7 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             let ((method, attributes), r): ((&str, Attributes), _) = take(rest)?;
             rest = &[];
             Envelope::Notification {
-                method: slice_method(frame, method)?,
+                method: Method::from_frame(frame, method),
                 attributes,
                 payload: tail(r),
             }
@@ -165,11 +165,6 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
     } else {
         Err(format!("{} trailing bytes", rest.len()))
     }
-}
-
-fn slice_method(frame: &Bytes, name: &str) -> Result<Method, String> {
-    let start = name.as_ptr() as usize - frame.as_ptr() as usize;
-    Method::from_utf8(frame.slice(start..start + name.len())).map_err(|e| e.to_string())
 }
 
 fn take<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8]), String> {
