@@ -210,14 +210,10 @@ pub enum CallError {
     /// The answer arrived but is not the expected response type.
     #[error("could not decode the response")]
     Decode(#[source] CodecError),
-    /// The message is larger than the peer accepts; nothing was sent.
-    #[error("message of {size} bytes exceeds the peer's maximum frame length of {limit} bytes")]
-    FrameTooLarge {
-        /// The encoded size.
-        size: usize,
-        /// The peer's maximum frame length.
-        limit: usize,
-    },
+    /// The message is over one of the [`Limits`](crate::Limits) (or, for an answer, over
+    /// this side's maximum frame length); nothing was sent.
+    #[error("message over a limit")]
+    Limit(#[from] crate::LimitExceeded),
 }
 
 impl CallError {

@@ -57,6 +57,7 @@ mod envelope;
 pub mod error;
 mod handler;
 mod hash;
+mod limits;
 mod message;
 mod transport;
 
@@ -65,14 +66,14 @@ pub use codec::Codec;
 pub use context::{Context, ContextFactory, Extensions};
 pub use dispatcher::{
     Builder, Call, Connection, Dispatcher, InboundEnvelope, RawResponse, ResponseFuture,
-    DEFAULT_MAX_FRAME_LENGTH,
 };
 pub use envelope::EnvelopeKind;
 pub use error::{
     CallError, CodecError, HandlerError, HandshakeError, ProtocolError, RemoteError, Termination,
 };
 pub use handler::{DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router};
-pub use message::{Accepted, Attributes, Notification, Request, Success, MAX_ATTRIBUTES};
+pub use limits::{Limit, LimitExceeded, Limits};
+pub use message::{Accepted, Attributes, Notification, Request, Success};
 pub use tower_service::Service;
 
 /// The README's examples, compiled and run as doctests.

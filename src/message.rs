@@ -95,8 +95,8 @@ pub struct Accepted;
 /// String-keyed metadata on every envelope, like headers: trace ids, auth tokens, tenant names.
 ///
 /// They travel on the wire with requests, notifications and responses; handlers and middleware
-/// read and set them. Iteration is in key order. A peer may send at most
-/// [`MAX_ATTRIBUTES`] per envelope.
+/// read and set them. Iteration is in key order. Their number and size are bounded by the
+/// [`Limits`](crate::Limits).
 ///
 /// # Examples
 /// ```
@@ -111,9 +111,6 @@ pub struct Accepted;
 // nothing to create or drop (a `BTreeMap` showed up in profiles).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attributes(Vec<(String, String)>);
-
-/// The most attributes a peer may send on one envelope; more make the envelope malformed.
-pub const MAX_ATTRIBUTES: usize = 64;
 
 impl Attributes {
     /// No attributes.
@@ -164,6 +161,15 @@ impl Attributes {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// Attributes from pairs in any order; a later duplicate name wins. O(n log n), so a peer
+    /// cannot make decoding quadratic.
+    pub(crate) fn from_unsorted(mut pairs: Vec<(String, String)>) -> Self {
+        pairs.reverse();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|later, earlier| later.0 == earlier.0);
+        Self(pairs)
+    }
+
     /// Bytes of keys and values together, the measure the frame limits use.
     pub(crate) fn encoded_len_hint(&self) -> usize {
         self.0.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
@@ -200,23 +206,18 @@ impl<'de> Deserialize<'de> for Attributes {
             type Value = Attributes;
 
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, "a map of at most {MAX_ATTRIBUTES} string attributes")
+                f.write_str("a map of string attributes")
             }
 
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
             ) -> Result<Attributes, A::Error> {
-                let mut attributes = Attributes::new();
-                while let Some((name, value)) = map.next_entry::<String, String>()? {
-                    if attributes.len() == MAX_ATTRIBUTES {
-                        return Err(serde::de::Error::custom(format_args!(
-                            "more than {MAX_ATTRIBUTES} attributes"
-                        )));
-                    }
-                    attributes.insert(name, value);
+                let mut pairs = Vec::new();
+                while let Some(pair) = map.next_entry::<String, String>()? {
+                    pairs.push(pair);
                 }
-                Ok(attributes)
+                Ok(Attributes::from_unsorted(pairs))
             }
         }
 
@@ -236,5 +237,17 @@ mod tests {
         assert_eq!(attributes.remove("c"), None);
         let pairs: Vec<_> = attributes.iter().collect();
         assert_eq!(pairs, [("a", "1"), ("b", "two")]);
+    }
+
+    #[test]
+    fn unsorted_pairs_are_sorted_and_the_last_duplicate_wins() {
+        let pairs = [("b", "1"), ("a", "2"), ("b", "3")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .to_vec();
+        let attributes = Attributes::from_unsorted(pairs);
+        assert_eq!(
+            attributes.iter().collect::<Vec<_>>(),
+            [("a", "2"), ("b", "3")]
+        );
     }
 }

@@ -16,7 +16,7 @@ use rmp::encode as enc;
 use crate::codec::{payload_or_unit, Codec};
 use crate::envelope::{Envelope, EnvelopeError, EnvelopeKind, ErrorBody, Method, PartialHeader};
 use crate::error::CodecError;
-use crate::message::{Attributes, MAX_ATTRIBUTES};
+use crate::message::Attributes;
 
 const CODEC: Codec = Codec::MessagePack;
 
@@ -262,16 +262,15 @@ impl Reader<'_> {
     fn attributes(&mut self) -> Read<Attributes> {
         let len = rmp::decode::read_map_len(&mut self.rest)
             .map_err(|e| format!("expected an attribute map: {e}"))?;
-        if len as usize > MAX_ATTRIBUTES {
-            return Err(format!("{len} attributes, more than {MAX_ATTRIBUTES}"));
-        }
-        let mut attributes = Attributes::new();
+        // Each pair takes at least two bytes: a claimed length beyond that is a lie, and must
+        // not size an allocation.
+        let mut pairs = Vec::with_capacity((len as usize).min(self.rest.len() / 2));
         for _ in 0..len {
             let name = self.string()?;
             let value = self.string()?;
-            attributes.insert(name, value);
+            pairs.push((name, value));
         }
-        Ok(attributes)
+        Ok(Attributes::from_unsorted(pairs))
     }
 
     /// The rest of the frame: the last array element, kept as raw MessagePack.

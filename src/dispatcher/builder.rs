@@ -14,11 +14,9 @@ use crate::context::ContextFactory;
 use crate::envelope::EnvelopeKind;
 use crate::error::HandlerError;
 use crate::handler::{DefaultErrorHandler, ErrorHandler, Incoming, Reply, Router};
+use crate::limits::Limits;
 use crate::message::Attributes;
 use crate::transport::Channel;
-
-/// Default maximum frame length: 16 MiB.
-pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
 
 /// An inbound envelope, as the observer hook ([`Builder::on_inbound`]) sees it.
 #[derive(Debug)]
@@ -73,7 +71,7 @@ impl Builder<Router> {
             handler: Router::new(),
             config: Config {
                 codec: Codec::default(),
-                max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
+                limits: Limits::default(),
                 handshake_timeout: Duration::from_secs(10),
                 drain_timeout: Duration::from_secs(5),
                 max_concurrent_handlers: 1024,
@@ -113,9 +111,17 @@ impl<S> Builder<S> {
     /// The largest frame this side accepts, told to the peer in the handshake. A larger frame
     /// is discarded without being buffered; a request in it is answered with
     /// [`code::FRAME_TOO_LARGE`](crate::error::code::FRAME_TOO_LARGE). Default: 16 MiB.
+    /// (The same as setting [`Limits::max_frame_length`].)
     pub fn max_frame_length(mut self, bytes: usize) -> Self {
-        self.config.max_frame_length = bytes.min(u32::MAX as usize);
+        self.config.limits.max_frame_length = bytes.min(u32::MAX as usize);
         self
+    }
+
+    /// Limits on frame length, attributes and method names. Default: [`Limits::default`].
+    pub fn limits(mut self, limits: Limits) -> Self {
+        let max_frame_length = limits.max_frame_length;
+        self.config.limits = limits;
+        self.max_frame_length(max_frame_length)
     }
 
     /// How long the peer has to complete the handshake. Default: 10 s.
@@ -189,13 +195,14 @@ where
     pub fn build(self, channel: Channel) -> (Dispatcher, Connection<S>) {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
         let (tx, rx) = mpsc::unbounded_channel();
-        let lifecycle = Arc::new(Lifecycle::new(self.config.max_frame_length));
+        let lifecycle = Arc::new(Lifecycle::new(self.config.limits.max_frame_length));
         let shared = Arc::new(Shared {
             commands: tx,
             next_id: AtomicU64::new(1),
             codec: self.config.codec,
             lifecycle: lifecycle.clone(),
             default_timeout: self.default_timeout,
+            limits: self.config.limits,
         });
         let dispatcher = Dispatcher::from_shared(shared);
         let span = tracing::info_span!(
@@ -244,7 +251,7 @@ impl<S: fmt::Debug> fmt::Debug for Builder<S> {
         f.debug_struct("Builder")
             .field("handler", &self.handler)
             .field("codec", &self.config.codec)
-            .field("max_frame_length", &self.config.max_frame_length)
+            .field("limits", &self.config.limits)
             .field("default_timeout", &self.default_timeout)
             .finish_non_exhaustive()
     }

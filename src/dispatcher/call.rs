@@ -112,7 +112,7 @@ impl<T> Call<T> {
             return Err(shared.terminated());
         }
         let payload = self.payload.map_err(CallError::Encode)?;
-        shared.check_size(&self.method, &self.attributes, &payload)?;
+        shared.check_limits(&self.method, &self.attributes, &payload)?;
         let id = shared.next_id();
         let (tx, rx) = oneshot::channel();
         let outbound = Outbound {

@@ -32,6 +32,7 @@ use crate::context::{Context, ContextFactory};
 use crate::envelope::{Envelope, EnvelopeKind, ErrorBody, Method, PartialHeader};
 use crate::error::{code, CallError, HandshakeError, ProtocolError, RemoteError, Termination};
 use crate::handler::{ErrorHandler, Failed, Incoming, Reply, ReplyBody};
+use crate::limits::{Limit, LimitExceeded, Limits};
 use crate::message::Attributes;
 use crate::transport::frame::{Frame, FrameReader, FrameWriter};
 use crate::transport::handshake::{handshake, Hello, PROTOCOL_VERSION};
@@ -46,7 +47,7 @@ const LINGER: Duration = Duration::from_secs(2);
 
 pub(crate) struct Config {
     pub(crate) codec: Codec,
-    pub(crate) max_frame_length: usize,
+    pub(crate) limits: Limits,
     pub(crate) handshake_timeout: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) max_concurrent_handlers: usize,
@@ -116,16 +117,17 @@ where
         lifecycle: Arc<Lifecycle>,
         span: tracing::Span,
     ) -> Self {
-        let mut reader = FrameReader::new(channel.reader, config.max_frame_length);
+        let max_frame = config.limits.max_frame_length;
+        let mut reader = FrameReader::new(channel.reader, max_frame);
         let mut writer = FrameWriter::new(channel.writer);
         let hello = Hello {
             version: PROTOCOL_VERSION,
-            max_frame: config.max_frame_length as u32,
+            max_frame: max_frame as u32,
             codec: config.codec.name().to_owned(),
             token,
         };
         let expected = config.expected_token.clone();
-        let (timeout, max_frame) = (config.handshake_timeout, config.max_frame_length);
+        let timeout = config.handshake_timeout;
         let handshake: Handshake = Box::pin(async move {
             let result = tokio::time::timeout(
                 timeout,
@@ -397,12 +399,7 @@ where
                 };
                 match self.write(&envelope) {
                     Ok(()) => self.outgoing.insert_request(id, reply),
-                    Err(size) => {
-                        let _ = reply.send(Err(CallError::FrameTooLarge {
-                            size,
-                            limit: self.peer_max_frame,
-                        }));
-                    }
+                    Err(error) => drop(reply.send(Err(CallError::Limit(error)))),
                 }
             }
             Command::Notify(notification) => {
@@ -416,8 +413,8 @@ where
                     attributes: notification.attributes,
                     payload: notification.payload,
                 };
-                if let Err(size) = self.write(&envelope) {
-                    tracing::warn!(%method, size, limit = self.peer_max_frame, "notification over the peer's frame limit dropped");
+                if let Err(error) = self.write(&envelope) {
+                    tracing::warn!(%method, %error, "notification over the peer's frame limit dropped");
                 }
             }
             Command::Cancel(id) => {
@@ -430,19 +427,15 @@ where
         }
     }
 
-    /// Encodes one envelope into the write buffer; `Err(size)` (and nothing written) when it
+    /// Encodes one envelope into the write buffer; an error (and nothing written) when it
     /// exceeds the peer's maximum frame length.
-    fn write(&mut self, envelope: &Envelope) -> Result<(), usize> {
+    fn write(&mut self, envelope: &Envelope) -> Result<(), LimitExceeded> {
         let start = self.writer.begin();
         self.config
             .codec
             .encode_envelope(envelope, self.writer.body());
         let len = self.writer.finish(start);
-        if len > self.peer_max_frame {
-            self.writer.abandon(start);
-            return Err(len);
-        }
-        Ok(())
+        Limits::check_frame(len, self.peer_max_frame).inspect_err(|_| self.writer.abandon(start))
     }
 
     fn terminated(&self) -> CallError {
@@ -554,39 +547,61 @@ where
                     },
                     Err(e) => e.header,
                 };
-                let limit = self.config.max_frame_length;
-                tracing::warn!(len, limit, kind = ?header.kind, id = ?header.id, "frame over the maximum length discarded");
-                match (header.kind, header.id) {
-                    (Some(EnvelopeKind::Request), Some(id)) => self.answer_error(
-                        id,
-                        code::FRAME_TOO_LARGE,
-                        format!("request of {len} bytes exceeds the maximum frame length of {limit} bytes"),
-                    ),
-                    (Some(EnvelopeKind::Response | EnvelopeKind::Error), Some(id)) => {
-                        self.outgoing
-                            .complete_request(id, Err(CallError::FrameTooLarge { size: len, limit }));
-                    }
-                    _ => {}
-                }
+                let error = LimitExceeded {
+                    limit: Limit::FrameLength,
+                    value: len,
+                    max: self.config.limits.max_frame_length,
+                };
+                tracing::warn!(%error, kind = ?header.kind, id = ?header.id, "oversized frame discarded");
+                let message = format!("request too large: {error}");
+                self.reject(
+                    header,
+                    code::FRAME_TOO_LARGE,
+                    message,
+                    CallError::Limit(error),
+                );
             }
             Frame::Whole(body) => match codec.decode_envelope(body) {
-                Ok(envelope) => self.on_envelope(envelope),
+                Ok(envelope) => match self.config.limits.check_envelope(&envelope) {
+                    Ok(()) => self.on_envelope(envelope),
+                    Err(error) => {
+                        let header = PartialHeader {
+                            kind: Some(envelope.kind()),
+                            id: envelope.id(),
+                        };
+                        tracing::warn!(%error, kind = ?header.kind, id = ?header.id, "envelope over a limit discarded");
+                        let message = format!("malformed request: {error}");
+                        self.reject(
+                            header,
+                            code::INVALID_REQUEST,
+                            message,
+                            CallError::Limit(error),
+                        );
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e.error, kind = ?e.header.kind, id = ?e.header.id, "undecodable frame discarded");
-                    match (e.header.kind, e.header.id) {
-                        (Some(EnvelopeKind::Request), Some(id)) => self.answer_error(
-                            id,
-                            code::INVALID_REQUEST,
-                            format!("malformed request: {}", e.error),
-                        ),
-                        (Some(EnvelopeKind::Response | EnvelopeKind::Error), Some(id)) => {
-                            self.outgoing
-                                .complete_request(id, Err(CallError::Decode(e.error)));
-                        }
-                        _ => {}
-                    }
+                    let message = format!("malformed request: {}", e.error);
+                    self.reject(
+                        e.header,
+                        code::INVALID_REQUEST,
+                        message,
+                        CallError::Decode(e.error),
+                    );
                 }
             },
+        }
+    }
+
+    /// A frame that cannot be handled: a request is answered with an error, an answer fails
+    /// the call waiting for it; anything else was logged by the caller.
+    fn reject(&mut self, header: PartialHeader, code: i64, message: String, error: CallError) {
+        match (header.kind, header.id) {
+            (Some(EnvelopeKind::Request), Some(id)) => self.answer_error(id, code, message),
+            (Some(EnvelopeKind::Response | EnvelopeKind::Error), Some(id)) => {
+                self.outgoing.complete_request(id, Err(error));
+            }
+            _ => {}
         }
     }
 
@@ -771,13 +786,9 @@ where
                 };
                 match self.write(&response) {
                     Ok(()) => return,
-                    Err(size) => {
-                        let limit = self.peer_max_frame;
-                        return self.answer_error(
-                            id,
-                            code::FRAME_TOO_LARGE,
-                            format!("response of {size} bytes exceeds the maximum frame length of {limit} bytes"),
-                        );
+                    Err(error) => {
+                        let message = format!("response too large: {error}");
+                        return self.answer_error(id, code::FRAME_TOO_LARGE, message);
                     }
                 }
             }

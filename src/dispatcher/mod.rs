@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use builder::{Builder, InboundEnvelope, DEFAULT_MAX_FRAME_LENGTH};
+pub use builder::{Builder, InboundEnvelope};
 pub use call::{Call, RawResponse, ResponseFuture};
 pub use connection::Connection;
 
@@ -25,6 +25,7 @@ use crate::codec::Codec;
 use crate::envelope::Method;
 use crate::error::{CallError, Termination};
 use crate::handler::Router;
+use crate::limits::Limits;
 use crate::message::{Attributes, Notification, Request};
 
 /// A handle to one connection: send requests and notifications to the peer, stop it, watch it
@@ -72,6 +73,7 @@ pub(crate) struct Shared {
     codec: Codec,
     lifecycle: Arc<Lifecycle>,
     default_timeout: Option<std::time::Duration>,
+    limits: Limits,
 }
 
 /// The part of a connection that outlives its handles: how it ended, and who to tell.
@@ -156,7 +158,7 @@ impl Dispatcher {
     ///
     /// # Errors
     /// [`CallError::Terminated`] once the connection is stopping; [`CallError::Encode`] or
-    /// [`CallError::FrameTooLarge`] for a message that cannot be sent.
+    /// [`CallError::Limit`] for a message that cannot be sent.
     pub fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
         self.notify_with(notification, Attributes::new())
     }
@@ -266,19 +268,18 @@ impl Shared {
         CallError::Terminated(self.lifecycle.reason_or(Termination::Stopped))
     }
 
-    /// Fails when the message cannot fit in one of the peer's frames (a cheap upper bound; the
-    /// connection task checks the exact size).
-    fn check_size(
+    /// Fails when the message is over a limit, or cannot fit in one of the peer's frames (a
+    /// lower bound of its size; the connection task checks the exact size).
+    fn check_limits(
         &self,
         method: &Method,
         attributes: &Attributes,
         payload: &Bytes,
     ) -> Result<(), CallError> {
+        self.limits.check_parts(Some(method.as_str()), attributes)?;
         let size = payload.len() + method.as_str().len() + attributes.encoded_len_hint();
-        let limit = self.lifecycle.peer_max_frame.load(Ordering::Relaxed);
-        if size > limit {
-            return Err(CallError::FrameTooLarge { size, limit });
-        }
+        let max = self.lifecycle.peer_max_frame.load(Ordering::Relaxed);
+        Limits::check_frame(size, max)?;
         Ok(())
     }
 
@@ -291,7 +292,7 @@ impl Shared {
         if self.lifecycle.stopping.load(Ordering::Acquire) {
             return Err(self.terminated());
         }
-        self.check_size(&method, &attributes, &payload)?;
+        self.check_limits(&method, &attributes, &payload)?;
         let outbound = Outbound {
             id: 0,
             method,
