@@ -123,7 +123,9 @@ async fn child() -> Result<(), Box<dyn Error>> {
         .await?;
 
     let total = dispatcher.request(Sum(vec![1, 2, 3, 4])).await?;
-    dispatcher.notify(Log(format!("the parent says 1+2+3+4 = {total}")))?;
+    dispatcher
+        .notify(Log(format!("the parent says 1+2+3+4 = {total}")))
+        .await?;
 
     let reason = dispatcher.closed().await;
     eprintln!("[child] connection ended: {reason}");

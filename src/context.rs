@@ -96,18 +96,30 @@ impl Context {
                 |codec, raw| codec.decode(&raw.payload).map_err(CallError::Decode),
             ),
         };
-        call.timeout_at_most(self.remaining())
+        call.nested().timeout_at_most(self.remaining())
     }
 
-    /// Sends a notification to the peer.
+    /// Sends a notification to the peer. Like nested requests, it takes no in-flight permit.
     ///
     /// # Errors
     /// As [`Dispatcher::notify`].
-    pub fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
-        match self.dispatcher() {
-            Some(dispatcher) => dispatcher.notify(notification),
-            None => Err(CallError::Terminated(Termination::Dropped)),
-        }
+    pub async fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
+        let Some(dispatcher) = self.dispatcher() else {
+            return Err(CallError::Terminated(Termination::Dropped));
+        };
+        let payload = self
+            .codec
+            .encode(&notification)
+            .map_err(CallError::Encode)?;
+        dispatcher
+            .shared()
+            .send_notification(
+                Method::from_static(N::METHOD),
+                Attributes::new(),
+                payload,
+                false,
+            )
+            .await
     }
 
     /// The request id; `None` for a notification.

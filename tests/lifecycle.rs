@@ -114,8 +114,8 @@ async fn stop_fails_pending_calls_and_runs_on_stop_once(transport: Transport) {
         "{late:?}"
     );
     assert!(matches!(
-        one.notify(Count(1)),
-        Err(CallError::Terminated(_))
+        one.notify(Count(1)).now_or_never(),
+        Some(Err(CallError::Terminated(_)))
     ));
     assert_eq!(
         stops.load(Ordering::SeqCst),
@@ -136,7 +136,7 @@ async fn stop_fails_pending_calls_and_runs_on_stop_once(transport: Transport) {
 async fn stop_flushes_queued_notifications(transport: Transport) {
     let (one, two, _, received) = peers(transport).await;
     for _ in 0..500 {
-        one.notify(Count(2)).unwrap();
+        one.notify(Count(2)).await.unwrap();
     }
     within(one.stop()).await;
     within(two.closed()).await;

@@ -201,7 +201,7 @@ async fn fatal_response_terminates_both_sides_with_its_message(transport: Transp
 
 async fn failed_notification_handler_is_fatal_as_in_the_seed(transport: Transport) {
     let (one, two, _) = peers(transport).await;
-    one.notify(Explode).unwrap();
+    one.notify(Explode).await.unwrap();
     assert!(matches!(
         within(two.closed()).await,
         Termination::LocalFatal { .. }
@@ -214,8 +214,8 @@ async fn failed_notification_handler_is_fatal_as_in_the_seed(transport: Transpor
 
 async fn unknown_notification_is_logged_not_fatal(transport: Transport) {
     let (one, two, notified) = peers(transport).await;
-    one.notify(Typo).unwrap();
-    one.notify(Count(3)).unwrap();
+    one.notify(Typo).await.unwrap();
+    one.notify(Count(3)).await.unwrap();
     assert_eq!(within(one.request(Echo("up".into()))).await.unwrap(), "up");
     within(one.stop()).await;
     within(two.closed()).await;
@@ -234,8 +234,8 @@ async fn notification_is_never_answered(transport: Transport) {
         .handler(router("b", Arc::clone(&notified)))
         .spawn(b);
     // A handled notification and an unroutable one: neither may be answered.
-    one.notify(Count(1)).unwrap();
-    one.notify(Typo).unwrap();
+    one.notify(Count(1)).await.unwrap();
+    one.notify(Typo).await.unwrap();
     // Frames are handled in order: once this answer is back, an answer to either notification
     // would have been seen first.
     within(one.request(Echo("after".into()))).await.unwrap();
@@ -316,7 +316,7 @@ async fn every_codec_carries_requests_and_notifications() {
             ["b0"],
             "{codec:?}"
         );
-        one.notify(Count(5)).unwrap();
+        one.notify(Count(5)).await.unwrap();
         let err = within(one.request(Fail)).await.unwrap_err();
         assert_eq!(err.as_remote().unwrap().message, "disk full", "{codec:?}");
         within(one.stop()).await;
@@ -437,6 +437,7 @@ async fn observer_sees_every_inbound_envelope() {
     let client = Dispatcher::builder().spawn(a);
     client
         .notify_with(Count(1), Attributes::from_iter([("k", "v")]))
+        .await
         .unwrap();
     within(client.request(Echo("x".into()))).await.unwrap();
     within(client.stop()).await;

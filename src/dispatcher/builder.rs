@@ -62,6 +62,7 @@ pub struct Builder<S = Router> {
     handler: S,
     config: Config,
     default_timeout: Option<Duration>,
+    max_in_flight: usize,
     token: Option<String>,
 }
 
@@ -81,6 +82,7 @@ impl Builder<Router> {
                 observer: None,
             },
             default_timeout: None,
+            max_in_flight: 4096,
             token: None,
         }
     }
@@ -98,6 +100,7 @@ impl<S> Builder<S> {
             handler,
             config: self.config,
             default_timeout: self.default_timeout,
+            max_in_flight: self.max_in_flight,
             token: self.token,
         }
     }
@@ -140,6 +143,15 @@ impl<S> Builder<S> {
     /// the connection ends).
     pub fn default_timeout(mut self, timeout: Duration) -> Self {
         self.default_timeout = Some(timeout);
+        self
+    }
+
+    /// How many calls may await answers, and notifications wait to be written, at once; a
+    /// further call or notification waits for one to finish (backpressure on the caller).
+    /// Nested calls from handlers do not count: they are bounded by
+    /// [`max_concurrent_handlers`](Self::max_concurrent_handlers). Default: 4096.
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = limit.max(1);
         self
     }
 
@@ -195,7 +207,10 @@ where
     pub fn build(self, channel: Channel) -> (Dispatcher, Connection<S>) {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
         let (tx, rx) = mpsc::unbounded_channel();
-        let lifecycle = Arc::new(Lifecycle::new(self.config.limits.max_frame_length));
+        let lifecycle = Arc::new(Lifecycle::new(
+            self.config.limits.max_frame_length,
+            self.max_in_flight,
+        ));
         let shared = Arc::new(Shared {
             commands: tx,
             next_id: AtomicU64::new(1),

@@ -50,6 +50,8 @@ type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 #[must_use = "a call does nothing until it is awaited"]
 pub struct Call<T> {
     target: Result<Arc<Shared>, Termination>,
+    /// Takes an in-flight permit (calls through a handle; not nested calls from handlers).
+    limited: bool,
     method: Method,
     payload: Result<Bytes, CodecError>,
     attributes: Attributes,
@@ -70,6 +72,7 @@ impl<T> Call<T> {
             .and_then(|shared| shared.default_timeout);
         Self {
             target,
+            limited: true,
             method,
             payload,
             attributes: Attributes::new(),
@@ -97,6 +100,14 @@ impl<T> Call<T> {
         self
     }
 
+    /// A nested call from a handler: it takes no in-flight permit, since the handlers that
+    /// make them are bounded already, and a handler waiting for a permit held by calls that
+    /// wait for that handler would deadlock.
+    pub(crate) fn nested(mut self) -> Self {
+        self.limited = false;
+        self
+    }
+
     /// Keeps the shorter of the current timeout and `limit` (for deadlines inherited by
     /// nested calls).
     pub(crate) fn timeout_at_most(mut self, limit: Option<Duration>) -> Self {
@@ -106,16 +117,25 @@ impl<T> Call<T> {
         self
     }
 
+    /// Sends the call; its permit, if it needs one, is taken already.
     fn start(self) -> Result<Waiting, CallError> {
         let shared = self.target.map_err(CallError::Terminated)?;
+        let limited = self.limited;
+        let fail = |error: CallError| {
+            shared.lifecycle.release(limited);
+            error
+        };
         if shared.lifecycle.stopping.load(Ordering::Acquire) {
-            return Err(shared.terminated());
+            return Err(fail(shared.terminated()));
         }
-        let payload = self.payload.map_err(CallError::Encode)?;
-        shared.check_limits(&self.method, &self.attributes, &payload)?;
+        let payload = self.payload.map_err(|e| fail(CallError::Encode(e)))?;
+        shared
+            .check_limits(&self.method, &self.attributes, &payload)
+            .map_err(fail)?;
         let id = shared.next_id();
         let (tx, rx) = oneshot::channel();
         let outbound = Outbound {
+            limited,
             id,
             method: self.method,
             attributes: self.attributes,
@@ -124,10 +144,9 @@ impl<T> Call<T> {
             }),
             payload,
         };
-        shared
-            .commands
-            .send(Command::Call(outbound, tx))
-            .map_err(|_| shared.terminated())?;
+        if shared.commands.send(Command::Call(outbound, tx)).is_err() {
+            return Err(fail(shared.terminated()));
+        }
         Ok(Waiting {
             id,
             rx,
@@ -150,11 +169,32 @@ impl<T> IntoFuture for Call<T> {
             .target
             .as_ref()
             .map_or_else(|_| Codec::default(), |shared| shared.codec);
+        let shared = match &self.target {
+            Ok(shared) if self.limited => Some(Arc::clone(shared)),
+            _ => None,
+        };
+        let state = match shared {
+            None => State::start(self),
+            Some(shared) => {
+                let admitted = shared
+                    .lifecycle
+                    .permits
+                    .try_acquire()
+                    .map(|permit| permit.forget())
+                    .is_ok();
+                if admitted {
+                    State::start(self)
+                } else {
+                    // All permits taken (or closed): wait for one, then send.
+                    State::Admitting {
+                        admit: Box::pin(async move { shared.admit().await }),
+                        call: Some(self),
+                    }
+                }
+            }
+        };
         ResponseFuture {
-            state: match self.start() {
-                Ok(waiting) => State::Waiting(waiting),
-                Err(e) => State::Failed(Some(e)),
-            },
+            state,
             codec,
             decode,
         }
@@ -197,12 +237,19 @@ impl RawResponse {
 /// Dropping it before it completes sends a cancel to the peer.
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<T> {
-    state: State,
+    state: State<T>,
     codec: Codec,
     decode: Decode<T>,
 }
 
-enum State {
+type Admit = Pin<Box<dyn Future<Output = Result<(), CallError>> + Send>>;
+
+enum State<T> {
+    /// Waiting for an in-flight permit (`Builder::max_in_flight`).
+    Admitting {
+        admit: Admit,
+        call: Option<Call<T>>,
+    },
     Waiting(Waiting),
     Failed(Option<CallError>),
     Done,
@@ -216,12 +263,32 @@ struct Waiting {
     answered: bool,
 }
 
+impl<T> State<T> {
+    fn start(call: Call<T>) -> Self {
+        match call.start() {
+            Ok(waiting) => Self::Waiting(waiting),
+            Err(e) => Self::Failed(Some(e)),
+        }
+    }
+}
+
 impl<T> Future for ResponseFuture<T> {
     type Output = Result<T, CallError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        if let State::Admitting { admit, call } = &mut this.state {
+            match ready!(admit.as_mut().poll(cx)) {
+                Ok(()) => match call.take() {
+                    Some(call) => this.state = State::start(call),
+                    None => this.state = State::Failed(None),
+                },
+                Err(e) => this.state = State::Failed(Some(e)),
+            }
+        }
         let result = match &mut this.state {
+            // Left above: admitted, or failed.
+            State::Admitting { .. } => Err(CallError::Terminated(Termination::Stopped)),
             State::Failed(error) => Err(error
                 .take()
                 .unwrap_or_else(|| CallError::Terminated(Termination::Stopped))),
@@ -267,6 +334,7 @@ impl Drop for Waiting {
 impl<T> fmt::Debug for ResponseFuture<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::Admitting { .. } => "waiting for an in-flight slot".into(),
             State::Waiting(w) => format!("waiting for answer {}", w.id),
             State::Failed(_) => "failed".into(),
             State::Done => "done".into(),

@@ -97,6 +97,8 @@ struct Driver<S: Service<Incoming>> {
     shared: Weak<Shared>,
     lifecycle: Arc<Lifecycle>,
     outgoing: Outgoing,
+    /// In-flight permits of written notifications and refused calls, to give back.
+    released: usize,
     incoming: Running<S::Future>,
     peer_max_frame: usize,
     phase: Phase,
@@ -155,6 +157,7 @@ where
                 shared,
                 lifecycle,
                 outgoing: Outgoing::default(),
+                released: 0,
                 incoming: Running::new(),
                 peer_max_frame: 0,
                 phase: Phase::Open,
@@ -263,12 +266,25 @@ where
             }
 
             if !progress {
+                self.end_turn();
                 return Poll::Pending;
             }
         }
         // Used the budget with work left: let other tasks run, then come back.
+        self.end_turn();
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Gives back in-flight permits and publishes the counters.
+    fn end_turn(&mut self) {
+        let released = self.released + self.outgoing.take_released();
+        if released > 0 {
+            self.lifecycle.release_many(released);
+            self.released = 0;
+        }
+        self.lifecycle
+            .set_counts(self.outgoing.len(), self.incoming.len());
     }
 
     /// Reads and handles frames until the socket has no more or backpressure says stop.
@@ -387,8 +403,10 @@ where
             Command::Call(call, reply) => {
                 if !matches!(self.phase, Phase::Open) {
                     let _ = reply.send(Err(self.terminated()));
+                    self.released += usize::from(call.limited);
                     return;
                 }
+                let limited = call.limited;
                 let id = call.id;
                 let envelope = Envelope::Request {
                     id,
@@ -398,11 +416,15 @@ where
                     payload: call.payload,
                 };
                 match self.write(&envelope) {
-                    Ok(()) => self.outgoing.insert_request(id, reply),
-                    Err(error) => drop(reply.send(Err(CallError::Limit(error)))),
+                    Ok(()) => self.outgoing.insert_request(id, reply, limited),
+                    Err(error) => {
+                        let _ = reply.send(Err(CallError::Limit(error)));
+                        self.released += usize::from(limited);
+                    }
                 }
             }
             Command::Notify(notification) => {
+                self.released += usize::from(notification.limited);
                 if !matches!(self.phase, Phase::Open) {
                     tracing::debug!(method = %notification.method, "notification after stop dropped");
                     return;

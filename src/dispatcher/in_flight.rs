@@ -25,12 +25,24 @@ use crate::hash::SeededState;
 /// Our calls awaiting answers.
 #[derive(Default)]
 pub(crate) struct Outgoing {
-    pending: HashMap<u64, ReplySender, SeededState>,
+    /// The reply channel of each call, and whether it holds an in-flight permit.
+    pending: HashMap<u64, (ReplySender, bool), SeededState>,
+    /// Permits of finished calls, to give back in one go.
+    released: usize,
 }
 
 impl Outgoing {
-    pub(crate) fn insert_request(&mut self, id: u64, reply: ReplySender) {
-        self.pending.insert(id, reply);
+    pub(crate) fn insert_request(&mut self, id: u64, reply: ReplySender, limited: bool) {
+        self.pending.insert(id, (reply, limited));
+    }
+
+    fn forget(&mut self, limited: bool) {
+        self.released += usize::from(limited);
+    }
+
+    /// Permits of calls finished since the last time, to give back.
+    pub(crate) fn take_released(&mut self) -> usize {
+        std::mem::take(&mut self.released)
     }
 
     /// Delivers an answer; `false` when nobody waits for `id` (late, cancelled or unknown).
@@ -40,9 +52,10 @@ impl Outgoing {
         answer: Result<RawResponse, CallError>,
     ) -> bool {
         match self.pending.remove(&id) {
-            Some(reply) => {
+            Some((reply, limited)) => {
                 // The caller may have dropped its future a moment ago; then nobody reads this.
                 let _ = reply.send(answer);
+                self.forget(limited);
                 true
             }
             None => false,
@@ -51,7 +64,13 @@ impl Outgoing {
 
     /// Forgets a call the caller gave up on; `true` if it was still pending.
     pub(crate) fn cancel_request(&mut self, id: u64) -> bool {
-        self.pending.remove(&id).is_some()
+        match self.pending.remove(&id) {
+            Some((_, limited)) => {
+                self.forget(limited);
+                true
+            }
+            None => false,
+        }
     }
 
     #[cfg(test)]
@@ -61,10 +80,18 @@ impl Outgoing {
 
     /// Fails every pending call with `error()`, returning their ids.
     pub(crate) fn fail_all(&mut self, error: impl Fn() -> CallError) -> Vec<u64> {
-        self.pending
+        let failed: Vec<_> = self
+            .pending
             .drain()
-            .map(|(id, reply)| {
+            .map(|(id, (reply, limited))| {
                 let _ = reply.send(Err(error()));
+                (id, limited)
+            })
+            .collect();
+        failed
+            .into_iter()
+            .map(|(id, limited)| {
+                self.forget(limited);
                 id
             })
             .collect()
@@ -328,7 +355,7 @@ mod tests {
     fn complete_request_delivers_once_and_late_answers_are_refused() {
         let mut outgoing = Outgoing::default();
         let (tx, mut rx) = oneshot::channel();
-        outgoing.insert_request(7, tx);
+        outgoing.insert_request(7, tx, true);
         let answer = || {
             Ok(RawResponse {
                 payload: bytes::Bytes::new(),
@@ -343,13 +370,19 @@ mod tests {
             "a second answer finds nobody"
         );
         assert_eq!(outgoing.len(), 0);
+        assert_eq!(
+            outgoing.take_released(),
+            1,
+            "the call's permit is given back once"
+        );
+        assert_eq!(outgoing.take_released(), 0);
     }
 
     #[test]
     fn cancelled_request_is_forgotten() {
         let mut outgoing = Outgoing::default();
         let (tx, _rx) = oneshot::channel();
-        outgoing.insert_request(1, tx);
+        outgoing.insert_request(1, tx, false);
         assert!(outgoing.cancel_request(1));
         assert!(!outgoing.contains(1));
         assert!(!outgoing.cancel_request(1));

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 pub use builder::{Builder, InboundEnvelope};
 pub use call::{Call, RawResponse, ResponseFuture};
@@ -85,6 +85,10 @@ pub(crate) struct Lifecycle {
     on_stop: Mutex<Option<Vec<StopCallback>>>,
     /// The peer's maximum frame length, known after the handshake.
     peer_max_frame: AtomicUsize,
+    /// Calls and queued notifications made through handles (`Builder::max_in_flight`).
+    permits: Semaphore,
+    pending_calls: AtomicUsize,
+    running_handlers: AtomicUsize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +103,8 @@ type StopCallback = Box<dyn FnOnce(&Termination) + Send>;
 /// An outbound call or notification, as queued for the connection task.
 #[derive(Debug)]
 pub(crate) struct Outbound {
+    /// Holds one of the in-flight permits, which the connection task gives back.
+    pub(crate) limited: bool,
     pub(crate) id: u64,
     pub(crate) method: Method,
     pub(crate) attributes: Attributes,
@@ -154,20 +160,22 @@ impl Dispatcher {
         )
     }
 
-    /// Sends a notification: queued at once, never answered.
+    /// Sends a notification, never answered. It returns once the notification is queued:
+    /// at once, unless [`Builder::max_in_flight`] messages are queued or awaiting answers
+    /// already, in which case it waits for room (backpressure).
     ///
     /// # Errors
     /// [`CallError::Terminated`] once the connection is stopping; [`CallError::Encode`] or
     /// [`CallError::Limit`] for a message that cannot be sent.
-    pub fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
-        self.notify_with(notification, Attributes::new())
+    pub async fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
+        self.notify_with(notification, Attributes::new()).await
     }
 
     /// Sends a notification with attributes.
     ///
     /// # Errors
     /// As [`notify`](Self::notify).
-    pub fn notify_with<N: Notification>(
+    pub async fn notify_with<N: Notification>(
         &self,
         notification: N,
         attributes: Attributes,
@@ -178,21 +186,37 @@ impl Dispatcher {
             .encode(&notification)
             .map_err(CallError::Encode)?;
         self.shared
-            .send_notification(Method::from_static(N::METHOD), attributes, payload)
+            .send_notification(Method::from_static(N::METHOD), attributes, payload, true)
+            .await
     }
 
     /// Sends an untyped notification with a payload already encoded with the connection's codec.
     ///
     /// # Errors
     /// As [`notify`](Self::notify).
-    pub fn notify_raw(
+    pub async fn notify_raw(
         &self,
         method: impl Into<String>,
         attributes: Attributes,
         payload: Bytes,
     ) -> Result<(), CallError> {
         self.shared
-            .send_notification(Method::from(method.into()), attributes, payload)
+            .send_notification(Method::from(method.into()), attributes, payload, true)
+            .await
+    }
+
+    /// Calls sent and not yet answered (as of the connection task's last turn).
+    pub fn pending_calls(&self) -> usize {
+        self.shared.lifecycle.pending_calls.load(Ordering::Relaxed)
+    }
+
+    /// The peer's requests and notifications being handled (as of the connection task's last
+    /// turn).
+    pub fn running_handlers(&self) -> usize {
+        self.shared
+            .lifecycle
+            .running_handlers
+            .load(Ordering::Relaxed)
     }
 
     /// Stops gracefully and waits until the connection has ended.
@@ -232,6 +256,10 @@ impl Dispatcher {
     /// The connection's codec.
     pub fn codec(&self) -> Codec {
         self.shared.codec
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     pub(crate) fn downgrade(&self) -> Weak<Shared> {
@@ -283,34 +311,55 @@ impl Shared {
         Ok(())
     }
 
-    fn send_notification(
+    /// Takes one in-flight permit, waiting for one when all are taken.
+    pub(crate) async fn admit(&self) -> Result<(), CallError> {
+        match self.lifecycle.permits.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => match self.lifecycle.permits.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return Err(self.terminated()),
+            },
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn send_notification(
         &self,
         method: Method,
         attributes: Attributes,
         payload: Bytes,
+        limited: bool,
     ) -> Result<(), CallError> {
         if self.lifecycle.stopping.load(Ordering::Acquire) {
             return Err(self.terminated());
         }
         self.check_limits(&method, &attributes, &payload)?;
+        if limited {
+            self.admit().await?;
+        }
         let outbound = Outbound {
+            limited,
             id: 0,
             method,
             attributes,
             timeout_us: 0,
             payload,
         };
-        self.commands
-            .send(Command::Notify(outbound))
-            .map_err(|_| self.terminated())
+        self.commands.send(Command::Notify(outbound)).map_err(|_| {
+            self.lifecycle.release(limited);
+            self.terminated()
+        })
     }
 }
 
 // ===== impl Lifecycle =====
 
 impl Lifecycle {
-    pub(crate) fn new(max_frame: usize) -> Self {
+    pub(crate) fn new(max_frame: usize, max_in_flight: usize) -> Self {
         Self {
+            permits: Semaphore::new(max_in_flight),
+            pending_calls: AtomicUsize::new(0),
+            running_handlers: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             reason: OnceLock::new(),
             state: watch::Sender::new(State::Handshaking),
@@ -364,6 +413,24 @@ impl Lifecycle {
         }
     }
 
+    /// Gives back the in-flight permit of a message that held one.
+    pub(crate) fn release(&self, limited: bool) {
+        self.release_many(usize::from(limited));
+    }
+
+    pub(crate) fn release_many(&self, permits: usize) {
+        if permits > 0 {
+            self.permits.add_permits(permits);
+        }
+    }
+
+    /// Publishes the connection task's counters.
+    pub(crate) fn set_counts(&self, pending_calls: usize, running_handlers: usize) {
+        self.pending_calls.store(pending_calls, Ordering::Relaxed);
+        self.running_handlers
+            .store(running_handlers, Ordering::Relaxed);
+    }
+
     /// Records why the connection ends; the first reason wins.
     pub(crate) fn set_reason(&self, reason: Termination) {
         self.stopping.store(true, Ordering::Release);
@@ -372,6 +439,9 @@ impl Lifecycle {
 
     /// Runs the `on_stop` callbacks (once) and wakes everyone waiting in `closed()`.
     pub(crate) fn finish(&self) {
+        // Callers waiting for a permit fail with the reason instead of waiting forever.
+        self.permits.close();
+        self.set_counts(0, 0);
         let reason = self.reason_or(Termination::Stopped);
         let callbacks = self
             .on_stop
