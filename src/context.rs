@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::codec::Codec;
-use crate::dispatcher::{Call, Dispatcher, Shared};
+use crate::dispatcher::{Call, Dispatcher, RequestOver, Shared};
 use crate::envelope::Method;
 use crate::error::{CallError, CodecError, Termination};
 use crate::message::{Attributes, Notification, Request};
@@ -45,6 +45,7 @@ pub struct Context {
     method: Method,
     attributes: Attributes,
     deadline: Option<Instant>,
+    over: Option<RequestOver>,
     extensions: Extensions,
 }
 
@@ -56,6 +57,7 @@ impl Context {
         method: Method,
         attributes: Attributes,
         deadline: Option<Instant>,
+        over: Option<RequestOver>,
     ) -> Self {
         Self {
             shared,
@@ -64,6 +66,7 @@ impl Context {
             method,
             attributes,
             deadline,
+            over,
             extensions: Extensions::default(),
         }
     }
@@ -75,6 +78,7 @@ impl Context {
             id,
             Method::from(method),
             Attributes::new(),
+            None,
             None,
         )
     }
@@ -151,6 +155,46 @@ impl Context {
     pub fn remaining(&self) -> Option<Duration> {
         self.deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// `true` once the request is over: the peer cancelled it, its deadline passed, the
+    /// connection ended, or its handler has returned.
+    ///
+    /// The handler's own future is simply dropped when it is cancelled; this is for the work it
+    /// hands to other tasks (`tokio::spawn`, `spawn_blocking`), which should stop once the
+    /// request is over. A context built by hand ([`Incoming::new`](crate::Incoming::new)) is
+    /// never over.
+    pub fn is_cancelled(&self) -> bool {
+        self.over.as_ref().is_some_and(RequestOver::is_over)
+    }
+
+    /// Resolves once the request is over (see [`is_cancelled`](Self::is_cancelled)).
+    ///
+    /// # Examples
+    /// ```
+    /// use channel_dispatcher::{request, Context, HandlerError, Router};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] struct Crunch;
+    /// # request!(Crunch => u64, "crunch");
+    ///
+    /// let router = Router::new().request(|cx: Context, _: Crunch| async move {
+    ///     let work = tokio::spawn({
+    ///         let cx = cx.clone();
+    ///         async move {
+    ///             tokio::select! {
+    ///                 _ = cx.cancelled() => None,          // the caller gave up: stop
+    ///                 n = async { 42u64 } => Some(n),     // the real work
+    ///             }
+    ///         }
+    ///     });
+    ///     Ok::<_, HandlerError>(work.await.ok().flatten().unwrap_or_default())
+    /// });
+    /// ```
+    pub async fn cancelled(&self) {
+        match &self.over {
+            Some(over) => over.wait().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The connection's codec.

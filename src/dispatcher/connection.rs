@@ -738,6 +738,7 @@ where
         deadline: Option<Instant>,
         payload: Bytes,
     ) {
+        let (slot, over) = self.incoming.reserve();
         let mut context = Context::new(
             self.shared.clone(),
             self.config.codec,
@@ -745,6 +746,7 @@ where
             method.clone(),
             attributes,
             deadline,
+            Some(over),
         );
         if let Some(factory) = &self.config.context_factory {
             factory.prepare(&mut context);
@@ -757,11 +759,13 @@ where
         }));
         match call {
             Ok(fut) => {
-                if let Some(finished) = self.incoming.start(fut, id, method, deadline, span) {
+                let started = self.incoming.start(slot, fut, id, method, deadline, span);
+                if let Some(finished) = started {
                     self.on_finished(finished);
                 }
             }
             Err(panic) => {
+                self.incoming.unreserve(slot);
                 let failed = Failed {
                     method: method.as_str(),
                     id,

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
@@ -167,6 +168,47 @@ struct SlotWaker {
     index: usize,
     queued: AtomicBool,
     queue: Arc<ReadyQueue>,
+    /// Bumped each time a run in this slot ends; a run's [`RequestOver`] knows its own.
+    generation: AtomicU64,
+    /// Someone waits in [`RequestOver::wait`]: only then is `over` notified.
+    listening: AtomicBool,
+    over: Notify,
+}
+
+/// Tells whether one handler run is over (see [`Context::cancelled`](crate::Context::cancelled)).
+#[derive(Clone)]
+pub(crate) struct RequestOver {
+    slot: Arc<SlotWaker>,
+    generation: u64,
+}
+
+impl RequestOver {
+    pub(crate) fn is_over(&self) -> bool {
+        self.slot.generation.load(Ordering::SeqCst) != self.generation
+    }
+
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.slot.over.notified();
+            let mut notified = std::pin::pin!(notified);
+            // NB. Register, announce, then check: a release between the check and the await
+            // still finds the registration and wakes it.
+            notified.as_mut().enable();
+            self.slot.listening.store(true, Ordering::SeqCst);
+            if self.is_over() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestOver")
+            .field("over", &self.is_over())
+            .finish()
+    }
 }
 
 impl Wake for SlotWaker {
@@ -232,14 +274,8 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
     }
 
     /// Starts a handler run and polls it once; `Some` when it finished right away.
-    pub(crate) fn start(
-        &mut self,
-        fut: F,
-        id: Option<u64>,
-        method: Method,
-        deadline: Option<Instant>,
-        span: tracing::Span,
-    ) -> Option<Finished> {
+    /// Takes a slot for a run about to start; its [`RequestOver`] goes into the context.
+    pub(crate) fn reserve(&mut self) -> (usize, RequestOver) {
         let index = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot {
                 run: Box::pin(None),
@@ -247,10 +283,43 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
                     index: self.slots.len(),
                     queued: AtomicBool::new(false),
                     queue: Arc::clone(&self.queue),
+                    generation: AtomicU64::new(0),
+                    listening: AtomicBool::new(false),
+                    over: Notify::new(),
                 }),
             });
             self.slots.len() - 1
         });
+        let slot = Arc::clone(&self.slots[index].waker);
+        let generation = slot.generation.load(Ordering::SeqCst);
+        (index, RequestOver { slot, generation })
+    }
+
+    /// Gives back a reserved slot whose run never started (the service panicked).
+    pub(crate) fn unreserve(&mut self, index: usize) {
+        self.end_generation(index);
+        self.free.push(index);
+    }
+
+    fn end_generation(&self, index: usize) {
+        let slot = &self.slots[index].waker;
+        slot.generation.fetch_add(1, Ordering::SeqCst);
+        if slot.listening.swap(false, Ordering::SeqCst) {
+            slot.over.notify_waiters();
+        }
+    }
+
+    /// Starts a handler run in a reserved slot and polls it once; `Some` when it finished
+    /// right away.
+    pub(crate) fn start(
+        &mut self,
+        index: usize,
+        fut: F,
+        id: Option<u64>,
+        method: Method,
+        deadline: Option<Instant>,
+        span: tracing::Span,
+    ) -> Option<Finished> {
         self.slots[index].run.as_mut().set(Some(InFlight {
             fut: fut.instrument(span),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
@@ -287,6 +356,7 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
 
     fn release(&mut self, index: usize, id: Option<u64>) {
         self.slots[index].run.as_mut().set(None);
+        self.end_generation(index);
         self.free.push(index);
         self.running -= 1;
         if let Some(id) = id {
@@ -388,7 +458,21 @@ mod tests {
         assert!(!outgoing.cancel_request(1));
     }
 
-    fn pending() -> Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>> {
+    type BoxHandler = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
+
+    fn start(
+        incoming: &mut Incoming<BoxHandler>,
+        fut: BoxHandler,
+        id: Option<u64>,
+        method: Method,
+        deadline: Option<Instant>,
+        span: tracing::Span,
+    ) -> Option<Finished> {
+        let (index, _) = incoming.reserve();
+        incoming.start(index, fut, id, method, deadline, span)
+    }
+
+    fn pending() -> BoxHandler {
         Box::pin(std::future::pending())
     }
 
@@ -403,36 +487,32 @@ mod tests {
         let dropped = Arc::new(AtomicBool::new(false));
         let guard = DropGuard(Arc::clone(&dropped));
         let mut incoming = Incoming::new();
-        let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+        let (index, over) = incoming.reserve();
+        let fut: BoxHandler = Box::pin(async move {
             let _guard = guard;
             std::future::pending::<Result<Reply, HandlerError>>().await
         });
-        assert!(incoming
-            .start(
-                fut,
-                Some(3),
-                Method::from_static("slow"),
-                None,
-                tracing::Span::none()
-            )
-            .is_none());
+        let span = tracing::Span::none();
+        let started = incoming.start(index, fut, Some(3), Method::from_static("slow"), None, span);
+        assert!(started.is_none());
         assert!(incoming.is_running(3));
-        assert!(!dropped.load(Ordering::SeqCst));
+        assert!(!dropped.load(Ordering::SeqCst) && !over.is_over());
         assert!(incoming.cancel_request(3));
         assert!(
             dropped.load(Ordering::SeqCst),
             "the handler future is dropped by the cancel"
         );
+        assert!(over.is_over(), "the context sees its request is over");
         assert!(!incoming.is_running(3) && incoming.is_empty());
-        assert!(incoming
-            .start(
-                pending(),
-                Some(4),
-                Method::from_static("next"),
-                None,
-                tracing::Span::none()
-            )
-            .is_none());
+        assert!(start(
+            &mut incoming,
+            pending(),
+            Some(4),
+            Method::from_static("next"),
+            None,
+            tracing::Span::none()
+        )
+        .is_none());
         assert_eq!(incoming.slots.len(), 1, "the slot is reused");
     }
 
@@ -440,15 +520,15 @@ mod tests {
     fn ready_handler_finishes_on_dispatch() {
         let mut incoming = Incoming::new();
         let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async { Ok(Reply::nothing()) });
-        let finished = incoming
-            .start(
-                fut,
-                Some(1),
-                Method::from_static("fast"),
-                None,
-                tracing::Span::none(),
-            )
-            .expect("finished without waiting");
+        let finished = start(
+            &mut incoming,
+            fut,
+            Some(1),
+            Method::from_static("fast"),
+            None,
+            tracing::Span::none(),
+        )
+        .expect("finished without waiting");
         assert!(matches!(finished.outcome, Outcome::Done(Ok(_))));
         assert!(incoming.is_empty() && !incoming.is_running(1));
     }
@@ -461,15 +541,15 @@ mod tests {
             let _ = rx.await;
             Ok(Reply::nothing())
         });
-        assert!(incoming
-            .start(
-                fut,
-                None,
-                Method::from_static("n"),
-                None,
-                tracing::Span::none()
-            )
-            .is_none());
+        assert!(start(
+            &mut incoming,
+            fut,
+            None,
+            Method::from_static("n"),
+            None,
+            tracing::Span::none()
+        )
+        .is_none());
         tx.send(()).unwrap();
         let finished = std::future::poll_fn(|cx| incoming.poll_finished(cx))
             .await
@@ -488,15 +568,15 @@ mod tests {
                 }
                 Ok(Reply::nothing())
             });
-        let finished = incoming
-            .start(
-                fut,
-                None,
-                Method::from_static("bad"),
-                None,
-                tracing::Span::none(),
-            )
-            .expect("a panic ends the run");
+        let finished = start(
+            &mut incoming,
+            fut,
+            None,
+            Method::from_static("bad"),
+            None,
+            tracing::Span::none(),
+        )
+        .expect("a panic ends the run");
         match finished.outcome {
             Outcome::Panicked(p) => assert_eq!(p.downcast_ref::<&str>(), Some(&"boom")),
             _ => panic!("expected a caught panic"),
@@ -507,15 +587,15 @@ mod tests {
     async fn handler_past_its_deadline_expires() {
         let mut incoming = Incoming::new();
         let deadline = Instant::now() + std::time::Duration::from_secs(1);
-        assert!(incoming
-            .start(
-                pending(),
-                Some(9),
-                Method::from_static("slow"),
-                Some(deadline),
-                tracing::Span::none()
-            )
-            .is_none());
+        assert!(start(
+            &mut incoming,
+            pending(),
+            Some(9),
+            Method::from_static("slow"),
+            Some(deadline),
+            tracing::Span::none()
+        )
+        .is_none());
         let finished = std::future::poll_fn(|cx| incoming.poll_finished(cx))
             .await
             .unwrap();

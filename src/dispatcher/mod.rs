@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 pub use builder::{Builder, InboundEnvelope};
 pub use call::{Call, RawResponse, ResponseFuture};
 pub use connection::Connection;
+pub(crate) use in_flight::RequestOver;
 
 use crate::codec::Codec;
 use crate::envelope::Method;
