@@ -237,6 +237,23 @@ async fn answer_to_an_id_nobody_waits_for_is_dropped_quietly() {
 }
 
 #[tokio::test]
+async fn dropped_call_sends_a_cancel_and_its_late_answer_is_dropped_quietly() {
+    let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1 << 20).await;
+    let (id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    call.abort();
+    assert_eq!(
+        peer.read().await,
+        json!([6, id]),
+        "a cancel for the dropped call"
+    );
+    // The answer crosses the cancel: it is dropped, never answered with a fatal.
+    peer.respond(id, "too late").await;
+    peer.request(21, "echo", "still here").await;
+    assert_eq!(peer.read().await, json!([3, 21, {}, "still here"]));
+    assert!(!dispatcher.is_closed());
+}
+
+#[tokio::test]
 async fn duplicate_request_id_in_flight_is_refused_and_the_first_answered() {
     let (release, gate) = tokio::sync::watch::channel(false);
     let router = echo_router().raw("wait", move |incoming: channel_dispatcher::Incoming| {

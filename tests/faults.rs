@@ -393,3 +393,111 @@ async fn envelope_over_the_receivers_limits_is_refused_by_id() {
         "up"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_makes_senders_wait_instead_of_growing_memory() {
+    use tokio::io::AsyncWriteExt;
+    let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+    let client = Dispatcher::builder()
+        .max_in_flight(8)
+        .spawn(Channel::from(ours));
+    // The peer completes the handshake by writing, then never reads a byte.
+    let mut hello = b"CHDP\x00\x01\x01\x00\x00\x00\x07msgpack\x00\x00".to_vec();
+    hello.splice(0..0, (hello.len() as u32).to_be_bytes());
+    theirs.write_all(&hello).await.unwrap();
+    theirs.write_all(&[0, 0, 0, 1, 0]).await.unwrap();
+
+    let payload = channel_dispatcher::Codec::default()
+        .encode(&"x".repeat(64 * 1024))
+        .unwrap();
+    let mut queued = 0;
+    loop {
+        let notify = client.notify_raw("bulk", Attributes::new(), payload.clone());
+        match tokio::time::timeout(Duration::from_secs(1), notify).await {
+            Ok(result) => {
+                result.unwrap();
+                queued += 1;
+                assert!(
+                    queued < 200,
+                    "{queued} notifications of 64 KiB taken: memory grows"
+                );
+            }
+            Err(_elapsed) => break,
+        }
+    }
+    // Bounded by the in-flight limit, the write buffer's high-water mark and the socket's buffers.
+    assert!(queued >= 8, "only {queued} queued");
+    drop(theirs);
+}
+
+#[derive(Serialize, Deserialize)]
+struct Tagged(u64);
+request!(Tagged => u64, "tagged");
+
+fn tagged_router() -> Router {
+    Router::new().request(|_cx: Context, Tagged(n)| async move {
+        for _ in 0..n % 3 {
+            tokio::task::yield_now().await;
+        }
+        Ok::<_, HandlerError>(n)
+    })
+}
+
+/// `total` calls with at most `window` in flight; about one in ten is cancelled after it was
+/// sent. Every other call must get exactly its own answer. Returns how many were cancelled.
+async fn load(dispatcher: Dispatcher, total: u64, window: usize, mut seed: u64) -> u64 {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut cancelled = 0;
+    for n in 0..total {
+        let tag = (n << 8) | (random() % 256);
+        let mut call = dispatcher.request(Tagged(tag)).into_future();
+        if random() % 10 == 0 {
+            // Sent (polled once), then dropped: a cancel follows it on the wire.
+            assert!(matches!((&mut call).now_or_never(), None | Some(Ok(_))));
+            cancelled += 1;
+            continue;
+        }
+        in_flight.push(call.map(move |answer| (tag, answer)));
+        if in_flight.len() == window {
+            let (tag, answer) = in_flight.next().await.unwrap();
+            assert_eq!(answer.unwrap(), tag, "a call got another call's answer");
+        }
+    }
+    while let Some((tag, answer)) = in_flight.next().await {
+        assert_eq!(answer.unwrap(), tag, "a call got another call's answer");
+    }
+    cancelled
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_with_random_cancellation_in_both_directions() {
+    let (a, b) = Channel::pair();
+    let one = Dispatcher::builder().handler(tagged_router()).spawn(a);
+    let two = Dispatcher::builder().handler(tagged_router()).spawn(b);
+    let (left, right) = within(async {
+        tokio::join!(
+            tokio::spawn(load(one.clone(), 50_000, 1024, 0x9E37_79B9)),
+            tokio::spawn(load(two.clone(), 50_000, 1024, 0x7F4A_7C15)),
+        )
+    })
+    .await;
+    let cancelled = left.unwrap() + right.unwrap();
+    assert!(
+        (5_000..15_000).contains(&cancelled),
+        "{cancelled} of 100000 cancelled"
+    );
+    // Every ledger drains: no call left pending, no handler left running.
+    until(|| {
+        [&one, &two]
+            .iter()
+            .all(|d| d.pending_calls() == 0 && d.running_handlers() == 0)
+    })
+    .await;
+}
