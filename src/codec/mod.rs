@@ -310,7 +310,9 @@ mod tests {
         #[test]
         fn any_bytes_decode_to_an_envelope_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             for &codec in Codec::all() {
-                let _ = codec.decode_envelope(Bytes::from(bytes.clone()));
+                if let Err(e) = codec.decode_envelope(Bytes::from(bytes.clone())) {
+                    prop_assert!(!e.error.to_string().is_empty(), "an error that says what is wrong");
+                }
             }
         }
 

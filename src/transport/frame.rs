@@ -90,6 +90,12 @@ impl FrameReader {
         Some(Frame::Whole(self.buf.split_to(len).freeze()))
     }
 
+    /// Appends bytes to the buffer, as a read would (for the fuzz targets).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// Reads more bytes into the buffer. `Ready(Ok(0))` is end of file.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {

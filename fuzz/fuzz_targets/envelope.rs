@@ -1,0 +1,11 @@
+//! Envelope decoding with each codec: any frame body decodes or fails with a typed error.
+#![no_main]
+
+use channel_dispatcher::Codec;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    for &codec in Codec::all() {
+        channel_dispatcher::fuzzing::envelope(codec, data);
+    }
+});
