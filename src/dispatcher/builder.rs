@@ -76,6 +76,7 @@ impl Builder<Router> {
                 handshake_timeout: Duration::from_secs(10),
                 drain_timeout: Duration::from_secs(5),
                 max_concurrent_handlers: 1024,
+                write_high_water: 256 * 1024,
                 expected_token: None,
                 error_handler: Arc::new(DefaultErrorHandler),
                 context_factory: None,
@@ -159,6 +160,14 @@ impl<S> Builder<S> {
     /// and the transport pushes back on the peer. Default: 1024.
     pub fn max_concurrent_handlers(mut self, limit: usize) -> Self {
         self.config.max_concurrent_handlers = limit.max(1);
+        self
+    }
+
+    /// How many bytes may wait in the write buffer before the connection stops taking calls
+    /// and reading the peer's requests until the transport has taken them (a peer that does
+    /// not read makes our callers wait, instead of our memory grow). Default: 256 KiB.
+    pub fn write_buffer_limit(mut self, bytes: usize) -> Self {
+        self.config.write_high_water = bytes.max(1);
         self
     }
 

@@ -38,8 +38,6 @@ use crate::transport::frame::{Frame, FrameReader, FrameWriter};
 use crate::transport::handshake::{handshake, Hello, PROTOCOL_VERSION};
 use crate::transport::Channel;
 
-/// Write-buffer size beyond which the connection stops taking new work until it drains.
-const HIGH_WATER: usize = 256 * 1024;
 /// Turns of the loop before yielding to other tasks.
 const BUDGET: usize = 32;
 /// How long a closing side waits for the peer's end of file after its own goodbye.
@@ -51,6 +49,8 @@ pub(crate) struct Config {
     pub(crate) handshake_timeout: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) max_concurrent_handlers: usize,
+    /// Write-buffer size beyond which the connection stops taking new work until it drains.
+    pub(crate) write_high_water: usize,
     pub(crate) expected_token: Option<String>,
     pub(crate) error_handler: Arc<dyn ErrorHandler>,
     pub(crate) context_factory: Option<Arc<dyn ContextFactory>>,
@@ -229,7 +229,7 @@ where
             let mut progress = false;
 
             // Our calls and notifications.
-            while !self.commands_closed && self.writer.pending() < HIGH_WATER {
+            while !self.commands_closed && self.writer.pending() < self.config.write_high_water {
                 match self.commands.poll_recv(cx) {
                     Poll::Ready(Some(command)) => self.on_command(command),
                     Poll::Ready(None) => {
@@ -301,7 +301,7 @@ where
             {
                 return Poll::Ready(Ok(progress));
             }
-            if self.writer.pending() >= HIGH_WATER
+            if self.writer.pending() >= self.config.write_high_water
                 || self.incoming.len() >= self.config.max_concurrent_handlers
             {
                 return Poll::Ready(Ok(progress));
