@@ -247,14 +247,15 @@ impl fmt::Debug for Context {
 /// ```
 #[derive(Clone, Default)]
 pub struct Extensions {
-    map: Option<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    // NB. Boxed: most contexts have none, and a context is moved several times per request.
+    map: Option<Box<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
 }
 
 impl Extensions {
     /// Stores `value`, replacing any value of the same type.
     pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
         self.map
-            .get_or_insert_with(HashMap::new)
+            .get_or_insert_with(Box::default)
             .insert(TypeId::of::<T>(), Arc::new(value));
     }
 
@@ -270,7 +271,7 @@ impl Extensions {
 impl fmt::Debug for Extensions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Extensions")
-            .field("len", &self.map.as_ref().map_or(0, HashMap::len))
+            .field("len", &self.map.as_ref().map_or(0, |map| map.len()))
             .finish()
     }
 }

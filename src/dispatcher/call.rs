@@ -188,7 +188,7 @@ impl<T> IntoFuture for Call<T> {
                     // All permits taken (or closed): wait for one, then send.
                     State::Admitting {
                         admit: Box::pin(async move { shared.admit().await }),
-                        call: Some(self),
+                        call: Some(Box::new(self)),
                     }
                 }
             }
@@ -248,10 +248,11 @@ enum State<T> {
     /// Waiting for an in-flight permit (`Builder::max_in_flight`).
     Admitting {
         admit: Admit,
-        call: Option<Call<T>>,
+        call: Option<Box<Call<T>>>,
     },
     Waiting(Waiting),
-    Failed(Option<CallError>),
+    /// Boxed: failures are rare, and the future stays small (it is moved around a lot).
+    Failed(Option<Box<CallError>>),
     Done,
 }
 
@@ -267,7 +268,7 @@ impl<T> State<T> {
     fn start(call: Call<T>) -> Self {
         match call.start() {
             Ok(waiting) => Self::Waiting(waiting),
-            Err(e) => Self::Failed(Some(e)),
+            Err(e) => Self::Failed(Some(Box::new(e))),
         }
     }
 }
@@ -280,10 +281,10 @@ impl<T> Future for ResponseFuture<T> {
         if let State::Admitting { admit, call } = &mut this.state {
             match ready!(admit.as_mut().poll(cx)) {
                 Ok(()) => match call.take() {
-                    Some(call) => this.state = State::start(call),
+                    Some(call) => this.state = State::start(*call),
                     None => this.state = State::Failed(None),
                 },
-                Err(e) => this.state = State::Failed(Some(e)),
+                Err(e) => this.state = State::Failed(Some(Box::new(e))),
             }
         }
         let result = match &mut this.state {
@@ -291,7 +292,7 @@ impl<T> Future for ResponseFuture<T> {
             State::Admitting { .. } => Err(CallError::Terminated(Termination::Stopped)),
             State::Failed(error) => Err(error
                 .take()
-                .unwrap_or_else(|| CallError::Terminated(Termination::Stopped))),
+                .map_or(CallError::Terminated(Termination::Stopped), |e| *e)),
             State::Done => panic!("ResponseFuture polled after completion"),
             State::Waiting(waiting) => {
                 let answer = match Pin::new(&mut waiting.rx).poll(cx) {
