@@ -247,7 +247,9 @@ impl fmt::Debug for Context {
 /// ```
 #[derive(Clone, Default)]
 pub struct Extensions {
-    // NB. Boxed: most contexts have none, and a context is moved several times per request.
+    // NB. Boxed: most contexts have none, and a context is moved several times per request;
+    // the box keeps it one pointer wide.
+    #[allow(clippy::box_collection)]
     map: Option<Box<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
 }
 
