@@ -207,6 +207,15 @@ pub enum CallError {
     /// The message could not be encoded; nothing was sent.
     #[error("could not encode the message")]
     Encode(#[source] CodecError),
+    /// An outbound middleware ([`Builder::outbound`](crate::Builder::outbound)) refused the
+    /// call; nothing was sent.
+    #[error("refused by outbound middleware ({code}): {message}")]
+    Refused {
+        /// The middleware's error code.
+        code: i64,
+        /// The middleware's message.
+        message: String,
+    },
     /// The answer arrived but is not the expected response type.
     #[error("could not decode the response")]
     Decode(#[source] CodecError),
@@ -245,6 +254,8 @@ pub struct HandlerError {
     pub(crate) code: i64,
     pub(crate) message: String,
     pub(crate) data: Option<Bytes>,
+    /// In an outbound pipeline: the call's own error, handed back to the caller unchanged.
+    pub(crate) call: Option<Box<CallError>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,6 +274,7 @@ impl HandlerError {
             code,
             message: message.into(),
             data: None,
+            call: None,
         }
     }
 
@@ -278,12 +290,18 @@ impl HandlerError {
         self
     }
 
+    pub(crate) fn with_data_opt(mut self, data: Option<Bytes>) -> Self {
+        self.data = data;
+        self
+    }
+
     pub(crate) fn unknown_method(method: &str) -> Self {
         Self {
             kind: HandlerErrorKind::UnknownMethod,
             code: code::METHOD_NOT_FOUND,
             message: format!("unknown method `{method}`"),
             data: None,
+            call: None,
         }
     }
 
@@ -293,6 +311,7 @@ impl HandlerError {
             code: code::INVALID_PARAMS,
             message: format!("invalid payload for `{method}`: {error}"),
             data: None,
+            call: None,
         }
     }
 
@@ -302,6 +321,26 @@ impl HandlerError {
             code: code::INTERNAL_ERROR,
             message: format!("handler panicked: {message}"),
             data: None,
+            call: None,
+        }
+    }
+
+    /// Carries a call's error through an outbound pipeline.
+    pub(crate) fn from_call(error: CallError) -> Self {
+        let mut handler_error = Self::internal(error.to_string());
+        handler_error.call = Some(Box::new(error));
+        handler_error
+    }
+
+    /// What the caller of an outbound pipeline sees: the call's own error, or the refusal of a
+    /// middleware.
+    pub(crate) fn into_call_error(self) -> CallError {
+        match self.call {
+            Some(error) => *error,
+            None => CallError::Refused {
+                code: self.code,
+                message: self.message,
+            },
         }
     }
 
@@ -359,3 +398,63 @@ impl fmt::Display for HandlerError {
         write!(f, "{} (code {})", self.message, self.code)
     }
 }
+
+/// The error a tower layer's boxed error (`tower::BoxError`) stands for.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Errors a handler service may fail with: [`HandlerError`], or the boxed errors of tower
+/// middleware such as `Timeout` (`Box<dyn Error + Send + Sync>`), which become internal errors
+/// with their message (a `HandlerError` that went through such a layer comes back as it was).
+pub trait IntoHandlerError {
+    /// The error as a [`HandlerError`].
+    fn into_handler_error(self) -> HandlerError;
+}
+
+impl IntoHandlerError for HandlerError {
+    fn into_handler_error(self) -> HandlerError {
+        self
+    }
+}
+
+impl IntoHandlerError for BoxError {
+    fn into_handler_error(self) -> HandlerError {
+        match self.downcast::<BoxedHandlerError>() {
+            Ok(boxed) => boxed.0,
+            Err(other) => {
+                let mut message = other.to_string();
+                let mut source = other.source();
+                while let Some(cause) = source {
+                    message.push_str(": ");
+                    message.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                HandlerError::internal(message)
+            }
+        }
+    }
+}
+
+impl IntoHandlerError for std::convert::Infallible {
+    fn into_handler_error(self) -> HandlerError {
+        match self {}
+    }
+}
+
+/// Lets a handler's error pass through tower layers that box errors (`Timeout` needs
+/// `Into<BoxError>`), and come back whole.
+impl From<HandlerError> for BoxError {
+    fn from(error: HandlerError) -> Self {
+        Box::new(BoxedHandlerError(error))
+    }
+}
+
+#[derive(Debug)]
+struct BoxedHandlerError(HandlerError);
+
+impl fmt::Display for BoxedHandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for BoxedHandlerError {}

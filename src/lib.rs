@@ -59,6 +59,7 @@ mod handler;
 mod hash;
 mod limits;
 mod message;
+pub mod middleware;
 mod transport;
 
 pub use bytes;
@@ -69,7 +70,8 @@ pub use dispatcher::{
 };
 pub use envelope::EnvelopeKind;
 pub use error::{
-    CallError, CodecError, HandlerError, HandshakeError, ProtocolError, RemoteError, Termination,
+    CallError, CodecError, HandlerError, HandshakeError, IntoHandlerError, ProtocolError,
+    RemoteError, Termination,
 };
 pub use handler::{DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router};
 pub use limits::{Limit, LimitExceeded, Limits};

@@ -12,10 +12,11 @@ use super::{Dispatcher, Lifecycle, Shared};
 use crate::codec::Codec;
 use crate::context::ContextFactory;
 use crate::envelope::EnvelopeKind;
-use crate::error::HandlerError;
+use crate::error::IntoHandlerError;
 use crate::handler::{DefaultErrorHandler, ErrorHandler, Incoming, Reply, Router};
 use crate::limits::Limits;
 use crate::message::Attributes;
+use crate::middleware::Middleware;
 use crate::transport::Channel;
 
 /// An inbound envelope, as the observer hook ([`Builder::on_inbound`]) sees it.
@@ -64,6 +65,7 @@ pub struct Builder<S = Router> {
     default_timeout: Option<Duration>,
     max_in_flight: usize,
     token: Option<String>,
+    outbound: Vec<Arc<dyn Middleware>>,
 }
 
 impl Builder<Router> {
@@ -85,17 +87,21 @@ impl Builder<Router> {
             default_timeout: None,
             max_in_flight: 4096,
             token: None,
+            outbound: Vec::new(),
         }
     }
 }
 
 impl<S> Builder<S> {
-    /// The handler of the peer's requests and notifications: a [`Router`], or any
-    /// `tower::Service<Incoming, Response = Reply, Error = HandlerError>`.
+    /// The handler of the peer's requests and notifications: a [`Router`], a
+    /// [`Stack`](crate::middleware::Stack) of middlewares, or any
+    /// `tower::Service<Incoming, Response = Reply>` failing with a [`HandlerError`] or a boxed
+    /// error (so tower layers such as `Timeout` and `ConcurrencyLimit` wrap it directly).
     /// Default: an empty router (every request is answered "unknown method").
     pub fn handler<T>(self, handler: T) -> Builder<T>
     where
-        T: Service<Incoming, Response = Reply, Error = HandlerError>,
+        T: Service<Incoming, Response = Reply>,
+        T::Error: IntoHandlerError,
     {
         Builder {
             handler,
@@ -103,6 +109,7 @@ impl<S> Builder<S> {
             default_timeout: self.default_timeout,
             max_in_flight: self.max_in_flight,
             token: self.token,
+            outbound: self.outbound,
         }
     }
 
@@ -171,6 +178,18 @@ impl<S> Builder<S> {
         self
     }
 
+    /// Adds a middleware to the caller-side pipeline, which every outgoing request and
+    /// notification (nested ones included) passes through before it is sent; the first added
+    /// is the outermost. Its [`Next`](crate::middleware::Next) sends the message and returns the
+    /// peer's answer as a [`Reply`] (an error answer as an error reply). A middleware that
+    /// answers by itself with an error fails the call with
+    /// [`CallError::Refused`](crate::CallError::Refused) (or `Remote`, for an error reply)
+    /// and nothing is sent. Default: none.
+    pub fn outbound(mut self, middleware: impl Middleware) -> Self {
+        self.outbound.push(Arc::new(middleware));
+        self
+    }
+
     /// The token this side presents in the handshake.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
@@ -208,7 +227,8 @@ impl<S> Builder<S> {
 
 impl<S> Builder<S>
 where
-    S: Service<Incoming, Response = Reply, Error = HandlerError> + Send + Unpin + 'static,
+    S: Service<Incoming, Response = Reply> + Send + Unpin + 'static,
+    S::Error: IntoHandlerError,
     S::Future: Send + 'static,
 {
     /// Builds the dispatcher and its [`Connection`], which the caller drives (await it or
@@ -227,6 +247,7 @@ where
             lifecycle: lifecycle.clone(),
             default_timeout: self.default_timeout,
             limits: self.config.limits,
+            outbound: (!self.outbound.is_empty()).then(|| self.outbound.into()),
         });
         let dispatcher = Dispatcher::from_shared(shared);
         let span = tracing::info_span!(

@@ -14,8 +14,10 @@ use tokio::time::{Instant, Sleep};
 use super::{Command, Outbound, Shared};
 use crate::codec::Codec;
 use crate::envelope::Method;
-use crate::error::{CallError, CodecError, Termination};
+use crate::error::{CallError, CodecError, HandlerError, RemoteError, Termination};
+use crate::handler::{Incoming, Reply, ReplyBody};
 use crate::message::Attributes;
+use crate::middleware::{Endpoint, Middleware, Next};
 
 type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 
@@ -52,6 +54,8 @@ pub struct Call<T> {
     target: Result<Arc<Shared>, Termination>,
     /// Takes an in-flight permit (calls through a handle; not nested calls from handlers).
     limited: bool,
+    /// Goes through the caller-side middleware (false once it has).
+    pipeline: bool,
     method: Method,
     payload: Result<Bytes, CodecError>,
     attributes: Attributes,
@@ -73,6 +77,7 @@ impl<T> Call<T> {
         Self {
             target,
             limited: true,
+            pipeline: true,
             method,
             payload,
             attributes: Attributes::new(),
@@ -169,6 +174,24 @@ impl<T> IntoFuture for Call<T> {
             .target
             .as_ref()
             .map_or_else(|_| Codec::default(), |shared| shared.codec);
+        if let (Ok(shared), true) = (&self.target, self.pipeline) {
+            if let Some(middlewares) = shared.outbound.clone() {
+                let shared = Arc::clone(shared);
+                return ResponseFuture {
+                    state: State::Pipeline(Box::pin(through(
+                        shared,
+                        middlewares,
+                        self.method,
+                        self.payload,
+                        self.attributes,
+                        self.limited,
+                        self.timeout,
+                    ))),
+                    codec,
+                    decode,
+                };
+            }
+        }
         let shared = match &self.target {
             Ok(shared) if self.limited => Some(Arc::clone(shared)),
             _ => None,
@@ -198,6 +221,80 @@ impl<T> IntoFuture for Call<T> {
             codec,
             decode,
         }
+    }
+}
+
+/// Runs a call through the caller-side pipeline; at its end, the call is sent.
+async fn through(
+    shared: Arc<Shared>,
+    middlewares: Arc<[Arc<dyn Middleware>]>,
+    method: Method,
+    payload: Result<Bytes, CodecError>,
+    attributes: Attributes,
+    limited: bool,
+    timeout: Option<Duration>,
+) -> Result<RawResponse, CallError> {
+    let payload = payload.map_err(CallError::Encode)?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let context = crate::Context::outbound(
+        Arc::downgrade(&shared),
+        shared.codec,
+        None,
+        method,
+        attributes,
+        deadline,
+    );
+    let incoming = Incoming { context, payload };
+    let codec = shared.codec;
+    let endpoint: Endpoint = Box::new(move |incoming: Incoming| {
+        Box::pin(async move {
+            let (context, payload) = incoming.into_parts();
+            let (method, attributes) = context.into_call_parts();
+            let call = Call::<RawResponse> {
+                target: Ok(shared),
+                limited,
+                pipeline: false,
+                method,
+                payload: Ok(payload),
+                attributes,
+                timeout,
+                decode: |_, raw| Ok(raw),
+            };
+            match call.await {
+                Ok(raw) => {
+                    let mut reply = Reply::value(raw.payload);
+                    *reply.attributes_mut() = raw.attributes;
+                    Ok(reply)
+                }
+                Err(CallError::Remote(error)) => Ok(Reply::from_error(
+                    HandlerError::new(error.code, error.message).with_data_opt(error.data),
+                )),
+                Err(other) => Err(HandlerError::from_call(other)),
+            }
+        })
+    });
+    let reply = Next::new(middlewares, endpoint)
+        .run(incoming)
+        .await
+        .map_err(HandlerError::into_call_error)?;
+    let (body, attributes) = reply.into_parts();
+    match body {
+        ReplyBody::Value(payload) => Ok(RawResponse {
+            payload,
+            attributes,
+            codec,
+        }),
+        ReplyBody::Error(error) => Err(CallError::Remote(RemoteError {
+            code: error.code,
+            message: error.message,
+            data: error.data,
+            codec,
+        })),
+        ReplyBody::Fatal { code, message } => Err(CallError::Refused { code, message }),
+        ReplyBody::Nothing => Err(CallError::Refused {
+            code: crate::error::code::INTERNAL_ERROR,
+            message: "an outbound middleware gave no answer".into(),
+        }),
     }
 }
 
@@ -243,8 +340,11 @@ pub struct ResponseFuture<T> {
 }
 
 type Admit = Pin<Box<dyn Future<Output = Result<(), CallError>> + Send>>;
+type Pipeline = Pin<Box<dyn Future<Output = Result<RawResponse, CallError>> + Send>>;
 
 enum State<T> {
+    /// In the caller-side middleware pipeline, which sends the call at its end.
+    Pipeline(Pipeline),
     /// Waiting for an in-flight permit (`Builder::max_in_flight`).
     Admitting {
         admit: Admit,
@@ -278,6 +378,11 @@ impl<T> Future for ResponseFuture<T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        if let State::Pipeline(pipeline) = &mut this.state {
+            let result = ready!(pipeline.as_mut().poll(cx));
+            this.state = State::Done;
+            return Poll::Ready(result.and_then(|raw| (this.decode)(this.codec, raw)));
+        }
         if let State::Admitting { admit, call } = &mut this.state {
             match ready!(admit.as_mut().poll(cx)) {
                 Ok(()) => match call.take() {
@@ -288,8 +393,10 @@ impl<T> Future for ResponseFuture<T> {
             }
         }
         let result = match &mut this.state {
-            // Left above: admitted, or failed.
-            State::Admitting { .. } => Err(CallError::Terminated(Termination::Stopped)),
+            // Left above: admitted, or failed; or done.
+            State::Admitting { .. } | State::Pipeline(_) => {
+                Err(CallError::Terminated(Termination::Stopped))
+            }
             State::Failed(error) => Err(error
                 .take()
                 .map_or(CallError::Terminated(Termination::Stopped), |e| *e)),
@@ -336,6 +443,7 @@ impl<T> fmt::Debug for ResponseFuture<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Admitting { .. } => "waiting for an in-flight slot".into(),
+            State::Pipeline(_) => "in the outbound middleware".into(),
             State::Waiting(w) => format!("waiting for answer {}", w.id),
             State::Failed(_) => "failed".into(),
             State::Done => "done".into(),

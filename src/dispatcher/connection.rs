@@ -25,12 +25,14 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::builder::{InboundEnvelope, Observer};
-use super::in_flight::{Finished, Incoming as Running, Outcome, Outgoing};
+use super::in_flight::{Finished, HandlerResult, Incoming as Running, Outcome, Outgoing};
 use super::{Command, Lifecycle, RawResponse, Shared};
 use crate::codec::Codec;
 use crate::context::{Context, ContextFactory};
 use crate::envelope::{Envelope, EnvelopeKind, ErrorBody, Method, PartialHeader};
-use crate::error::{code, CallError, HandshakeError, ProtocolError, RemoteError, Termination};
+use crate::error::{
+    code, CallError, HandshakeError, IntoHandlerError, ProtocolError, RemoteError, Termination,
+};
 use crate::handler::{ErrorHandler, Failed, Incoming, Reply, ReplyBody};
 use crate::limits::{Limit, LimitExceeded, Limits};
 use crate::message::Attributes;
@@ -99,14 +101,15 @@ struct Driver<S: Service<Incoming>> {
     outgoing: Outgoing,
     /// In-flight permits of written notifications and refused calls, to give back.
     released: usize,
-    incoming: Running<S::Future>,
+    incoming: Running<HandlerResult<S::Future>>,
     peer_max_frame: usize,
     phase: Phase,
 }
 
 impl<S> Connection<S>
 where
-    S: Service<Incoming, Response = Reply, Error = crate::HandlerError>,
+    S: Service<Incoming, Response = Reply>,
+    S::Error: IntoHandlerError,
 {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -175,7 +178,8 @@ where
 
 impl<S> Future for Connection<S>
 where
-    S: Service<Incoming, Response = Reply, Error = crate::HandlerError> + Unpin,
+    S: Service<Incoming, Response = Reply> + Unpin,
+    S::Error: IntoHandlerError,
 {
     type Output = Termination;
 
@@ -222,7 +226,8 @@ impl<S: Service<Incoming>> fmt::Debug for Connection<S> {
 
 impl<S> Driver<S>
 where
-    S: Service<Incoming, Response = Reply, Error = crate::HandlerError>,
+    S: Service<Incoming, Response = Reply>,
+    S::Error: IntoHandlerError,
 {
     fn poll_run(&mut self, cx: &mut TaskContext<'_>) -> Poll<Termination> {
         for _ in 0..BUDGET {
@@ -310,6 +315,7 @@ where
                 match self.service.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => {
+                        let e = e.into_handler_error();
                         tracing::error!(error = %e, "handler failed");
                         self.local_fatal(code::INTERNAL_ERROR, format!("handler failed: {e}"));
                         return Poll::Ready(Ok(true));
@@ -755,7 +761,7 @@ where
         let service = &mut self.service;
         let call = catch_unwind(AssertUnwindSafe(|| {
             let _entered = span.enter();
-            service.call(Incoming { context, payload })
+            HandlerResult::new(service.call(Incoming { context, payload }))
         }));
         match call {
             Ok(fut) => {

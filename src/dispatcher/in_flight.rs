@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::{RawResponse, ReplySender};
 use crate::envelope::Method;
-use crate::error::{CallError, HandlerError};
+use crate::error::{CallError, HandlerError, IntoHandlerError};
 use crate::handler::Reply;
 use crate::hash::SeededState;
 
@@ -127,6 +127,35 @@ pub(crate) struct Finished {
     pub(crate) id: Option<u64>,
     pub(crate) method: Method,
     pub(crate) outcome: Outcome,
+}
+
+pin_project! {
+    /// A handler service's future, with its error made a [`HandlerError`].
+    pub(crate) struct HandlerResult<F> {
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F> HandlerResult<F> {
+    pub(crate) fn new(fut: F) -> Self {
+        Self { fut }
+    }
+}
+
+impl<F, E> Future for HandlerResult<F>
+where
+    F: Future<Output = Result<Reply, E>>,
+    E: IntoHandlerError,
+{
+    type Output = Result<Reply, HandlerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project()
+            .fut
+            .poll(cx)
+            .map(|result| result.map_err(IntoHandlerError::into_handler_error))
+    }
 }
 
 pin_project! {

@@ -23,11 +23,15 @@ pub use connection::Connection;
 pub(crate) use in_flight::RequestOver;
 
 use crate::codec::Codec;
+use crate::context::Context;
 use crate::envelope::Method;
+use crate::error::HandlerError;
 use crate::error::{CallError, Termination};
-use crate::handler::Router;
+use crate::handler::{Incoming, Reply, Router};
 use crate::limits::Limits;
 use crate::message::{Attributes, Notification, Request};
+use crate::middleware::Endpoint;
+use crate::middleware::{Middleware, Next};
 
 /// A handle to one connection: send requests and notifications to the peer, stop it, watch it
 /// end. Cheap to clone; every clone talks to the same connection.
@@ -75,6 +79,8 @@ pub(crate) struct Shared {
     lifecycle: Arc<Lifecycle>,
     default_timeout: Option<std::time::Duration>,
     limits: Limits,
+    /// The caller-side pipeline, if any (`Builder::outbound`).
+    outbound: Option<Arc<[Arc<dyn Middleware>]>>,
 }
 
 /// The part of a connection that outlives its handles: how it ended, and who to tell.
@@ -259,7 +265,7 @@ impl Dispatcher {
         self.shared.codec
     }
 
-    pub(crate) fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
 
@@ -325,6 +331,46 @@ impl Shared {
     }
 
     pub(crate) async fn send_notification(
+        self: &Arc<Self>,
+        method: Method,
+        attributes: Attributes,
+        payload: Bytes,
+        limited: bool,
+    ) -> Result<(), CallError> {
+        let Some(middlewares) = self.outbound.clone() else {
+            return self
+                .queue_notification(method, attributes, payload, limited)
+                .await;
+        };
+        // Through the caller-side pipeline: at its end, the notification is queued.
+        let context = Context::outbound(
+            Arc::downgrade(self),
+            self.codec,
+            None,
+            method,
+            attributes,
+            None,
+        );
+        let incoming = Incoming { context, payload };
+        let shared = Arc::clone(self);
+        let endpoint: Endpoint = Box::new(move |incoming: Incoming| {
+            Box::pin(async move {
+                let (context, payload) = incoming.into_parts();
+                let (method, attributes) = context.into_call_parts();
+                shared
+                    .queue_notification(method, attributes, payload, limited)
+                    .await
+                    .map(|()| Reply::nothing())
+                    .map_err(HandlerError::from_call)
+            })
+        });
+        match Next::new(middlewares, endpoint).run(incoming).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(error.into_call_error()),
+        }
+    }
+
+    async fn queue_notification(
         &self,
         method: Method,
         attributes: Attributes,
