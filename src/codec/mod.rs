@@ -212,6 +212,7 @@ impl Codec {
 }
 
 /// A payload for the wire: the codec's unit value when empty.
+#[cfg(any(feature = "msgpack", feature = "json"))]
 pub(crate) fn payload_or_unit(codec: Codec, payload: &Bytes) -> &[u8] {
     if payload.is_empty() {
         codec.unit()

@@ -95,7 +95,7 @@ impl Builder<Router> {
 impl<S> Builder<S> {
     /// The handler of the peer's requests and notifications: a [`Router`], a
     /// [`Stack`](crate::middleware::Stack) of middlewares, or any
-    /// `tower::Service<Incoming, Response = Reply>` failing with a [`HandlerError`] or a boxed
+    /// `tower::Service<Incoming, Response = Reply>` failing with a [`HandlerError`](crate::HandlerError) or a boxed
     /// error (so tower layers such as `Timeout` and `ConcurrencyLimit` wrap it directly).
     /// Default: an empty router (every request is answered "unknown method").
     pub fn handler<T>(self, handler: T) -> Builder<T>
