@@ -15,6 +15,7 @@ use crate::dispatcher::{Call, Dispatcher, RequestOver, Shared};
 use crate::envelope::Method;
 use crate::error::{CallError, CodecError, Termination};
 use crate::message::{Attributes, Notification, Request};
+use crate::stream::Streams;
 
 /// What a handler knows about the message it handles, and its way back to the peer.
 ///
@@ -212,6 +213,14 @@ impl Context {
             Some(over) => over.wait().await,
             None => std::future::pending().await,
         }
+    }
+
+    /// The connection's stream storage (the seed's iterator storage), to offer the peer a
+    /// stream by id; `None` once the dispatcher is gone.
+    pub fn streams(&self) -> Option<Streams> {
+        self.shared
+            .upgrade()
+            .map(|shared| shared.lifecycle().streams.clone())
     }
 
     /// The connection's codec.

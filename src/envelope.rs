@@ -25,6 +25,14 @@ pub enum EnvelopeKind {
     Cancel = 6,
     /// A graceful goodbye: the sender stops.
     Goodbye = 7,
+    /// A batch of items of a remote stream (producer to consumer).
+    StreamItems = 8,
+    /// The end of a remote stream, possibly with an error (producer to consumer).
+    StreamEnd = 9,
+    /// More credit for a remote stream (consumer to producer).
+    StreamCredit = 10,
+    /// The consumer dropped a remote stream (consumer to producer).
+    StreamCancel = 11,
 }
 
 impl EnvelopeKind {
@@ -37,6 +45,10 @@ impl EnvelopeKind {
             5 => Self::Fatal,
             6 => Self::Cancel,
             7 => Self::Goodbye,
+            8 => Self::StreamItems,
+            9 => Self::StreamEnd,
+            10 => Self::StreamCredit,
+            11 => Self::StreamCancel,
             _ => return None,
         })
     }
@@ -127,6 +139,23 @@ pub(crate) enum Envelope {
         id: u64,
     },
     Goodbye,
+    /// `payload` is the codec's encoding of the batch as a sequence (`Vec<T>`).
+    StreamItems {
+        stream: u64,
+        position: u64,
+        payload: Bytes,
+    },
+    StreamEnd {
+        stream: u64,
+        error: Option<ErrorBody>,
+    },
+    StreamCredit {
+        stream: u64,
+        credit: u64,
+    },
+    StreamCancel {
+        stream: u64,
+    },
 }
 
 impl Envelope {
@@ -139,6 +168,10 @@ impl Envelope {
             Self::Fatal { .. } => EnvelopeKind::Fatal,
             Self::Cancel { .. } => EnvelopeKind::Cancel,
             Self::Goodbye => EnvelopeKind::Goodbye,
+            Self::StreamItems { .. } => EnvelopeKind::StreamItems,
+            Self::StreamEnd { .. } => EnvelopeKind::StreamEnd,
+            Self::StreamCredit { .. } => EnvelopeKind::StreamCredit,
+            Self::StreamCancel { .. } => EnvelopeKind::StreamCancel,
         }
     }
 

@@ -30,6 +30,8 @@ pub mod code {
     pub const SHUTTING_DOWN: i64 = -32002;
     /// The caller's deadline passed before the handler finished.
     pub const DEADLINE_EXCEEDED: i64 = -32003;
+    /// A remote stream was released by its producer: not consumed for its idle time.
+    pub const STREAM_RELEASED: i64 = -32004;
 }
 
 /// An error from encoding or decoding a value or an envelope with a [`Codec`].

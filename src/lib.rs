@@ -60,6 +60,7 @@ mod hash;
 mod limits;
 mod message;
 pub mod middleware;
+pub mod stream;
 mod transport;
 
 pub use bytes;
@@ -75,7 +76,8 @@ pub use error::{
 };
 pub use handler::{DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router};
 pub use limits::{Limit, LimitExceeded, Limits};
-pub use message::{Accepted, Attributes, Notification, Request, Success};
+pub use message::{Accepted, Attributes, Notification, Request, StreamRequest, Success};
+pub use stream::{RemoteStream, Streams};
 pub use tower_service::Service;
 
 /// Entry points for the fuzz targets (`fuzz/`); not part of the API.

@@ -39,6 +39,38 @@ pub trait Notification: Serialize + DeserializeOwned + Send + 'static {
     const METHOD: &'static str;
 }
 
+/// A streaming request: answered by a stream of `Item`s (see [`stream`](crate::stream)).
+///
+/// Declare one in a line with [`stream_request!`](crate::stream_request!).
+pub trait StreamRequest: Serialize + DeserializeOwned + Send + 'static {
+    /// The type of each item.
+    type Item: Serialize + DeserializeOwned + Send + 'static;
+    /// The method name on the wire.
+    const METHOD: &'static str;
+}
+
+/// Declares that a type is a [`StreamRequest`]: `stream_request!(Type => Item, "method")`.
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::stream_request;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Rows { table: String }
+///
+/// stream_request!(Rows => Vec<String>, "rows");
+/// ```
+#[macro_export]
+macro_rules! stream_request {
+    ($ty:ty => $item:ty, $method:expr) => {
+        impl $crate::StreamRequest for $ty {
+            type Item = $item;
+            const METHOD: &'static str = $method;
+        }
+    };
+}
+
 /// Declares that a type is a [`Request`]: `request!(Type => Response, "method")`.
 ///
 /// # Examples

@@ -71,6 +71,29 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             out.next().uint(*id);
         }
         Envelope::Goodbye => {}
+        Envelope::StreamItems {
+            stream,
+            position,
+            payload,
+        } => {
+            out.next().uint(*stream);
+            out.next().uint(*position);
+            out.next().raw(payload_or_unit(CODEC, payload));
+        }
+        Envelope::StreamEnd { stream, error } => {
+            out.next().uint(*stream);
+            if let Some(error) = error {
+                out.next().json(&error.code);
+                out.next().json(&error.message);
+            }
+        }
+        Envelope::StreamCredit { stream, credit } => {
+            out.next().uint(*stream);
+            out.next().uint(*credit);
+        }
+        Envelope::StreamCancel { stream } => {
+            out.next().uint(*stream);
+        }
     }
     out.raw(b"]");
 }
@@ -239,6 +262,41 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
         EnvelopeKind::Goodbye => {
             expect(kind, 1)?;
             Envelope::Goodbye
+        }
+        EnvelopeKind::StreamItems => {
+            expect(kind, 4)?;
+            Envelope::StreamItems {
+                stream: uint(1)?,
+                position: uint(2)?,
+                payload: payload(3)?,
+            }
+        }
+        EnvelopeKind::StreamEnd => Envelope::StreamEnd {
+            stream: uint(1)?,
+            error: match elements.len() {
+                2 => None,
+                4 => Some(ErrorBody {
+                    code: sint(2)?,
+                    message: string(3)?,
+                    data: None,
+                }),
+                n => {
+                    return Err(format!(
+                        "StreamEnd envelope with {n} elements, expected 2 or 4"
+                    ))
+                }
+            },
+        },
+        EnvelopeKind::StreamCredit => {
+            expect(kind, 3)?;
+            Envelope::StreamCredit {
+                stream: uint(1)?,
+                credit: uint(2)?,
+            }
+        }
+        EnvelopeKind::StreamCancel => {
+            expect(kind, 2)?;
+            Envelope::StreamCancel { stream: uint(1)? }
         }
     })
 }

@@ -288,6 +288,31 @@ mod tests {
             (any::<i64>(), ".{0,24}").prop_map(|(code, message)| Envelope::Fatal { code, message }),
             any::<u64>().prop_map(|id| Envelope::Cancel { id }),
             Just(Envelope::Goodbye),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<Value>(), 0..4)
+            )
+                .prop_map(move |(stream, position, items)| Envelope::StreamItems {
+                    stream,
+                    position,
+                    payload: codec.encode(&items).unwrap(),
+                }),
+            (
+                any::<u64>(),
+                proptest::option::of((any::<i64>(), ".{0,24}"))
+            )
+                .prop_map(|(stream, error)| Envelope::StreamEnd {
+                    stream,
+                    error: error.map(|(code, message)| ErrorBody {
+                        code,
+                        message,
+                        data: None,
+                    }),
+                }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(stream, credit)| Envelope::StreamCredit { stream, credit }),
+            any::<u64>().prop_map(|stream| Envelope::StreamCancel { stream }),
         ]
     }
 

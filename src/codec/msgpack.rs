@@ -8,6 +8,10 @@
 //! fatal          [5, code, message]
 //! cancel         [6, id]
 //! goodbye        [7]
+//! stream items   [8, stream, position, payload]      payload: an array of items
+//! stream end     [9, stream]  or  [9, stream, code, message]
+//! stream credit  [10, stream, credit]
+//! stream cancel  [11, stream]
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -91,6 +95,37 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
         Envelope::Goodbye => {
             let _ = enc::write_array_len(&mut w, 1);
             let _ = enc::write_uint(&mut w, kind);
+        }
+        Envelope::StreamItems {
+            stream,
+            position,
+            payload,
+        } => {
+            let _ = enc::write_array_len(&mut w, 4);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *stream);
+            let _ = enc::write_uint(&mut w, *position);
+            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+        }
+        Envelope::StreamEnd { stream, error } => {
+            let _ = enc::write_array_len(&mut w, if error.is_some() { 4 } else { 2 });
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *stream);
+            if let Some(error) = error {
+                let _ = enc::write_sint(&mut w, error.code);
+                let _ = enc::write_str(&mut w, &error.message);
+            }
+        }
+        Envelope::StreamCredit { stream, credit } => {
+            let _ = enc::write_array_len(&mut w, 3);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *stream);
+            let _ = enc::write_uint(&mut w, *credit);
+        }
+        Envelope::StreamCancel { stream } => {
+            let _ = enc::write_array_len(&mut w, 2);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *stream);
         }
     }
 }
@@ -218,6 +253,44 @@ impl Reader<'_> {
                 expect(1)?;
                 self.end()?;
                 Envelope::Goodbye
+            }
+            EnvelopeKind::StreamItems => {
+                expect(4)?;
+                Envelope::StreamItems {
+                    stream: self.uint()?,
+                    position: self.uint()?,
+                    payload: self.payload()?,
+                }
+            }
+            EnvelopeKind::StreamEnd => {
+                let stream = self.uint()?;
+                let error = match len {
+                    2 => None,
+                    4 => Some(ErrorBody {
+                        code: self.sint()?,
+                        message: self.string()?,
+                        data: None,
+                    }),
+                    _ => {
+                        return Err(format!(
+                            "StreamEnd envelope with {len} elements, expected 2 or 4"
+                        ))
+                    }
+                };
+                self.end()?;
+                Envelope::StreamEnd { stream, error }
+            }
+            EnvelopeKind::StreamCredit => {
+                expect(3)?;
+                let (stream, credit) = (self.uint()?, self.uint()?);
+                self.end()?;
+                Envelope::StreamCredit { stream, credit }
+            }
+            EnvelopeKind::StreamCancel => {
+                expect(2)?;
+                let stream = self.uint()?;
+                self.end()?;
+                Envelope::StreamCancel { stream }
             }
         })
     }

@@ -10,6 +10,11 @@
 //! fatal          5 | code | message
 //! cancel         6 | id
 //! goodbye        7
+//! stream items   8 | stream | position | payload...   (payload: the items as one sequence)
+//! stream end     9 | stream | 0                       (no error)
+//!                9 | stream | 1 | code | message
+//! stream credit  10 | stream | credit
+//! stream cancel  11 | stream
 //! ```
 //! Integers are varints (`code` zig-zag), strings a varint length and UTF-8, attributes a varint
 //! count and that many (name, value) string pairs.
@@ -67,6 +72,19 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
         Envelope::Fatal { code, message } => put(dst, &(code, message)),
         Envelope::Cancel { id } => put(dst, id),
         Envelope::Goodbye => {}
+        Envelope::StreamItems {
+            stream,
+            position,
+            payload,
+        } => {
+            put(dst, &(stream, position));
+            dst.put_slice(payload);
+        }
+        Envelope::StreamEnd { stream, error } => {
+            put(dst, &(stream, error.as_ref().map(|e| (e.code, &e.message))))
+        }
+        Envelope::StreamCredit { stream, credit } => put(dst, &(stream, credit)),
+        Envelope::StreamCancel { stream } => put(dst, stream),
     }
 }
 
@@ -159,6 +177,37 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             Envelope::Cancel { id }
         }
         EnvelopeKind::Goodbye => Envelope::Goodbye,
+        EnvelopeKind::StreamItems => {
+            let ((stream, position), r): ((u64, u64), _) = take(rest)?;
+            rest = &[];
+            Envelope::StreamItems {
+                stream,
+                position,
+                payload: tail(r),
+            }
+        }
+        EnvelopeKind::StreamEnd => {
+            let ((stream, error), r): ((u64, Option<(i64, String)>), _) = take(rest)?;
+            rest = r;
+            Envelope::StreamEnd {
+                stream,
+                error: error.map(|(code, message)| ErrorBody {
+                    code,
+                    message,
+                    data: None,
+                }),
+            }
+        }
+        EnvelopeKind::StreamCredit => {
+            let ((stream, credit), r): ((u64, u64), _) = take(rest)?;
+            rest = r;
+            Envelope::StreamCredit { stream, credit }
+        }
+        EnvelopeKind::StreamCancel => {
+            let (stream, r) = take::<u64>(rest)?;
+            rest = r;
+            Envelope::StreamCancel { stream }
+        }
     };
     if rest.is_empty() {
         Ok(envelope)

@@ -17,6 +17,7 @@ use crate::handler::{DefaultErrorHandler, ErrorHandler, Incoming, Reply, Router}
 use crate::limits::Limits;
 use crate::message::Attributes;
 use crate::middleware::Middleware;
+use crate::stream::Streams;
 use crate::transport::Channel;
 
 /// An inbound envelope, as the observer hook ([`Builder::on_inbound`]) sees it.
@@ -66,6 +67,8 @@ pub struct Builder<S = Router> {
     max_in_flight: usize,
     token: Option<String>,
     outbound: Vec<Arc<dyn Middleware>>,
+    stream_window: u64,
+    stream_idle_timeout: Duration,
 }
 
 impl Builder<Router> {
@@ -88,6 +91,8 @@ impl Builder<Router> {
             max_in_flight: 4096,
             token: None,
             outbound: Vec::new(),
+            stream_window: 256,
+            stream_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -110,6 +115,8 @@ impl<S> Builder<S> {
             max_in_flight: self.max_in_flight,
             token: self.token,
             outbound: self.outbound,
+            stream_window: self.stream_window,
+            stream_idle_timeout: self.stream_idle_timeout,
         }
     }
 
@@ -190,6 +197,21 @@ impl<S> Builder<S> {
         self
     }
 
+    /// The default window of the remote streams this side consumes: how many items the
+    /// producer may send ahead of consumption (and so the most that are ever buffered).
+    /// Default: 256.
+    pub fn stream_window(mut self, items: u64) -> Self {
+        self.stream_window = items.max(1);
+        self
+    }
+
+    /// How long a stream this side offers may go unconsumed (no pull, no credit) before it is
+    /// released. Default: 60 s.
+    pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_idle_timeout = timeout;
+        self
+    }
+
     /// The token this side presents in the handshake.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
@@ -239,6 +261,7 @@ where
         let lifecycle = Arc::new(Lifecycle::new(
             self.config.limits.max_frame_length,
             self.max_in_flight,
+            Streams::new(self.config.codec, self.stream_idle_timeout),
         ));
         let shared = Arc::new(Shared {
             commands: tx,
@@ -248,6 +271,7 @@ where
             default_timeout: self.default_timeout,
             limits: self.config.limits,
             outbound: (!self.outbound.is_empty()).then(|| self.outbound.into()),
+            stream_window: self.stream_window,
         });
         let dispatcher = Dispatcher::from_shared(shared);
         let span = tracing::info_span!(

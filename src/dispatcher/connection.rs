@@ -34,11 +34,15 @@ use crate::error::{
     code, CallError, HandshakeError, IntoHandlerError, ProtocolError, RemoteError, Termination,
 };
 use crate::handler::{ErrorHandler, Failed, Incoming, Reply, ReplyBody};
+use crate::hash::SeededState;
 use crate::limits::{Limit, LimitExceeded, Limits};
 use crate::message::Attributes;
+use crate::stream::storage::Batch;
+use crate::stream::{StreamEvent, POSITION_ATTRIBUTE, PULL_METHOD};
 use crate::transport::frame::{Frame, FrameReader, FrameWriter};
 use crate::transport::handshake::{handshake, Hello, PROTOCOL_VERSION};
 use crate::transport::Channel;
+use std::collections::HashMap;
 
 /// Turns of the loop before yielding to other tasks.
 const BUDGET: usize = 32;
@@ -99,6 +103,12 @@ struct Driver<S: Service<Incoming>> {
     shared: Weak<Shared>,
     lifecycle: Arc<Lifecycle>,
     outgoing: Outgoing,
+    /// The peer's streams we consume, by the peer's stream id.
+    streams_in: HashMap<u64, mpsc::UnboundedSender<StreamEvent>, SeededState>,
+    /// Envelopes of our streams, from pumps and pulls, to write.
+    stream_out: mpsc::UnboundedReceiver<Envelope>,
+    stream_out_tx: mpsc::UnboundedSender<Envelope>,
+    sweep: Option<Pin<Box<Sleep>>>,
     /// In-flight permits of written notifications and refused calls, to give back.
     released: usize,
     incoming: Running<HandlerResult<S::Future>>,
@@ -125,6 +135,7 @@ where
         let max_frame = config.limits.max_frame_length;
         let mut reader = FrameReader::new(channel.reader, max_frame);
         let mut writer = FrameWriter::new(channel.writer);
+        let (stream_out_tx, stream_out) = mpsc::unbounded_channel();
         let hello = Hello {
             version: PROTOCOL_VERSION,
             max_frame: max_frame as u32,
@@ -160,6 +171,10 @@ where
                 shared,
                 lifecycle,
                 outgoing: Outgoing::default(),
+                streams_in: HashMap::default(),
+                stream_out,
+                stream_out_tx,
+                sweep: None,
                 released: 0,
                 incoming: Running::new(),
                 peer_max_frame: 0,
@@ -245,6 +260,16 @@ where
                 }
                 progress = true;
             }
+
+            // Batches of our streams, from their pumps and pulls.
+            while self.writer.pending() < self.config.write_high_water {
+                match self.stream_out.poll_recv(cx) {
+                    Poll::Ready(Some(envelope)) => self.write_stream_envelope(envelope),
+                    _ => break,
+                }
+                progress = true;
+            }
+            self.poll_sweep(cx);
 
             // Handlers that finished.
             while let Poll::Ready(Some(finished)) = self.incoming.poll_finished(cx) {
@@ -452,7 +477,152 @@ where
                 }
             }
             Command::Stop => self.begin_stop(Termination::Stopped),
+            Command::OpenStream {
+                stream,
+                events,
+                credit,
+            } => {
+                if !matches!(self.phase, Phase::Open) {
+                    let reason = self.lifecycle.reason_or(Termination::Stopped);
+                    let _ = events.send(StreamEvent::Terminated(reason));
+                    return;
+                }
+                self.streams_in.insert(stream, events);
+                let _ = self.write(&Envelope::StreamCredit { stream, credit });
+            }
+            Command::GrantCredit { stream, credit } => {
+                if self.streams_in.contains_key(&stream) && matches!(self.phase, Phase::Open) {
+                    let _ = self.write(&Envelope::StreamCredit { stream, credit });
+                }
+            }
+            Command::CancelStream { stream } => {
+                self.streams_in.remove(&stream);
+                if !matches!(self.phase, Phase::Closing { .. }) {
+                    let _ = self.write(&Envelope::StreamCancel { stream });
+                }
+            }
         }
+    }
+
+    /// Writes a batch or an end of one of our streams (or a pull's answer).
+    fn write_stream_envelope(&mut self, envelope: Envelope) {
+        if matches!(self.phase, Phase::Closing { .. }) {
+            return;
+        }
+        let stream = match &envelope {
+            Envelope::StreamItems { stream, .. } => Some(*stream),
+            _ => None,
+        };
+        if let Err(error) = self.write(&envelope) {
+            tracing::warn!(%error, "stream batch over the peer's frame limit");
+            if let Some(stream) = stream {
+                self.lifecycle.streams.remove(stream);
+                let end = Envelope::StreamEnd {
+                    stream,
+                    error: Some(ErrorBody {
+                        code: code::FRAME_TOO_LARGE,
+                        message: format!(
+                            "a batch of items is too large: {error}; use a smaller window"
+                        ),
+                        data: None,
+                    }),
+                };
+                let _ = self.write(&end);
+            }
+        }
+    }
+
+    /// Releases our streams nobody consumed for the idle time, telling their consumers.
+    fn poll_sweep(&mut self, cx: &mut TaskContext<'_>) {
+        loop {
+            let streams = &self.lifecycle.streams;
+            if streams.is_empty() {
+                self.sweep = None;
+                return;
+            }
+            let period = streams.idle_timeout() / 2;
+            let sweep = self
+                .sweep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
+            if sweep.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            self.sweep = None;
+            let idle = streams.idle_timeout();
+            for stream in streams.sweep() {
+                tracing::debug!(stream, "stream released after its idle time");
+                let end = Envelope::StreamEnd {
+                    stream,
+                    error: Some(ErrorBody {
+                        code: code::STREAM_RELEASED,
+                        message: format!("stream released: not consumed for {idle:?}"),
+                        data: None,
+                    }),
+                };
+                let _ = self.write(&end);
+            }
+        }
+    }
+
+    /// Ends every stream: ours are dropped, the peer's end for our consumers with `reason`.
+    fn end_streams(&mut self) {
+        self.lifecycle.streams.clear();
+        let reason = self.lifecycle.reason_or(Termination::Stopped);
+        for (_, events) in self.streams_in.drain() {
+            let _ = events.send(StreamEvent::Terminated(reason.clone()));
+        }
+    }
+
+    /// Answers a pull-mode request: the stream's next item, in a task of its own (pull mode
+    /// is the slow, seed-compatible path).
+    fn pull(&mut self, id: u64, payload: &Bytes) {
+        let streams = self.lifecycle.streams.clone();
+        let codec = self.config.codec;
+        let source = codec
+            .decode::<u64>(payload)
+            .ok()
+            .and_then(|stream| Some((stream, streams.source(stream)?)));
+        let Some((stream, source)) = source else {
+            return self.answer_error(id, code::INVALID_PARAMS, "no such stream".into());
+        };
+        let out = self.stream_out_tx.clone();
+        tokio::spawn(async move {
+            let mut source = source.lock().await;
+            let batch = std::future::poll_fn(|cx| source.poll_batch(cx, 1)).await;
+            drop(source);
+            let answer = match batch {
+                Batch::Items {
+                    position, payload, ..
+                } => Envelope::Response {
+                    id,
+                    attributes: [(POSITION_ATTRIBUTE, position.to_string())]
+                        .into_iter()
+                        .collect(),
+                    payload,
+                },
+                Batch::End => {
+                    streams.remove(stream);
+                    Envelope::Response {
+                        id,
+                        attributes: Attributes::new(),
+                        payload: codec.encode(&[(); 0]).unwrap_or_default(),
+                    }
+                }
+                Batch::Failed(error) => {
+                    streams.remove(stream);
+                    Envelope::Error {
+                        id,
+                        attributes: Attributes::new(),
+                        error: ErrorBody {
+                            code: error.code,
+                            message: error.message,
+                            data: None,
+                        },
+                    }
+                }
+            };
+            let _ = out.send(answer);
+        });
     }
 
     /// Encodes one envelope into the write buffer; an error (and nothing written) when it
@@ -529,6 +699,7 @@ where
 
     /// Fails every call awaiting an answer; with `cancel`, tells the peer to stop working on them.
     fn fail_outgoing(&mut self, cancel: bool) {
+        self.end_streams();
         let reason = self.lifecycle.reason_or(Termination::Stopped);
         let ids = self
             .outgoing
@@ -546,6 +717,7 @@ where
         let reason = self.lifecycle.reason_or(Termination::Stopped);
         self.outgoing
             .fail_all(|| CallError::Terminated(reason.clone()));
+        self.end_streams();
         self.incoming.abort_all();
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
@@ -660,6 +832,9 @@ where
                         "the peer is shutting down".into(),
                     );
                 }
+                if method.as_str() == PULL_METHOD {
+                    return self.pull(id, &payload);
+                }
                 if self.incoming.is_running(id) {
                     // Answering would be read as the answer to the first request with this id.
                     tracing::warn!(id, %method, "request reuses the id of a running request: dropped");
@@ -722,6 +897,41 @@ where
                 self.close_now();
             }
             Envelope::Goodbye => self.on_goodbye(),
+            Envelope::StreamItems {
+                stream,
+                position,
+                payload,
+            } => {
+                let delivered = self.streams_in.get(&stream).map(|events| {
+                    events
+                        .send(StreamEvent::Items { position, payload })
+                        .is_ok()
+                });
+                if delivered == Some(false) {
+                    self.streams_in.remove(&stream);
+                }
+            }
+            Envelope::StreamEnd { stream, error } => {
+                if let Some(events) = self.streams_in.remove(&stream) {
+                    let error = error.map(|e| RemoteError {
+                        code: e.code,
+                        message: e.message,
+                        data: e.data,
+                        codec: self.config.codec,
+                    });
+                    let _ = events.send(StreamEvent::End(error));
+                }
+            }
+            Envelope::StreamCredit { stream, credit } => {
+                self.lifecycle
+                    .streams
+                    .grant(stream, credit, &self.stream_out_tx);
+            }
+            Envelope::StreamCancel { stream } => {
+                if self.lifecycle.streams.remove(stream) {
+                    tracing::debug!(stream, "peer dropped a stream");
+                }
+            }
         }
     }
 

@@ -10,6 +10,7 @@ mod connection;
 mod in_flight;
 
 use std::fmt;
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -29,9 +30,10 @@ use crate::error::HandlerError;
 use crate::error::{CallError, Termination};
 use crate::handler::{Incoming, Reply, Router};
 use crate::limits::Limits;
-use crate::message::{Attributes, Notification, Request};
+use crate::message::{Attributes, Notification, Request, StreamRequest};
 use crate::middleware::Endpoint;
 use crate::middleware::{Middleware, Next};
+use crate::stream::{RemoteStream, StreamEvent, Streams};
 
 /// A handle to one connection: send requests and notifications to the peer, stop it, watch it
 /// end. Cheap to clone; every clone talks to the same connection.
@@ -81,6 +83,8 @@ pub(crate) struct Shared {
     limits: Limits,
     /// The caller-side pipeline, if any (`Builder::outbound`).
     outbound: Option<Arc<[Arc<dyn Middleware>]>>,
+    /// The default window of remote streams (`Builder::stream_window`).
+    stream_window: u64,
 }
 
 /// The part of a connection that outlives its handles: how it ended, and who to tell.
@@ -94,6 +98,8 @@ pub(crate) struct Lifecycle {
     peer_max_frame: AtomicUsize,
     /// Calls and queued notifications made through handles (`Builder::max_in_flight`).
     permits: Semaphore,
+    /// The streams this side offers the peer.
+    pub(crate) streams: Streams,
     pending_calls: AtomicUsize,
     running_handlers: AtomicUsize,
 }
@@ -127,6 +133,19 @@ pub(crate) enum Command {
     Notify(Outbound),
     Cancel(u64),
     Stop,
+    /// A consumer starts reading the peer's stream: route its items here, grant `credit`.
+    OpenStream {
+        stream: u64,
+        events: mpsc::UnboundedSender<StreamEvent>,
+        credit: u64,
+    },
+    GrantCredit {
+        stream: u64,
+        credit: u64,
+    },
+    CancelStream {
+        stream: u64,
+    },
 }
 
 impl Dispatcher {
@@ -154,6 +173,23 @@ impl Dispatcher {
             self.shared.codec.encode(&request),
             decode_typed::<R::Response>,
         )
+    }
+
+    /// Opens a stream: sends the streaming request, whose handler answers with a stream of
+    /// items ([`Router::stream`]), and returns it as a [`RemoteStream`] (windowed; see
+    /// [`RemoteStream::pull_mode`] and [`RemoteStream::window`]).
+    ///
+    /// # Cancellation
+    /// Dropping the stream tells the producer, which drops its stream.
+    pub fn stream<R: StreamRequest>(&self, request: R) -> RemoteStream<R::Item> {
+        let answer = Call::new(
+            Ok(self.shared.clone()),
+            Method::from_static(R::METHOD),
+            self.shared.codec.encode(&request),
+            decode_typed::<u64>,
+        )
+        .into_future();
+        RemoteStream::opening(Arc::clone(&self.shared), answer, self.shared.stream_window)
     }
 
     /// Sends an untyped request: a method name and a payload already encoded with the
@@ -294,6 +330,27 @@ impl fmt::Debug for Dispatcher {
 // ===== impl Shared =====
 
 impl Shared {
+    pub(crate) fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    pub(crate) fn stream_window(&self) -> u64 {
+        self.stream_window
+    }
+
+    /// Queues a command for the connection task; `Err` when it is gone.
+    pub(crate) fn send_command(&self, command: Command) -> Result<(), ()> {
+        self.commands.send(command).map_err(drop)
+    }
+
+    pub(crate) fn terminated_error(&self) -> CallError {
+        self.terminated()
+    }
+
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -402,8 +459,9 @@ impl Shared {
 // ===== impl Lifecycle =====
 
 impl Lifecycle {
-    pub(crate) fn new(max_frame: usize, max_in_flight: usize) -> Self {
+    pub(crate) fn new(max_frame: usize, max_in_flight: usize, streams: Streams) -> Self {
         Self {
+            streams,
             permits: Semaphore::new(max_in_flight),
             pending_calls: AtomicUsize::new(0),
             running_handlers: AtomicUsize::new(0),

@@ -9,7 +9,7 @@ use crate::context::Context;
 use crate::error::HandlerError;
 use crate::handler::{Incoming, Reply};
 use crate::hash::SeededState;
-use crate::message::{Notification, Request};
+use crate::message::{Notification, Request, StreamRequest};
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
 type Route = Box<dyn Fn(Incoming) -> BoxFuture + Send + Sync>;
@@ -112,6 +112,47 @@ impl Router {
                         &e,
                     )))),
                 }
+            }),
+        )
+    }
+
+    /// Routes `R::METHOD` to a streaming handler, which gets the context and the decoded request
+    /// and returns a stream of items (or an error). The stream is stored in the connection's
+    /// [`Streams`](crate::Streams) and its id answered; the caller's
+    /// [`Dispatcher::stream`](crate::Dispatcher::stream) consumes it.
+    ///
+    /// # Panics
+    /// If the router is shared (cloned) already.
+    pub fn stream<R, F, Fut, S>(self, handler: F) -> Self
+    where
+        R: StreamRequest,
+        F: Fn(Context, R) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, HandlerError>> + Send + 'static,
+        S: futures_util::Stream<Item = Result<R::Item, HandlerError>> + Send + 'static,
+    {
+        self.route(
+            R::METHOD,
+            Box::new(move |incoming: Incoming| {
+                let (cx, payload) = incoming.into_parts();
+                let codec = cx.codec();
+                let request = match codec.decode::<R>(&payload) {
+                    Ok(request) => request,
+                    Err(e) => {
+                        let error = HandlerError::invalid_payload(R::METHOD, &e);
+                        return Box::pin(std::future::ready(Err(error))) as BoxFuture;
+                    }
+                };
+                let streams = cx.streams();
+                let fut = handler(cx, request);
+                Box::pin(async move {
+                    let stream = fut.await?;
+                    let streams =
+                        streams.ok_or_else(|| HandlerError::internal("connection closed"))?;
+                    let id = streams.add(stream);
+                    codec.encode(&id).map(Reply::value).map_err(|e| {
+                        HandlerError::internal(format!("could not encode the stream id: {e}"))
+                    })
+                })
             }),
         )
     }

@@ -1,0 +1,363 @@
+//! Remote streams: the seed's remote iterators, without a round trip per item.
+//!
+//! The producer keeps a stream in its connection's [`Streams`] storage and answers its id; the
+//! consumer wraps the id in a [`RemoteStream`], an ordinary `futures::Stream` that can move
+//! between tasks. Two modes:
+//!
+//! - **windowed** (the default): the consumer grants credit for a window of items; the producer
+//!   sends up to that many without waiting, batched into as few frames as possible; the consumer
+//!   renews credit as it consumes. A slow consumer makes the producer wait, so at most a window
+//!   of items is ever buffered.
+//! - **pull** (the seed's): one request per item, answered with the item and its position.
+//!
+//! A typed streaming request does the open in one step: declare it with
+//! [`stream_request!`](crate::stream_request!), serve it with
+//! [`Router::stream`](crate::Router::stream) (the handler returns any `Stream`), and consume it
+//! with [`Dispatcher::stream`](crate::Dispatcher::stream).
+//!
+//! Dropping a `RemoteStream` tells the producer, which drops its stream; a stream that ends is
+//! released on both sides; a stored stream nobody consumes is released after an idle time; and
+//! stopping the connection disposes every local stream and ends every remote one with
+//! [`CallError::Terminated`].
+//!
+//! # Examples
+//! ```
+//! use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, HandlerError, Router};
+//! use futures_util::StreamExt;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Count(u32);
+//! stream_request!(Count => u32, "count");
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let (a, b) = Channel::pair();
+//! let router = Router::new().stream(|_cx: Context, Count(n)| async move {
+//!     Ok::<_, HandlerError>(futures_util::stream::iter((0..n).map(Ok)))
+//! });
+//! let _server = Dispatcher::builder().handler(router).spawn(b);
+//! let client = Dispatcher::builder().spawn(a);
+//!
+//! let items: Vec<u32> = client.stream(Count(5)).map(Result::unwrap).collect().await;
+//! assert_eq!(items, [0, 1, 2, 3, 4]);
+//! # }
+//! ```
+
+pub(crate) mod storage;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+pub use storage::{StreamStatus, Streams};
+
+use crate::dispatcher::{Command, RawResponse, ResponseFuture, Shared};
+use crate::error::{CallError, RemoteError, Termination};
+
+/// The reserved method of a pull-mode request: its payload is the stream id, its answer the
+/// next item as a one-item sequence (empty at the end) with the position in an attribute.
+pub(crate) const PULL_METHOD: &str = "$stream/next";
+/// The attribute carrying a pulled item's position.
+pub(crate) const POSITION_ATTRIBUTE: &str = "stream-position";
+
+/// What the connection task hands a consumer.
+#[derive(Debug)]
+pub(crate) enum StreamEvent {
+    Items { position: u64, payload: Bytes },
+    End(Option<RemoteError>),
+    Terminated(Termination),
+}
+
+/// A stream of items produced by the peer: a `futures::Stream` of `Result<T, CallError>`.
+///
+/// After an error item the stream ends. See the [module docs](self).
+///
+/// # Cancellation
+/// Dropping it tells the producer, which drops its stream.
+#[must_use = "streams do nothing unless polled"]
+pub struct RemoteStream<T> {
+    shared: Option<Arc<Shared>>,
+    state: State,
+    window: u64,
+    /// Items yielded since the last credit grant.
+    consumed: u64,
+    buffer: VecDeque<T>,
+    /// Position of the next item in `buffer`.
+    next_position: u64,
+    /// Position of the last item yielded (the seed's `getPosition`).
+    position: Option<u64>,
+    _item: PhantomData<fn() -> T>,
+}
+
+enum State {
+    /// The streaming request is in flight; its answer is the stream id.
+    Opening {
+        answer: ResponseFuture<u64>,
+        pull: bool,
+    },
+    Windowed {
+        id: u64,
+        events: mpsc::UnboundedReceiver<StreamEvent>,
+    },
+    Pulling {
+        id: u64,
+        next: Option<ResponseFuture<RawResponse>>,
+    },
+    /// An error to yield, then the end.
+    Failing(Option<CallError>),
+    Done,
+}
+
+impl<T: DeserializeOwned> RemoteStream<T> {
+    pub(crate) fn opening(shared: Arc<Shared>, answer: ResponseFuture<u64>, window: u64) -> Self {
+        Self::with_state(
+            Some(shared),
+            State::Opening {
+                answer,
+                pull: false,
+            },
+            window,
+        )
+    }
+
+    fn with_state(shared: Option<Arc<Shared>>, state: State, window: u64) -> Self {
+        Self {
+            shared,
+            state,
+            window: window.max(1),
+            consumed: 0,
+            buffer: VecDeque::new(),
+            next_position: 0,
+            position: None,
+            _item: PhantomData,
+        }
+    }
+
+    /// The windowed stream `id` that the peer stored (its handler answered the id).
+    pub fn windowed(dispatcher: &crate::Dispatcher, id: u64) -> Self {
+        let shared = Arc::clone(dispatcher.shared());
+        let window = shared.stream_window();
+        let mut stream = Self::with_state(Some(shared), State::Done, window);
+        stream.start(id, false);
+        stream
+    }
+
+    /// The stream `id` that the peer stored, pulled one request per item (the seed's
+    /// `RemoteIterator`).
+    pub fn pull(dispatcher: &crate::Dispatcher, id: u64) -> Self {
+        let shared = Arc::clone(dispatcher.shared());
+        let window = shared.stream_window();
+        let mut stream = Self::with_state(Some(shared), State::Done, window);
+        stream.start(id, true);
+        stream
+    }
+
+    /// Uses pull mode (one request per item) instead of windows; before the first item.
+    pub fn pull_mode(mut self) -> Self {
+        match &mut self.state {
+            State::Opening { pull, .. } => *pull = true,
+            State::Windowed { id, .. } if self.next_position == 0 => {
+                let id = *id;
+                self.cancel();
+                self.start(id, true);
+            }
+            _ => {}
+        }
+        self
+    }
+
+    /// The window: how many items the producer may send ahead of consumption. Default:
+    /// [`Builder::stream_window`](crate::Builder::stream_window).
+    pub fn window(mut self, window: u64) -> Self {
+        self.window = window.max(1);
+        self
+    }
+
+    /// The position of the last item yielded, from 0 (the seed's `getPosition`).
+    pub fn position(&self) -> Option<u64> {
+        self.position
+    }
+
+    /// Items received and not yet yielded.
+    pub fn buffered_len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    fn start(&mut self, id: u64, pull: bool) {
+        let Some(shared) = &self.shared else {
+            self.state = State::Failing(Some(CallError::Terminated(Termination::Dropped)));
+            return;
+        };
+        if pull {
+            self.state = State::Pulling { id, next: None };
+            return;
+        }
+        let (tx, events) = mpsc::unbounded_channel();
+        let open = Command::OpenStream {
+            stream: id,
+            events: tx,
+            credit: self.window,
+        };
+        if shared.send_command(open).is_err() {
+            self.state = State::Failing(Some(shared.terminated_error()));
+            return;
+        }
+        self.state = State::Windowed { id, events };
+    }
+
+    /// Tells the producer the stream is dropped, unless it is over.
+    fn cancel(&mut self) {
+        let id = match &self.state {
+            State::Windowed { id, .. } | State::Pulling { id, .. } => *id,
+            _ => return,
+        };
+        self.state = State::Done;
+        if let Some(shared) = &self.shared {
+            let _ = shared.send_command(Command::CancelStream { stream: id });
+        }
+    }
+
+    fn yield_item(&mut self, item: T) -> Poll<Option<Result<T, CallError>>> {
+        self.position = Some(self.next_position);
+        self.next_position += 1;
+        if let (State::Windowed { id, .. }, Some(shared)) = (&self.state, &self.shared) {
+            self.consumed += 1;
+            // Renew credit in halves of the window: fewer frames than one grant per item.
+            if self.consumed >= (self.window / 2).max(1) {
+                let grant = Command::GrantCredit {
+                    stream: *id,
+                    credit: std::mem::take(&mut self.consumed),
+                };
+                let _ = shared.send_command(grant);
+            }
+        }
+        Poll::Ready(Some(Ok(item)))
+    }
+
+    fn fail(&mut self, error: CallError) -> Poll<Option<Result<T, CallError>>> {
+        self.cancel();
+        self.state = State::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    fn decode_batch(&mut self, position: u64, payload: &[u8]) -> Result<(), CallError> {
+        let codec = self.shared.as_ref().map(|s| s.codec()).unwrap_or_default();
+        let items: Vec<T> = codec.decode(payload).map_err(CallError::Decode)?;
+        self.next_position = position;
+        self.buffer.extend(items);
+        Ok(())
+    }
+}
+
+impl<T: DeserializeOwned> Stream for RemoteStream<T> {
+    type Item = Result<T, CallError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(item) = this.buffer.pop_front() {
+                return this.yield_item(item);
+            }
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Failing(error) => {
+                    let error = error.take();
+                    this.state = State::Done;
+                    return Poll::Ready(error.map(Err));
+                }
+                State::Opening { answer, pull } => {
+                    let pull = *pull;
+                    match std::task::ready!(Pin::new(answer).poll(cx)) {
+                        Ok(id) => this.start(id, pull),
+                        Err(error) => return this.fail(error),
+                    }
+                }
+                State::Windowed { events, .. } => match std::task::ready!(events.poll_recv(cx)) {
+                    Some(StreamEvent::Items { position, payload }) => {
+                        if let Err(error) = this.decode_batch(position, &payload) {
+                            return this.fail(error);
+                        }
+                    }
+                    Some(StreamEvent::End(None)) | None => this.state = State::Done,
+                    Some(StreamEvent::End(Some(error))) => {
+                        this.state = State::Failing(Some(CallError::Remote(error)))
+                    }
+                    Some(StreamEvent::Terminated(reason)) => {
+                        this.state = State::Failing(Some(CallError::Terminated(reason)))
+                    }
+                },
+                State::Pulling { id, next } => {
+                    let id = *id;
+                    let Some(shared) = &this.shared else {
+                        return this.fail(CallError::Terminated(Termination::Dropped));
+                    };
+                    let pending = next.get_or_insert_with(|| {
+                        let payload = shared.codec().encode(&id).unwrap_or_default();
+                        crate::Dispatcher::from_shared(Arc::clone(shared))
+                            .call_raw(PULL_METHOD, payload)
+                            .into_future()
+                    });
+                    let answer = std::task::ready!(Pin::new(pending).poll(cx));
+                    *next = None;
+                    match answer {
+                        Ok(raw) => {
+                            let position = raw
+                                .attributes
+                                .get(POSITION_ATTRIBUTE)
+                                .and_then(|p| p.parse().ok())
+                                .unwrap_or(this.next_position);
+                            if let Err(error) = this.decode_batch(position, &raw.payload) {
+                                return this.fail(error);
+                            }
+                            if this.buffer.is_empty() {
+                                // The end: the producer released the stream itself.
+                                this.state = State::Done;
+                            }
+                        }
+                        Err(error) => return this.fail(error),
+                    }
+                }
+            }
+        }
+    }
+}
+
+// NB. Nothing in it is pinned structurally (items are moved out of the buffer by value).
+impl<T> Unpin for RemoteStream<T> {}
+
+impl<T> Drop for RemoteStream<T> {
+    fn drop(&mut self) {
+        if let (State::Windowed { id, .. } | State::Pulling { id, .. }, Some(shared)) =
+            (&self.state, &self.shared)
+        {
+            let _ = shared.send_command(Command::CancelStream { stream: *id });
+        }
+    }
+}
+
+impl<T> fmt::Debug for RemoteStream<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Opening { .. } => "opening",
+            State::Windowed { .. } => "windowed",
+            State::Pulling { .. } => "pulling",
+            State::Failing(_) => "failing",
+            State::Done => "done",
+        };
+        f.debug_struct("RemoteStream")
+            .field("state", &state)
+            .field("position", &self.position)
+            .field("buffered", &self.buffer.len())
+            .finish_non_exhaustive()
+    }
+}
