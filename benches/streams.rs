@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench --bench streams
-//! cargo bench --bench streams -- --items 100000
+//! cargo bench --bench streams -- --items 100000 --window 256
 //! ```
 #![allow(missing_docs)]
 
@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 
-const WINDOW: u64 = 4096;
 const ITEM: &str = "0123456789abcdef0123456789abcdef"; // 32 bytes
 
 #[derive(Serialize, Deserialize)]
@@ -28,7 +27,9 @@ async fn dispatchers(window: u64) -> (Dispatcher, Dispatcher) {
     let router = Router::new().stream(|_cx: Context, Items(n)| async move {
         Ok::<_, HandlerError>(stream::iter((0..n).map(|_| Ok(ITEM.to_string()))))
     });
-    let server = Dispatcher::builder().handler(router).spawn(Channel::from(b));
+    let server = Dispatcher::builder()
+        .handler(router)
+        .spawn(Channel::from(b));
     let client = Dispatcher::builder()
         .stream_window(window)
         .connect(Channel::from(a))
@@ -37,8 +38,8 @@ async fn dispatchers(window: u64) -> (Dispatcher, Dispatcher) {
     (client, server)
 }
 
-async fn remote(items: u64, pull: bool) -> Duration {
-    let (client, _server) = dispatchers(WINDOW).await;
+async fn remote(items: u64, window: u64, pull: bool) -> Duration {
+    let (client, _server) = dispatchers(window).await;
     let start = Instant::now();
     let stream = client.stream(Items(items));
     let stream = if pull { stream.pull_mode() } else { stream };
@@ -86,6 +87,11 @@ fn main() {
         .position(|a| a == "--items")
         .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(1_000_000u64);
+    let window = args
+        .iter()
+        .position(|a| a == "--window")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(4096u64);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -93,10 +99,10 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let raw = raw(items).await;
-        let windowed = remote(items, false).await;
-        let pull = remote(items, true).await;
+        let windowed = remote(items, window, false).await;
+        let pull = remote(items, window, true).await;
         let rate = |d: Duration| items as f64 / d.as_secs_f64();
-        println!("streams: {items} items of 32 bytes, Unix socket, one process, multi-thread runtime (2 workers)");
+        println!("streams: {items} items of 32 bytes, window {window}, Unix socket, one process, multi-thread runtime (2 workers)");
         println!("raw frames     {:>12.0} items/s", rate(raw));
         println!(
             "windowed       {:>12.0} items/s   {:.2}x the raw time",

@@ -91,7 +91,7 @@ impl Builder<Router> {
             max_in_flight: 4096,
             token: None,
             outbound: Vec::new(),
-            stream_window: 256,
+            stream_window: 1024,
             stream_idle_timeout: Duration::from_secs(60),
         }
     }
@@ -199,7 +199,8 @@ impl<S> Builder<S> {
 
     /// The default window of the remote streams this side consumes: how many items the
     /// producer may send ahead of consumption (and so the most that are ever buffered).
-    /// Default: 256.
+    /// Larger windows keep a fast consumer from waiting on credit (see BENCHMARKS.md); smaller
+    /// ones bound memory for large items. Default: 1024.
     pub fn stream_window(mut self, items: u64) -> Self {
         self.stream_window = items.max(1);
         self
