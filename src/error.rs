@@ -374,15 +374,20 @@ impl HandlerError {
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
     fn from(error: E) -> Self {
-        let mut message = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        Self::internal(message)
+        Self::internal(chain(&error))
     }
+}
+
+/// An error's message followed by its sources': `outer: inner: root`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 impl fmt::Debug for HandlerError {
@@ -422,16 +427,7 @@ impl IntoHandlerError for BoxError {
     fn into_handler_error(self) -> HandlerError {
         match self.downcast::<BoxedHandlerError>() {
             Ok(boxed) => boxed.0,
-            Err(other) => {
-                let mut message = other.to_string();
-                let mut source = other.source();
-                while let Some(cause) = source {
-                    message.push_str(": ");
-                    message.push_str(&cause.to_string());
-                    source = cause.source();
-                }
-                HandlerError::internal(message)
-            }
+            Err(other) => HandlerError::internal(chain(&*other)),
         }
     }
 }

@@ -70,12 +70,9 @@ impl Router {
             Box::new(move |incoming: Incoming| {
                 let (cx, payload) = incoming.into_parts();
                 let codec = cx.codec();
-                let request = match codec.decode::<R>(&payload) {
+                let request = match decode::<R>(&cx, &payload, R::METHOD) {
                     Ok(request) => request,
-                    Err(e) => {
-                        let error = HandlerError::invalid_payload(R::METHOD, &e);
-                        return Box::pin(std::future::ready(Err(error))) as BoxFuture;
-                    }
+                    Err(error) => return failed(error),
                 };
                 let fut = handler(cx, request);
                 Box::pin(async move {
@@ -102,15 +99,12 @@ impl Router {
             N::METHOD,
             Box::new(move |incoming: Incoming| {
                 let (cx, payload) = incoming.into_parts();
-                match cx.codec().decode::<N>(&payload) {
+                match decode::<N>(&cx, &payload, N::METHOD) {
                     Ok(notification) => {
                         let fut = handler(cx, notification);
                         Box::pin(async move { fut.await.map(|()| Reply::nothing()) }) as BoxFuture
                     }
-                    Err(e) => Box::pin(std::future::ready(Err(HandlerError::invalid_payload(
-                        N::METHOD,
-                        &e,
-                    )))),
+                    Err(error) => failed(error),
                 }
             }),
         )
@@ -135,12 +129,9 @@ impl Router {
             Box::new(move |incoming: Incoming| {
                 let (cx, payload) = incoming.into_parts();
                 let codec = cx.codec();
-                let request = match codec.decode::<R>(&payload) {
+                let request = match decode::<R>(&cx, &payload, R::METHOD) {
                     Ok(request) => request,
-                    Err(e) => {
-                        let error = HandlerError::invalid_payload(R::METHOD, &e);
-                        return Box::pin(std::future::ready(Err(error))) as BoxFuture;
-                    }
+                    Err(error) => return failed(error),
                 };
                 let streams = cx.streams();
                 let fut = handler(cx, request);
@@ -186,6 +177,21 @@ impl Router {
     }
 }
 
+/// Decodes a route's message, or says why the payload is not one.
+fn decode<M: serde::de::DeserializeOwned>(
+    cx: &Context,
+    payload: &bytes::Bytes,
+    method: &str,
+) -> Result<M, HandlerError> {
+    cx.codec()
+        .decode(payload)
+        .map_err(|e| HandlerError::invalid_payload(method, &e))
+}
+
+fn failed(error: HandlerError) -> BoxFuture {
+    Box::pin(std::future::ready(Err(error)))
+}
+
 impl tower_service::Service<Incoming> for Router {
     type Response = Reply;
     type Error = HandlerError;
@@ -198,9 +204,7 @@ impl tower_service::Service<Incoming> for Router {
     fn call(&mut self, incoming: Incoming) -> Self::Future {
         match self.routes.get(incoming.method()) {
             Some(route) => route(incoming),
-            None => Box::pin(std::future::ready(Err(HandlerError::unknown_method(
-                incoming.method(),
-            )))),
+            None => failed(HandlerError::unknown_method(incoming.method())),
         }
     }
 }
