@@ -4,8 +4,11 @@
 //!
 //! - sends a [`Request`] and awaits the correlated response ([`Dispatcher::request`]);
 //! - sends a [`Notification`]: fire and forget, never answered ([`Dispatcher::notify`]);
+//! - opens a remote stream of items with flow control ([`Dispatcher::stream`], [`stream`]);
 //! - answers the peer through a handler, usually a [`Router`] of async typed handlers that get
-//!   a [`Context`] for nested calls back to the peer;
+//!   a [`Context`] for nested calls back to the peer, wrapped in [`middleware`] or tower layers;
+//! - cancels calls by dropping them, sets deadlines that travel with the request, and is
+//!   bounded everywhere ([`Builder::max_in_flight`], [`Limits`]);
 //! - stops gracefully ([`Dispatcher::stop`]): pending calls fail with a typed
 //!   [`CallError::Terminated`], `on_stop` callbacks run exactly once.
 //!
