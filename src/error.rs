@@ -32,6 +32,8 @@ pub mod code {
     pub const DEADLINE_EXCEEDED: i64 = -32003;
     /// A remote stream was released by its producer: not consumed for its idle time.
     pub const STREAM_RELEASED: i64 = -32004;
+    /// The receiver has too much work in flight (for example pull requests); retry later.
+    pub const OVERLOADED: i64 = -32005;
 }
 
 /// An error from encoding or decoding a value or an envelope with a [`Codec`].

@@ -109,6 +109,8 @@ struct Driver<S: Service<Incoming>> {
     stream_out: mpsc::UnboundedReceiver<Envelope>,
     stream_out_tx: mpsc::UnboundedSender<Envelope>,
     sweep: Option<Pin<Box<Sleep>>>,
+    /// Pull-mode requests being answered.
+    pulls: Arc<std::sync::atomic::AtomicUsize>,
     /// In-flight permits of written notifications and refused calls, to give back.
     released: usize,
     incoming: Running<HandlerResult<S::Future>>,
@@ -175,6 +177,7 @@ where
                 stream_out,
                 stream_out_tx,
                 sweep: None,
+                pulls: Arc::default(),
                 released: 0,
                 incoming: Running::new(),
                 peer_max_frame: 0,
@@ -585,8 +588,19 @@ where
         let Some((stream, source)) = source else {
             return self.answer_error(id, code::INVALID_PARAMS, "no such stream".into());
         };
+        // Pulls run in tasks of their own: bound them like handlers, or a peer could start
+        // any number of them.
+        if self.pulls.load(std::sync::atomic::Ordering::Relaxed)
+            >= self.config.max_concurrent_handlers
+        {
+            let message = "too many pulls in flight".into();
+            return self.answer_error(id, code::OVERLOADED, message);
+        }
+        let pulls = Arc::clone(&self.pulls);
+        pulls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out = self.stream_out_tx.clone();
         tokio::spawn(async move {
+            let _running = PullGuard(pulls);
             let mut source = source.lock().await;
             let batch = std::future::poll_fn(|cx| source.poll_batch(cx, 1)).await;
             drop(source);
@@ -1067,6 +1081,15 @@ where
         if self.write(&envelope).is_err() {
             tracing::error!(id, "error answer over the peer's frame limit dropped");
         }
+    }
+}
+
+/// Counts a running pull until dropped.
+struct PullGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for PullGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
