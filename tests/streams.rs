@@ -294,3 +294,21 @@ async fn stop_disposes_local_streams_and_ends_remote_ones_with_terminated() {
         other => panic!("expected the stream to end terminated, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn window_set_on_a_stream_built_from_an_id_applies() {
+    let (client, _server) = peers();
+    let id = within(client.request(Store(50))).await.unwrap();
+    let mut stream = RemoteStream::<u64>::windowed(&client, id).window(3);
+    let mut next = 0;
+    while let Some(item) = within(stream.next()).await {
+        assert_eq!(item.unwrap(), next);
+        assert!(
+            stream.buffered_len() < 3,
+            "{} buffered",
+            stream.buffered_len()
+        );
+        next += 1;
+    }
+    assert_eq!(next, 50);
+}

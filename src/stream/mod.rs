@@ -105,6 +105,11 @@ enum State {
         answer: ResponseFuture<u64>,
         pull: bool,
     },
+    /// Built from a known id; starts at the first poll (so `window` and `pull_mode` apply).
+    Unopened {
+        id: u64,
+        pull: bool,
+    },
     Windowed {
         id: u64,
         events: mpsc::UnboundedReceiver<StreamEvent>,
@@ -147,9 +152,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     pub fn windowed(dispatcher: &crate::Dispatcher, id: u64) -> Self {
         let shared = Arc::clone(dispatcher.shared());
         let window = shared.stream_window();
-        let mut stream = Self::with_state(Some(shared), State::Done, window);
-        stream.start(id, false);
-        stream
+        Self::with_state(Some(shared), State::Unopened { id, pull: false }, window)
     }
 
     /// The stream `id` that the peer stored, pulled one request per item (the seed's
@@ -157,27 +160,21 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     pub fn pull(dispatcher: &crate::Dispatcher, id: u64) -> Self {
         let shared = Arc::clone(dispatcher.shared());
         let window = shared.stream_window();
-        let mut stream = Self::with_state(Some(shared), State::Done, window);
-        stream.start(id, true);
-        stream
+        Self::with_state(Some(shared), State::Unopened { id, pull: true }, window)
     }
 
-    /// Uses pull mode (one request per item) instead of windows; before the first item.
+    /// Uses pull mode (one request per item) instead of windows. It applies before the first
+    /// poll; afterwards the mode is settled.
     pub fn pull_mode(mut self) -> Self {
-        match &mut self.state {
-            State::Opening { pull, .. } => *pull = true,
-            State::Windowed { id, .. } if self.next_position == 0 => {
-                let id = *id;
-                self.cancel();
-                self.start(id, true);
-            }
-            _ => {}
+        if let State::Opening { pull, .. } | State::Unopened { pull, .. } = &mut self.state {
+            *pull = true;
         }
         self
     }
 
     /// The window: how many items the producer may send ahead of consumption. Default:
-    /// [`Builder::stream_window`](crate::Builder::stream_window).
+    /// [`Builder::stream_window`](crate::Builder::stream_window). It applies before the first
+    /// poll.
     pub fn window(mut self, window: u64) -> Self {
         self.window = window.max(1);
         self
@@ -218,7 +215,9 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     /// Tells the producer the stream is dropped, unless it is over.
     fn cancel(&mut self) {
         let id = match &self.state {
-            State::Windowed { id, .. } | State::Pulling { id, .. } => *id,
+            State::Windowed { id, .. } | State::Pulling { id, .. } | State::Unopened { id, .. } => {
+                *id
+            }
             _ => return,
         };
         self.state = State::Done;
@@ -274,6 +273,10 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                     let error = error.take();
                     this.state = State::Done;
                     return Poll::Ready(error.map(Err));
+                }
+                State::Unopened { id, pull } => {
+                    let (id, pull) = (*id, *pull);
+                    this.start(id, pull);
                 }
                 State::Opening { answer, pull } => {
                     let pull = *pull;
@@ -337,8 +340,10 @@ impl<T> Unpin for RemoteStream<T> {}
 
 impl<T> Drop for RemoteStream<T> {
     fn drop(&mut self) {
-        if let (State::Windowed { id, .. } | State::Pulling { id, .. }, Some(shared)) =
-            (&self.state, &self.shared)
+        if let (
+            State::Windowed { id, .. } | State::Pulling { id, .. } | State::Unopened { id, .. },
+            Some(shared),
+        ) = (&self.state, &self.shared)
         {
             let _ = shared.send_command(Command::CancelStream { stream: *id });
         }
@@ -349,6 +354,7 @@ impl<T> fmt::Debug for RemoteStream<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Opening { .. } => "opening",
+            State::Unopened { .. } => "unopened",
             State::Windowed { .. } => "windowed",
             State::Pulling { .. } => "pulling",
             State::Failing(_) => "failing",
