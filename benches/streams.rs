@@ -97,6 +97,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if args.iter().any(|a| a == "--profile") {
+        // For profilers: the windowed stream alone.
+        let elapsed = runtime.block_on(remote(items, window, false));
+        println!("{items} items in {elapsed:?}");
+        return;
+    }
     runtime.block_on(async {
         let raw = raw(items).await;
         let windowed = remote(items, window, false).await;
