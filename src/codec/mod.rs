@@ -120,12 +120,9 @@ impl Codec {
         let writer = dst.writer();
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => {
-                let mut writer = writer;
-                value
-                    .serialize(&mut rmp_serde::Serializer::new(&mut writer))
-                    .map_err(|e| CodecError::new(name, e))
-            }
+            Self::MessagePack => value
+                .serialize(&mut rmp_serde::Serializer::new(writer))
+                .map_err(|e| CodecError::new(name, e)),
             #[cfg(feature = "json")]
             Self::Json => {
                 serde_json::to_writer(writer, value).map_err(|e| CodecError::new(name, e))

@@ -81,21 +81,18 @@ impl Outgoing {
 
     /// Fails every pending call with `error()`, returning their ids.
     pub(crate) fn fail_all(&mut self, error: impl Fn() -> CallError) -> Vec<u64> {
-        let failed: Vec<_> = self
+        let mut released = 0;
+        let ids = self
             .pending
             .drain()
             .map(|(id, (reply, limited))| {
                 let _ = reply.send(Err(error()));
-                (id, limited)
-            })
-            .collect();
-        failed
-            .into_iter()
-            .map(|(id, limited)| {
-                self.forget(limited);
+                released += usize::from(limited);
                 id
             })
-            .collect()
+            .collect();
+        self.released += released;
+        ids
     }
 
     pub(crate) fn len(&self) -> usize {

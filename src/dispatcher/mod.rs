@@ -347,16 +347,12 @@ impl Shared {
         self.commands.send(command).map_err(drop)
     }
 
-    pub(crate) fn terminated_error(&self) -> CallError {
-        self.terminated()
-    }
-
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The error for a call that cannot be made because the connection is stopping or over.
-    fn terminated(&self) -> CallError {
+    pub(crate) fn terminated(&self) -> CallError {
         CallError::Terminated(self.lifecycle.reason_or(Termination::Stopped))
     }
 

@@ -65,24 +65,7 @@ impl Router {
         F: Fn(Context, R) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R::Response, HandlerError>> + Send + 'static,
     {
-        self.route(
-            R::METHOD,
-            Box::new(move |incoming: Incoming| {
-                let (cx, payload) = incoming.into_parts();
-                let codec = cx.codec();
-                let request = match decode::<R>(&cx, &payload, R::METHOD) {
-                    Ok(request) => request,
-                    Err(error) => return failed(error),
-                };
-                let fut = handler(cx, request);
-                Box::pin(async move {
-                    let response = fut.await?;
-                    codec.encode(&response).map(Reply::value).map_err(|e| {
-                        HandlerError::internal(format!("could not encode the response: {e}"))
-                    })
-                })
-            }),
-        )
+        self.typed(R::METHOD, handler, Context::codec, encode_answer)
     }
 
     /// Routes `N::METHOD` to `handler`, which gets the context and the decoded notification.
@@ -95,19 +78,7 @@ impl Router {
         F: Fn(Context, N) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
-        self.route(
-            N::METHOD,
-            Box::new(move |incoming: Incoming| {
-                let (cx, payload) = incoming.into_parts();
-                match decode::<N>(&cx, &payload, N::METHOD) {
-                    Ok(notification) => {
-                        let fut = handler(cx, notification);
-                        Box::pin(async move { fut.await.map(|()| Reply::nothing()) }) as BoxFuture
-                    }
-                    Err(error) => failed(error),
-                }
-            }),
-        )
+        self.typed(N::METHOD, handler, |_| (), |(), ()| Ok(Reply::nothing()))
     }
 
     /// Routes `R::METHOD` to a streaming handler, which gets the context and the decoded request
@@ -124,26 +95,45 @@ impl Router {
         Fut: Future<Output = Result<S, HandlerError>> + Send + 'static,
         S: futures_util::Stream<Item = Result<R::Item, HandlerError>> + Send + 'static,
     {
-        self.route(
+        let prepare = |cx: &Context| (cx.codec(), cx.streams());
+        self.typed(
             R::METHOD,
+            handler,
+            prepare,
+            |(codec, streams), stream: S| {
+                let streams = streams.ok_or_else(|| HandlerError::internal("connection closed"))?;
+                encode_answer(codec, streams.add(stream))
+            },
+        )
+    }
+
+    /// The one shape of every typed route: decode the message, run the handler, turn what it
+    /// returns into a reply with what `prepare` took from the context before the handler got it.
+    fn typed<M, F, Fut, T, P>(
+        self,
+        method: &'static str,
+        handler: F,
+        prepare: fn(&Context) -> P,
+        answer: fn(P, T) -> Result<Reply, HandlerError>,
+    ) -> Self
+    where
+        M: serde::de::DeserializeOwned,
+        F: Fn(Context, M) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, HandlerError>> + Send + 'static,
+        T: 'static,
+        P: Send + 'static,
+    {
+        self.route(
+            method,
             Box::new(move |incoming: Incoming| {
                 let (cx, payload) = incoming.into_parts();
-                let codec = cx.codec();
-                let request = match decode::<R>(&cx, &payload, R::METHOD) {
-                    Ok(request) => request,
+                let message = match decode::<M>(&cx, &payload, method) {
+                    Ok(message) => message,
                     Err(error) => return failed(error),
                 };
-                let streams = cx.streams();
-                let fut = handler(cx, request);
-                Box::pin(async move {
-                    let stream = fut.await?;
-                    let streams =
-                        streams.ok_or_else(|| HandlerError::internal("connection closed"))?;
-                    let id = streams.add(stream);
-                    codec.encode(&id).map(Reply::value).map_err(|e| {
-                        HandlerError::internal(format!("could not encode the stream id: {e}"))
-                    })
-                })
+                let prepared = prepare(&cx);
+                let fut = handler(cx, message);
+                Box::pin(async move { answer(prepared, fut.await?) })
             }),
         )
     }
@@ -186,6 +176,16 @@ fn decode<M: serde::de::DeserializeOwned>(
     cx.codec()
         .decode(payload)
         .map_err(|e| HandlerError::invalid_payload(method, &e))
+}
+
+fn encode_answer<T: serde::Serialize>(
+    codec: crate::Codec,
+    value: T,
+) -> Result<Reply, HandlerError> {
+    codec
+        .encode(&value)
+        .map(Reply::value)
+        .map_err(|e| HandlerError::internal(format!("could not encode the answer: {e}")))
 }
 
 fn failed(error: HandlerError) -> BoxFuture {

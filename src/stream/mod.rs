@@ -206,7 +206,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
             credit: self.window,
         };
         if shared.send_command(open).is_err() {
-            self.state = State::Failing(Some(shared.terminated_error()));
+            self.state = State::Failing(Some(shared.terminated()));
             return;
         }
         self.state = State::Windowed { id, events };
