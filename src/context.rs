@@ -11,10 +11,11 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::codec::Codec;
-use crate::dispatcher::{Call, Dispatcher, RequestOver, Shared};
+use crate::dispatcher::{send_notification, Call, Dispatcher, RequestOver};
 use crate::envelope::Method;
 use crate::error::{CallError, CodecError, Termination};
 use crate::message::{Attributes, Notification, Request};
+use crate::shared::{Permit, Shared};
 use crate::stream::Streams;
 
 /// What a handler knows about the message it handles, and its way back to the peer.
@@ -108,6 +109,13 @@ impl Context {
 
     /// Sends a nested request to the peer. It inherits this message's deadline: its timeout
     /// is at most the time left.
+    ///
+    /// While this handler runs, the peer admits the nested request outside its handler limit
+    /// ([`Limits::max_nested_requests`](crate::Limits::max_nested_requests)), so a chain of
+    /// calls back and forth completes however busy both sides are: every level of nesting
+    /// takes one of the receiving side's `max_nested_requests` while it runs, and a nested
+    /// request beyond them is refused at once ([`code::OVERLOADED`](crate::error::code::OVERLOADED)),
+    /// never left waiting.
     pub fn request<R: Request>(&self, request: R) -> Call<R::Response> {
         let call = match self.dispatcher() {
             Some(dispatcher) => dispatcher.request(request),
@@ -118,10 +126,13 @@ impl Context {
                 |codec, raw| codec.decode(&raw.payload).map_err(CallError::Decode),
             ),
         };
-        call.nested().timeout_at_most(self.remaining())
+        call.nested(self.id.unwrap_or(0))
+            .timeout_at_most(self.remaining())
     }
 
-    /// Sends a notification to the peer. Like nested requests, it takes no in-flight permit.
+    /// Sends a notification to the peer. It takes none of the handles' in-flight permits
+    /// (calls waiting for this very handler may hold them all) but one of as many of its own,
+    /// given back once it is written.
     ///
     /// # Errors
     /// As [`Dispatcher::notify`].
@@ -133,15 +144,16 @@ impl Context {
             .codec
             .encode(&notification)
             .map_err(CallError::Encode)?;
-        dispatcher
-            .shared()
-            .send_notification(
-                Method::from_static(N::METHOD),
-                Attributes::new(),
-                payload,
-                false,
-            )
-            .await
+        let method = Method::from_static(N::METHOD);
+        let attributes = Attributes::new();
+        send_notification(
+            dispatcher.shared(),
+            method,
+            attributes,
+            payload,
+            Permit::Handler,
+        )
+        .await
     }
 
     /// The request id; `None` for a notification.
@@ -220,7 +232,7 @@ impl Context {
     pub fn streams(&self) -> Option<Streams> {
         self.shared
             .upgrade()
-            .map(|shared| shared.lifecycle().streams.clone())
+            .map(|shared| shared.lifecycle.streams.clone())
     }
 
     /// The connection's codec.

@@ -33,6 +33,9 @@ pub enum EnvelopeKind {
     StreamCredit = 10,
     /// The consumer dropped a remote stream (consumer to producer).
     StreamCancel = 11,
+    /// The receiver started handling more of the sender's notifications, which frees room in
+    /// the sender's notification window.
+    NotificationCredit = 12,
 }
 
 impl EnvelopeKind {
@@ -49,6 +52,7 @@ impl EnvelopeKind {
             9 => Self::StreamEnd,
             10 => Self::StreamCredit,
             11 => Self::StreamCancel,
+            12 => Self::NotificationCredit,
             _ => return None,
         })
     }
@@ -114,6 +118,8 @@ pub(crate) enum Envelope {
         attributes: Attributes,
         /// Microseconds the caller still waits; 0 means no deadline.
         timeout_us: u64,
+        /// The receiver's own request whose handler makes this call (a nested call); 0 for none.
+        parent: u64,
         payload: Bytes,
     },
     Notification {
@@ -156,6 +162,9 @@ pub(crate) enum Envelope {
     StreamCancel {
         stream: u64,
     },
+    NotificationCredit {
+        credit: u64,
+    },
 }
 
 impl Envelope {
@@ -172,6 +181,7 @@ impl Envelope {
             Self::StreamEnd { .. } => EnvelopeKind::StreamEnd,
             Self::StreamCredit { .. } => EnvelopeKind::StreamCredit,
             Self::StreamCancel { .. } => EnvelopeKind::StreamCancel,
+            Self::NotificationCredit { .. } => EnvelopeKind::NotificationCredit,
         }
     }
 

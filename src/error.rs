@@ -121,6 +121,12 @@ pub enum Termination {
         /// The fatal error's message.
         message: String,
     },
+    /// The connection's driver went away before the connection ended: the [`Connection`]
+    /// future was dropped (its task aborted, its runtime shut down) or it panicked.
+    ///
+    /// [`Connection`]: crate::Connection
+    #[error("the connection's driver was dropped before the connection ended")]
+    Aborted,
     /// This side sent a fatal error (from its [`ErrorHandler`](crate::ErrorHandler)).
     #[error("sent fatal error {code} to the peer: {message}")]
     LocalFatal {
@@ -139,10 +145,70 @@ impl Termination {
     }
 }
 
-/// The peer broke the wire protocol. See PROTOCOL.md.
+/// The peer broke the wire protocol, or a rule every peer must keep. See PROTOCOL.md.
+///
+/// Each variant ends the connection; its message names the rule.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
+    /// A frame's length prefix was over this side's maximum frame length, which the peer knows
+    /// from the handshake.
+    #[error(
+        "the peer sent a frame of {len} bytes, over this side's maximum of {max}{}",
+        text.as_ref().map_or(String::new(), |text| format!(
+            "; its length prefix reads as text ({text:?}): the peer probably wrote text to the \
+             channel (a print to stdout in a child process?)"
+        ))
+    )]
+    FrameTooLarge {
+        /// The length the frame claimed.
+        len: usize,
+        /// This side's maximum frame length.
+        max: usize,
+        /// The length prefix as text, when its four bytes are printable.
+        text: Option<String>,
+    },
+    /// The peer sent more items of a remote stream than the consumer's credit allowed.
+    #[error(
+        "the peer sent {received} items of stream {stream} with credit for {credit}: a producer \
+         must not send beyond the consumer's credit"
+    )]
+    CreditExceeded {
+        /// The stream.
+        stream: u64,
+        /// The credit left when the items arrived.
+        credit: u64,
+        /// Items in the batch.
+        received: usize,
+    },
+    /// The peer sent more work than this side announced it accepts ([`Limits`]), and kept on
+    /// after it was refused (requests) or could not be refused (notifications).
+    ///
+    /// [`Limits`]: crate::Limits
+    #[error(
+        "the peer exceeded this side's {limit} of {max}, announced in the handshake: a peer \
+         must hold back new work while that much is pending"
+    )]
+    AdmissionExceeded {
+        /// The limit.
+        limit: crate::Limit,
+        /// Its value.
+        max: usize,
+    },
+    /// The peer stopped reading: the bytes waiting to be written to it stayed over the hard
+    /// cap for the stall timeout ([`Builder::write_stall_timeout`]).
+    ///
+    /// [`Builder::write_stall_timeout`]: crate::Builder::write_stall_timeout
+    #[error(
+        "the peer stopped reading: {pending} bytes waited to be written for {waited:?}; a peer \
+         must keep reading what it is sent"
+    )]
+    NotReading {
+        /// Bytes waiting to be written.
+        pending: usize,
+        /// How long they waited over the cap.
+        waited: Duration,
+    },
     /// End of file arrived in the middle of a frame.
     #[error(
         "connection closed in the middle of a frame ({received} of {expected} bytes received)"

@@ -63,8 +63,10 @@ mod hash;
 mod limits;
 mod message;
 pub mod middleware;
+mod shared;
 pub mod stream;
 mod transport;
+mod wake;
 
 pub use bytes;
 pub use codec::Codec;
@@ -101,7 +103,10 @@ pub mod fuzzing {
                     assert!(body.len() <= max_frame);
                     whole += 1;
                 }
-                Frame::TooLarge { len, .. } => assert!(len > max_frame),
+                Frame::TooLarge { len, .. } => {
+                    assert!(len > max_frame);
+                    break;
+                }
             }
         }
         whole

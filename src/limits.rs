@@ -1,14 +1,21 @@
-//! Limits on what one envelope may carry, checked on both sides: before sending (a typed
-//! [`CallError::Limit`](crate::CallError::Limit), nothing sent) and on receipt (the envelope is
-//! malformed: a request is answered `-32600` naming the limit, a notification is logged).
+//! Limits on what the peer may send: what one envelope may carry, and how much work may wait at
+//! once. Each side announces its limits in the handshake; a sender checks what it sends against
+//! the peer's (a typed [`CallError::Limit`](crate::CallError::Limit), nothing sent, or a call that
+//! waits for room) and a receiver checks what it receives against its own.
 
 use std::fmt;
 
 use crate::envelope::Envelope;
 use crate::message::Attributes;
 
-/// Limits on one envelope. Both peers should use compatible limits: the frame length is told to
-/// the peer in the handshake, the others are checked by each side on what it sends and receives.
+/// Limits on what the peer may send. Every field is announced to the peer in the handshake
+/// (PROTOCOL.md, section 2), so a compliant peer never exceeds them: it fails a message that is
+/// too large before sending it, and holds back new work while too much of it is pending.
+///
+/// The admission limits (`max_pending_*`, `max_nested_requests`) bound the peer's work this side
+/// holds at once. A peer that exceeds them anyway is refused (a request is answered
+/// [`code::OVERLOADED`](crate::error::code::OVERLOADED)) and, if it keeps on, cut off with a
+/// [`ProtocolError`](crate::ProtocolError) naming the limit.
 ///
 /// # Examples
 /// ```
@@ -29,6 +36,21 @@ pub struct Limits {
     pub max_attribute_bytes: usize,
     /// The longest method name, in bytes. Default: 256.
     pub max_method_length: usize,
+    /// The most requests of the peer's accepted at once, running or waiting for a handler slot
+    /// ([`Builder::max_concurrent_handlers`](crate::Builder::max_concurrent_handlers)), nested
+    /// requests aside. Default: 4096.
+    pub max_pending_requests: usize,
+    /// The most requests of the peer's that are nested in this side's own calls (made by the
+    /// peer's handler of one of our requests) accepted at once. They bypass
+    /// `max_pending_requests` and the handler limit, so that a chain of calls back and forth
+    /// always completes however busy both sides are. Default: 1024.
+    pub max_nested_requests: usize,
+    /// The most notifications of the peer's waiting for a handler slot. Default: 4096.
+    pub max_pending_notifications: usize,
+    /// The most payload bytes of the peer's pending requests and waiting notifications together
+    /// (a single message is accepted whatever its size when nothing else is pending).
+    /// Default: 64 MiB.
+    pub max_pending_bytes: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +60,10 @@ impl Default for Limits {
             max_attributes: 64,
             max_attribute_bytes: 16 * 1024,
             max_method_length: 256,
+            max_pending_requests: 4096,
+            max_nested_requests: 1024,
+            max_pending_notifications: 4096,
+            max_pending_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -54,6 +80,16 @@ pub enum Limit {
     AttributeBytes,
     /// [`Limits::max_method_length`].
     MethodLength,
+    /// [`Limits::max_pending_requests`].
+    PendingRequests,
+    /// [`Limits::max_nested_requests`].
+    NestedRequests,
+    /// [`Limits::max_pending_notifications`].
+    PendingNotifications,
+    /// [`Limits::max_pending_bytes`].
+    PendingBytes,
+    /// [`Builder::max_streams`](crate::Builder::max_streams).
+    Streams,
 }
 
 impl fmt::Display for Limit {
@@ -63,6 +99,11 @@ impl fmt::Display for Limit {
             Self::Attributes => "number of attributes",
             Self::AttributeBytes => "attribute bytes",
             Self::MethodLength => "method name length in bytes",
+            Self::PendingRequests => "number of pending requests",
+            Self::NestedRequests => "number of pending nested requests",
+            Self::PendingNotifications => "number of waiting notifications",
+            Self::PendingBytes => "pending payload bytes",
+            Self::Streams => "number of stored streams",
         })
     }
 }
@@ -114,6 +155,37 @@ impl Limits {
                 self.check_parts(None, attributes)
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Each field as a `u32` for the handshake (larger values are announced as `u32::MAX`).
+    pub(crate) fn announced(&self) -> [u32; 8] {
+        [
+            self.max_frame_length,
+            self.max_attributes,
+            self.max_attribute_bytes,
+            self.max_method_length,
+            self.max_pending_requests,
+            self.max_nested_requests,
+            self.max_pending_notifications,
+            self.max_pending_bytes,
+        ]
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// The limits a peer announced (the inverse of [`announced`](Self::announced)).
+    pub(crate) fn from_announced(fields: [u32; 8]) -> Self {
+        let [frame, attributes, attribute_bytes, method, requests, nested, notifications, bytes] =
+            fields.map(|n| n as usize);
+        Self {
+            max_frame_length: frame,
+            max_attributes: attributes,
+            max_attribute_bytes: attribute_bytes,
+            max_method_length: method,
+            max_pending_requests: requests,
+            max_nested_requests: nested,
+            max_pending_notifications: notifications,
+            max_pending_bytes: bytes,
         }
     }
 

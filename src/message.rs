@@ -247,6 +247,11 @@ impl<'de> Deserialize<'de> for Attributes {
             ) -> Result<Attributes, A::Error> {
                 let mut pairs = Vec::new();
                 while let Some(pair) = map.next_entry::<String, String>()? {
+                    if pairs.len() == crate::codec::MAX_DECODED_ATTRIBUTES {
+                        return Err(serde::de::Error::custom(
+                            "more attributes than any peer may send",
+                        ));
+                    }
                     pairs.push(pair);
                 }
                 Ok(Attributes::from_unsorted(pairs))

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::future::IntoFuture;
 use std::time::Duration;
 
@@ -13,97 +12,11 @@ use channel_dispatcher::{
     CallError, Channel, Context, Dispatcher, HandlerError, HandshakeError, ProtocolError, Router,
     Termination,
 };
-use serde::Serialize;
 use serde_json::{json, Value};
+use support::raw::{hello, NoAttributes, RawPeer, VERSION};
 use support::{within, Echo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
-
-type NoAttributes = BTreeMap<String, String>;
-
-/// A hand-written peer: frames in, frames out, MessagePack envelopes as PROTOCOL.md draws them.
-struct RawPeer {
-    io: UnixStream,
-}
-
-fn hello(version: u16, codec: &str) -> Vec<u8> {
-    let mut body = b"CHDP".to_vec();
-    body.extend_from_slice(&version.to_be_bytes());
-    body.extend_from_slice(&(16u32 << 20).to_be_bytes());
-    body.push(codec.len() as u8);
-    body.extend_from_slice(codec.as_bytes());
-    body.extend_from_slice(&0u16.to_be_bytes());
-    body
-}
-
-impl RawPeer {
-    /// A dispatcher on one end, this raw peer (handshake done) on the other.
-    async fn connect(router: Router, max_frame: usize) -> (Dispatcher, RawPeer) {
-        let (a, b) = UnixStream::pair().unwrap();
-        let dispatcher = Dispatcher::builder()
-            .handler(router)
-            .max_frame_length(max_frame)
-            .spawn(Channel::from(a));
-        let mut peer = RawPeer { io: b };
-        peer.send_frame(&hello(1, "msgpack")).await;
-        peer.send_frame(&[0]).await;
-        assert_eq!(&peer.read_frame().await.unwrap()[..4], b"CHDP");
-        assert_eq!(
-            peer.read_frame().await.unwrap(),
-            [0],
-            "the dispatcher accepts"
-        );
-        (dispatcher, peer)
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        self.io.write_all(bytes).await.unwrap();
-    }
-
-    async fn send_frame(&mut self, body: &[u8]) {
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(body);
-        self.send_raw(&frame).await;
-    }
-
-    async fn send<T: Serialize>(&mut self, envelope: &T) {
-        self.send_frame(&rmp_serde::to_vec(envelope).unwrap()).await;
-    }
-
-    async fn read_frame(&mut self) -> Option<Vec<u8>> {
-        within(async {
-            let len = self.io.read_u32().await.ok()? as usize;
-            let mut body = vec![0; len];
-            self.io.read_exact(&mut body).await.ok()?;
-            Some(body)
-        })
-        .await
-    }
-
-    /// The next envelope, as JSON for easy matching.
-    async fn read(&mut self) -> Value {
-        let frame = self.read_frame().await.expect("a frame");
-        rmp_serde::from_slice(&frame).expect("a MessagePack envelope")
-    }
-
-    /// Reads the dispatcher's request and returns its id.
-    async fn read_request(&mut self, method: &str) -> u64 {
-        let request = self.read().await;
-        assert_eq!(request[0], 1, "{request}");
-        assert_eq!(request[2], method, "{request}");
-        request[1].as_u64().unwrap()
-    }
-
-    async fn request(&mut self, id: u64, method: &str, payload: &str) {
-        self.send(&(1u8, id, method, NoAttributes::new(), 0u64, payload))
-            .await;
-    }
-
-    async fn respond(&mut self, id: u64, payload: &str) {
-        self.send(&(3u8, id, NoAttributes::new(), payload)).await;
-    }
-}
 
 fn echo_router() -> Router {
     Router::new().request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
@@ -167,18 +80,46 @@ async fn peer_closing_without_goodbye_fails_calls_in_flight() {
 }
 
 #[tokio::test]
-async fn oversized_request_is_answered_and_the_connection_stays() {
+async fn oversized_frame_ends_the_connection_naming_the_length() {
     let (dispatcher, mut peer) = RawPeer::connect(echo_router(), 1024).await;
-    let (call_id, call) = call_in_flight(&dispatcher, &mut peer).await;
+    let (_, call) = call_in_flight(&dispatcher, &mut peer).await;
+    // The peer knows our maximum from the handshake: a larger frame is a connection error.
     peer.request(9, "echo", &"x".repeat(10_000)).await;
-    let answer = peer.read().await;
-    assert_error(&answer, 9, code::FRAME_TOO_LARGE);
-    assert!(answer[4].as_str().unwrap().contains("1024"), "{answer}");
+    let fatal = peer.read().await;
+    assert_eq!(fatal[0], 5, "a fatal error tells the peer why: {fatal}");
+    assert_eq!(fatal[1], code::FRAME_TOO_LARGE, "{fatal}");
+    match within(dispatcher.closed()).await {
+        Termination::Protocol(ProtocolError::FrameTooLarge { len, max, text }) => {
+            assert!(len > 10_000, "{len}");
+            assert_eq!(
+                (max, text),
+                (1024, None),
+                "a binary prefix is not taken for text"
+            );
+        }
+        other => panic!("expected an over-length frame, got {other:?}"),
+    }
+    let err = within(call).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, CallError::Terminated(Termination::Protocol(_))),
+        "{err:?}"
+    );
+}
 
-    peer.respond(call_id, "answered").await;
-    assert_eq!(within(call).await.unwrap().unwrap(), "answered");
-    peer.request(10, "echo", "small").await;
-    assert_eq!(peer.read().await, json!([3, 10, {}, "small"]));
+#[tokio::test]
+async fn envelope_over_the_receivers_limits_is_refused_by_id() {
+    // A compliant sender checks against the limits we announced; this one does not.
+    let mut limits = channel_dispatcher::Limits::default();
+    limits.max_method_length = 4;
+    let builder = Dispatcher::builder().handler(echo_router()).limits(limits);
+    let (_dispatcher, mut peer) = RawPeer::connect_with(builder).await;
+    peer.request(3, "a/long/method", "x").await;
+    let answer = peer.read().await;
+    assert_error(&answer, 3, code::INVALID_REQUEST);
+    let message = answer[4].as_str().unwrap();
+    assert!(message.contains("method name length"), "{message}");
+    peer.request(4, "echo", "up").await;
+    assert_eq!(peer.read().await, json!([3, 4, {}, "up"]));
 }
 
 #[tokio::test]
@@ -287,7 +228,7 @@ async fn handshake_version_mismatch_is_a_typed_error_on_both_sides() {
     let (a, b) = UnixStream::pair().unwrap();
     let dispatcher = Dispatcher::builder().spawn(Channel::from(a));
     let call = tokio::spawn(dispatcher.request(Echo("never sent".into())).into_future());
-    let mut peer = RawPeer { io: b };
+    let mut peer = RawPeer::new(b);
     peer.send_frame(&hello(99, "msgpack")).await;
     assert_eq!(&peer.read_frame().await.unwrap()[..4], b"CHDP");
     let verdict = peer.read_frame().await.unwrap();
@@ -297,7 +238,7 @@ async fn handshake_version_mismatch_is_a_typed_error_on_both_sides() {
 
     match within(dispatcher.closed()).await {
         Termination::Handshake(HandshakeError::VersionMismatch {
-            ours: 1,
+            ours: VERSION,
             theirs: 99,
         }) => {}
         other => panic!("expected a version mismatch, got {other:?}"),
@@ -313,7 +254,7 @@ async fn handshake_version_mismatch_is_a_typed_error_on_both_sides() {
 async fn something_that_is_not_a_peer_is_refused() {
     let (a, b) = UnixStream::pair().unwrap();
     let dispatcher = Dispatcher::builder().spawn(Channel::from(a));
-    let mut peer = RawPeer { io: b };
+    let mut peer = RawPeer::new(b);
     peer.send_raw(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
     assert!(matches!(

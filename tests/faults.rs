@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use channel_dispatcher::error::code;
 use channel_dispatcher::{
     request, Attributes, CallError, Channel, Context, Dispatcher, HandlerError, Limit,
     LimitExceeded, Limits, Router, Termination,
@@ -329,12 +328,14 @@ async fn stop_drops_handlers_still_running_after_the_drain_timeout() {
 
 #[tokio::test]
 async fn each_limit_breach_is_a_typed_error_naming_the_limit() {
+    // The receiver's limits, announced in the handshake, are what the sender checks against.
     let mut limits = Limits::default();
     limits.max_attributes = 2;
     limits.max_attribute_bytes = 32;
     limits.max_method_length = 8;
-    let (client, _server, _probes) = peers(|b| b.max_frame_length(1024), |b| b.limits(limits));
-    within(client.request(Echo("ready".into()))).await.unwrap(); // the peer's frame limit is known
+    limits.max_frame_length = 1024;
+    let (client, _server, _probes) = peers(|b| b.limits(limits), |b| b);
+    within(client.request(Echo("ready".into()))).await.unwrap(); // the peer's limits are known
 
     let breach = |err: CallError| match err {
         CallError::Limit(LimitExceeded { limit, value, max }) => (limit, value, max),
@@ -374,26 +375,6 @@ async fn each_limit_breach_is_a_typed_error_naming_the_limit() {
     );
 }
 
-#[tokio::test]
-async fn envelope_over_the_receivers_limits_is_refused_by_id() {
-    // The sender allows long methods; the receiver does not: the request is refused, typed.
-    let mut receiver_limits = Limits::default();
-    receiver_limits.max_method_length = 4;
-    let (client, _server, _probes) = peers(|b| b.limits(receiver_limits), |b| b);
-    let err = within(client.request(Remaining)).await.unwrap_err();
-    let remote = err.as_remote().expect("a remote error");
-    assert_eq!(remote.code, code::INVALID_REQUEST);
-    assert!(
-        remote.message.contains("method name length"),
-        "{}",
-        remote.message
-    );
-    assert_eq!(
-        within(client.request(Echo("up".into()))).await.unwrap(),
-        "up"
-    );
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_stops_reading_makes_senders_wait_instead_of_growing_memory() {
     use tokio::io::AsyncWriteExt;
@@ -402,10 +383,9 @@ async fn a_peer_that_stops_reading_makes_senders_wait_instead_of_growing_memory(
         .max_in_flight(8)
         .spawn(Channel::from(ours));
     // The peer completes the handshake by writing, then never reads a byte.
-    let mut hello = b"CHDP\x00\x01\x01\x00\x00\x00\x07msgpack\x00\x00".to_vec();
-    hello.splice(0..0, (hello.len() as u32).to_be_bytes());
+    let hello = support::raw::frame(&support::raw::hello(support::raw::VERSION, "msgpack"));
     theirs.write_all(&hello).await.unwrap();
-    theirs.write_all(&[0, 0, 0, 1, 0]).await.unwrap();
+    theirs.write_all(&support::raw::frame(&[0])).await.unwrap();
 
     let payload = channel_dispatcher::Codec::default()
         .encode(&"x".repeat(64 * 1024))

@@ -239,7 +239,10 @@ async fn notification_is_never_answered(transport: Transport) {
     // Frames are handled in order: once this answer is back, an answer to either notification
     // would have been seen first.
     within(one.request(Echo("after".into()))).await.unwrap();
-    assert_eq!(*seen.lock().unwrap(), [EnvelopeKind::Response]);
+    let mut seen = seen.lock().unwrap().clone();
+    // The peer gives back notification credit as it starts them: that is no answer.
+    seen.retain(|kind| *kind != EnvelopeKind::NotificationCredit);
+    assert_eq!(seen, [EnvelopeKind::Response]);
     assert_eq!(notified.load(Ordering::SeqCst), 1);
 }
 

@@ -77,7 +77,7 @@ fn router(probe: Probe) -> Router {
         })
         .request(|cx: Context, Store(n)| async move {
             let streams = cx.streams().ok_or_else(|| HandlerError::internal("gone"))?;
-            Ok::<_, HandlerError>(streams.add(stream::iter((0..n).map(Ok::<_, HandlerError>))))
+            streams.add(stream::iter((0..n).map(Ok::<_, HandlerError>)))
         })
         .request(|cx: Context, Stored| async move {
             Ok::<_, HandlerError>(cx.streams().map_or(0, |s| s.len()))

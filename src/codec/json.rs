@@ -1,7 +1,7 @@
 //! JSON envelopes: the same arrays as MessagePack, one JSON document per frame.
 //!
 //! ```text
-//! [1, 7, "math/add", {"trace":"ab"}, 0, {"a":1,"b":2}]
+//! [1, 7, "math/add", {"trace":"ab"}, 0, 0, {"a":1,"b":2}]
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,12 +24,14 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             method,
             attributes,
             timeout_us,
+            parent,
             payload,
         } => {
             out.next().uint(*id);
             out.next().json(method.as_str());
             out.next().json(attributes);
             out.next().uint(*timeout_us);
+            out.next().uint(*parent);
             out.next().raw(payload_or_unit(CODEC, payload));
         }
         Envelope::Notification {
@@ -94,6 +96,9 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
         Envelope::StreamCancel { stream } => {
             out.next().uint(*stream);
         }
+        Envelope::NotificationCredit { credit } => {
+            out.next().uint(*credit);
+        }
     }
     out.raw(b"]");
 }
@@ -132,7 +137,12 @@ pub(super) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
 }
 
 fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, String> {
-    let elements: Vec<&RawValue> = match serde_json::from_slice(frame) {
+    let mut de = serde_json::Deserializer::from_slice(frame);
+    let parsed = serde::Deserializer::deserialize_seq(&mut de, Elements).and_then(|elements| {
+        de.end()?;
+        Ok(elements)
+    });
+    let elements: Vec<&RawValue> = match parsed {
         Ok(elements) => elements,
         Err(e) => {
             *header = scan_header(frame);
@@ -202,13 +212,14 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
     }
     Ok(match kind {
         EnvelopeKind::Request => {
-            expect(kind, 6)?;
+            expect(kind, 7)?;
             Envelope::Request {
                 id: uint(1)?,
                 method: method(2)?,
                 attributes: attributes(3)?,
                 timeout_us: uint(4)?,
-                payload: payload(5)?,
+                parent: uint(5)?,
+                payload: payload(6)?,
             }
         }
         EnvelopeKind::Notification => {
@@ -298,7 +309,39 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             expect(kind, 2)?;
             Envelope::StreamCancel { stream: uint(1)? }
         }
+        EnvelopeKind::NotificationCredit => {
+            expect(kind, 2)?;
+            Envelope::NotificationCredit { credit: uint(1)? }
+        }
     })
+}
+
+/// The most elements an envelope has (a request): a longer array is refused while it is read,
+/// so a frame of many tiny elements never sizes an allocation.
+const MAX_ELEMENTS: usize = 7;
+
+/// The top-level array of an envelope, each element kept raw.
+struct Elements;
+
+impl<'de> serde::de::Visitor<'de> for Elements {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an envelope array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut elements = Vec::with_capacity(MAX_ELEMENTS);
+        while let Some(element) = seq.next_element()? {
+            if elements.len() == MAX_ELEMENTS {
+                return Err(serde::de::Error::custom(format_args!(
+                    "more than {MAX_ELEMENTS} elements"
+                )));
+            }
+            elements.push(element);
+        }
+        Ok(elements)
+    }
 }
 
 /// Reads `[kind, id` from the start of a frame that is not valid JSON as a whole (cut off, or

@@ -20,6 +20,8 @@ mod postcard;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
+#[cfg(feature = "postcard")]
+use serde::Deserialize;
 use serde::Serialize;
 
 use crate::envelope::{Envelope, EnvelopeError};
@@ -29,6 +31,13 @@ use crate::error::CodecError;
 /// costs no allocation of its own; a chunk is freed once every payload cut from it is dropped.
 const CHUNK_SIZE: usize = 8 * 1024;
 const CHUNK_REFILL: usize = 512;
+/// The deepest nesting a MessagePack value may have (serde_json's own limit is the same): deeper
+/// input is an error, not a stack overflow.
+#[cfg(feature = "msgpack")]
+const MAX_DEPTH: usize = 128;
+/// The most attributes a decoder reads from one envelope, whatever the limits say: a peer's
+/// count never sizes more than this.
+pub(crate) const MAX_DECODED_ATTRIBUTES: usize = u16::MAX as usize;
 
 thread_local! {
     static ENCODE_CHUNK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
@@ -144,7 +153,11 @@ impl Codec {
         let bytes = if bytes.is_empty() { self.unit() } else { bytes };
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => rmp_serde::from_slice(bytes).map_err(|e| CodecError::new(name, e)),
+            Self::MessagePack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+                de.set_max_depth(MAX_DEPTH);
+                T::deserialize(&mut de).map_err(|e| CodecError::new(name, e))
+            }
             #[cfg(feature = "json")]
             Self::Json => serde_json::from_slice(bytes).map_err(|e| CodecError::new(name, e)),
             #[cfg(feature = "postcard")]
@@ -156,6 +169,38 @@ impl Codec {
                 )),
                 Err(e) => Err(CodecError::new(name, e)),
             },
+        }
+    }
+
+    /// The number of items in an encoded sequence (a batch of stream items), read without
+    /// decoding the items where the codec allows it.
+    pub(crate) fn sequence_len(self, bytes: &[u8]) -> Result<usize, CodecError> {
+        let name = self.name();
+        match self {
+            #[cfg(feature = "msgpack")]
+            Self::MessagePack => rmp::decode::read_array_len(&mut &bytes[..])
+                .map(|len| len as usize)
+                .map_err(|e| CodecError::new(name, format_args!("not a sequence: {e}"))),
+            #[cfg(feature = "json")]
+            Self::Json => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                serde::Deserializer::deserialize_seq(&mut de, CountItems)
+                    .map_err(|e| CodecError::new(name, e))
+            }
+            #[cfg(feature = "postcard")]
+            Self::Postcard => ::postcard::take_from_bytes::<Varint>(bytes)
+                .map(|(Varint(len), _)| usize::try_from(len).unwrap_or(usize::MAX))
+                .map_err(|e| CodecError::new(name, format_args!("not a sequence: {e}"))),
+        }
+    }
+
+    /// How many bytes `payload` takes in a frame (an empty one is written as the unit value):
+    /// the measure of the peer's pending-bytes window, the same on both sides.
+    pub(crate) fn payload_len(self, payload: &[u8]) -> usize {
+        if payload.is_empty() {
+            self.unit().len()
+        } else {
+            payload.len()
         }
     }
 
@@ -208,6 +253,38 @@ impl Codec {
     }
 }
 
+/// Counts the elements of a sequence, skipping over each.
+#[cfg(feature = "json")]
+struct CountItems;
+
+#[cfg(feature = "json")]
+impl<'de> serde::de::Visitor<'de> for CountItems {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of items")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let mut count = 0;
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+/// A postcard sequence's length prefix.
+#[cfg(feature = "postcard")]
+struct Varint(u64);
+
+#[cfg(feature = "postcard")]
+impl<'de> Deserialize<'de> for Varint {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        u64::deserialize(deserializer).map(Varint)
+    }
+}
+
 /// A payload for the wire: the codec's unit value when empty.
 #[cfg(any(feature = "msgpack", feature = "json"))]
 pub(crate) fn payload_or_unit(codec: Codec, payload: &Bytes) -> &[u8] {
@@ -241,14 +318,16 @@ mod tests {
                 ".{0,16}",
                 attributes(),
                 any::<u64>(),
+                any::<u64>(),
                 payload.clone()
             )
-                .prop_map(|(id, method, attributes, timeout_us, payload)| {
+                .prop_map(|(id, method, attributes, timeout_us, parent, payload)| {
                     Envelope::Request {
                         id,
                         method: Method::from(method),
                         attributes,
                         timeout_us,
+                        parent,
                         payload,
                     }
                 }),
@@ -310,6 +389,7 @@ mod tests {
             (any::<u64>(), any::<u64>())
                 .prop_map(|(stream, credit)| Envelope::StreamCredit { stream, credit }),
             any::<u64>().prop_map(|stream| Envelope::StreamCancel { stream }),
+            any::<u64>().prop_map(|credit| Envelope::NotificationCredit { credit }),
         ]
     }
 
@@ -363,6 +443,7 @@ mod tests {
                 method: Method::from_static("m"),
                 attributes: Attributes::new(),
                 timeout_us: 0,
+                parent: 0,
                 payload: codec.encode(&1u8).unwrap(),
             };
             let bytes = encode(codec, &request);
@@ -449,13 +530,14 @@ mod protocol_examples {
                 method: Method::from_static("math/add"),
                 attributes: [("trace-id", "ab12")].into_iter().collect(),
                 timeout_us: 0,
+                parent: 0,
                 payload: Codec::Json.encode(&Add { a: 2, b: 3 }).unwrap(),
             },
             &mut buf,
         );
         assert_eq!(
             &buf[..],
-            br#"[1,7,"math/add",{"trace-id":"ab12"},0,{"a":2,"b":3}]"#
+            br#"[1,7,"math/add",{"trace-id":"ab12"},0,0,{"a":2,"b":3}]"#
         );
         assert_eq!(&response(Codec::Json)[..], b"[3,7,{},5]");
     }

@@ -1,7 +1,7 @@
 //! MessagePack envelopes: one array per frame, `[kind, fields..., payload]`.
 //!
 //! ```text
-//! request        [1, id, method, attributes, timeout_us, payload]
+//! request        [1, id, method, attributes, timeout_us, parent, payload]
 //! notification   [2, method, attributes, payload]
 //! response       [3, id, attributes, payload]
 //! error          [4, id, attributes, code, message]  or  [4, id, attributes, code, message, data]
@@ -12,6 +12,7 @@
 //! stream end     [9, stream]  or  [9, stream, code, message]
 //! stream credit  [10, stream, credit]
 //! stream cancel  [11, stream]
+//! notif. credit  [12, credit]
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -34,14 +35,16 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             method,
             attributes,
             timeout_us,
+            parent,
             payload,
         } => {
-            let _ = enc::write_array_len(&mut w, 6);
+            let _ = enc::write_array_len(&mut w, 7);
             let _ = enc::write_uint(&mut w, kind);
             let _ = enc::write_uint(&mut w, *id);
             let _ = enc::write_str(&mut w, method.as_str());
             write_attributes(&mut w, attributes);
             let _ = enc::write_uint(&mut w, *timeout_us);
+            let _ = enc::write_uint(&mut w, *parent);
             w.get_mut().put_slice(payload_or_unit(CODEC, payload));
         }
         Envelope::Notification {
@@ -127,6 +130,11 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             let _ = enc::write_uint(&mut w, kind);
             let _ = enc::write_uint(&mut w, *stream);
         }
+        Envelope::NotificationCredit { credit } => {
+            let _ = enc::write_array_len(&mut w, 2);
+            let _ = enc::write_uint(&mut w, kind);
+            let _ = enc::write_uint(&mut w, *credit);
+        }
     }
 }
 
@@ -182,15 +190,17 @@ impl Reader<'_> {
         Ok(match kind {
             EnvelopeKind::Request => {
                 let id = self.id()?;
-                expect(6)?;
+                expect(7)?;
                 let method = self.method()?;
                 let attributes = self.attributes()?;
                 let timeout_us = self.uint()?;
+                let parent = self.uint()?;
                 Envelope::Request {
                     id,
                     method,
                     attributes,
                     timeout_us,
+                    parent,
                     payload: self.payload()?,
                 }
             }
@@ -292,6 +302,12 @@ impl Reader<'_> {
                 self.end()?;
                 Envelope::StreamCancel { stream }
             }
+            EnvelopeKind::NotificationCredit => {
+                expect(2)?;
+                let credit = self.uint()?;
+                self.end()?;
+                Envelope::NotificationCredit { credit }
+            }
         })
     }
 
@@ -335,6 +351,9 @@ impl Reader<'_> {
     fn attributes(&mut self) -> Read<Attributes> {
         let len = rmp::decode::read_map_len(&mut self.rest)
             .map_err(|e| format!("expected an attribute map: {e}"))?;
+        if len as usize > crate::codec::MAX_DECODED_ATTRIBUTES {
+            return Err(format!("{len} attributes, more than any peer may send"));
+        }
         // Each pair takes at least two bytes: a claimed length beyond that is a lie, and must
         // not size an allocation.
         let mut pairs = Vec::with_capacity((len as usize).min(self.rest.len() / 2));

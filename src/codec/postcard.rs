@@ -2,7 +2,7 @@
 //! rest of the frame (postcard is not self-describing, so the payload has no length of its own).
 //!
 //! ```text
-//! request        1 | id | method | attributes | timeout_us | payload...
+//! request        1 | id | method | attributes | timeout_us | parent | payload...
 //! notification   2 | method | attributes | payload...
 //! response       3 | id | attributes | payload...
 //! error          4 | id | attributes | code | message | 0            (no data)
@@ -15,6 +15,7 @@
 //!                9 | stream | 1 | code | message
 //! stream credit  10 | stream | credit
 //! stream cancel  11 | stream
+//! notif. credit  12 | credit
 //! ```
 //! Integers are varints (`code` zig-zag), strings a varint length and UTF-8, attributes a varint
 //! count and that many (name, value) string pairs.
@@ -34,9 +35,10 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             method,
             attributes,
             timeout_us,
+            parent,
             payload,
         } => {
-            put(dst, &(id, method.as_str(), attributes, timeout_us));
+            put(dst, &(id, method.as_str(), attributes, timeout_us, parent));
             dst.put_slice(payload);
         }
         Envelope::Notification {
@@ -85,6 +87,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
         }
         Envelope::StreamCredit { stream, credit } => put(dst, &(stream, credit)),
         Envelope::StreamCancel { stream } => put(dst, stream),
+        Envelope::NotificationCredit { credit } => put(dst, credit),
     }
 }
 
@@ -118,14 +121,17 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
     let tail = |rest: &[u8]| frame.slice(frame.len() - rest.len()..);
     let envelope = match kind {
         EnvelopeKind::Request => {
-            let ((id, method, attributes, timeout_us), r): ((u64, &str, Attributes, u64), _) =
-                take(rest)?;
+            let ((id, method, attributes, timeout_us, parent), r): (
+                (u64, &str, Attributes, u64, u64),
+                _,
+            ) = take(rest)?;
             rest = &[];
             Envelope::Request {
                 id,
                 method: Method::from_frame(frame, method),
                 attributes,
                 timeout_us,
+                parent,
                 payload: tail(r),
             }
         }
@@ -207,6 +213,11 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             let (stream, r) = take::<u64>(rest)?;
             rest = r;
             Envelope::StreamCancel { stream }
+        }
+        EnvelopeKind::NotificationCredit => {
+            let (credit, r) = take::<u64>(rest)?;
+            rest = r;
+            Envelope::NotificationCredit { credit }
         }
     };
     if rest.is_empty() {

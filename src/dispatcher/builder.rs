@@ -7,8 +7,8 @@ use tokio::sync::mpsc;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::connection::{Config, Connection};
-use super::{Dispatcher, Lifecycle, Shared};
+use super::connection::{Config, Connection, Parts};
+use super::Dispatcher;
 use crate::codec::Codec;
 use crate::context::ContextFactory;
 use crate::envelope::EnvelopeKind;
@@ -17,6 +17,7 @@ use crate::handler::{DefaultErrorHandler, ErrorHandler, Incoming, Reply, Router}
 use crate::limits::Limits;
 use crate::message::Attributes;
 use crate::middleware::Middleware;
+use crate::shared::{Lifecycle, Shared};
 use crate::stream::Streams;
 use crate::transport::Channel;
 
@@ -65,10 +66,12 @@ pub struct Builder<S = Router> {
     config: Config,
     default_timeout: Option<Duration>,
     max_in_flight: usize,
+    max_queued_bytes: usize,
     token: Option<String>,
     outbound: Vec<Arc<dyn Middleware>>,
     stream_window: u64,
     stream_idle_timeout: Duration,
+    max_streams: usize,
 }
 
 impl Builder<Router> {
@@ -81,7 +84,8 @@ impl Builder<Router> {
                 handshake_timeout: Duration::from_secs(10),
                 drain_timeout: Duration::from_secs(5),
                 max_concurrent_handlers: 1024,
-                write_high_water: 256 * 1024,
+                write_buffer_limit: 256 * 1024,
+                write_stall_timeout: Duration::from_secs(30),
                 expected_token: None,
                 error_handler: Arc::new(DefaultErrorHandler),
                 context_factory: None,
@@ -89,10 +93,12 @@ impl Builder<Router> {
             },
             default_timeout: None,
             max_in_flight: 4096,
+            max_queued_bytes: 4 * 1024 * 1024,
             token: None,
             outbound: Vec::new(),
             stream_window: 1024,
             stream_idle_timeout: Duration::from_secs(60),
+            max_streams: 1024,
         }
     }
 }
@@ -113,10 +119,12 @@ impl<S> Builder<S> {
             config: self.config,
             default_timeout: self.default_timeout,
             max_in_flight: self.max_in_flight,
+            max_queued_bytes: self.max_queued_bytes,
             token: self.token,
             outbound: self.outbound,
             stream_window: self.stream_window,
             stream_idle_timeout: self.stream_idle_timeout,
+            max_streams: self.max_streams,
         }
     }
 
@@ -135,7 +143,8 @@ impl<S> Builder<S> {
         self
     }
 
-    /// Limits on frame length, attributes and method names. Default: [`Limits::default`].
+    /// Limits on what the peer may send (frame length, attributes, method names, pending
+    /// work), announced to it in the handshake. Default: [`Limits::default`].
     pub fn limits(mut self, limits: Limits) -> Self {
         let max_frame_length = limits.max_frame_length;
         self.config.limits = limits;
@@ -161,27 +170,70 @@ impl<S> Builder<S> {
         self
     }
 
-    /// How many calls may await answers, and notifications wait to be written, at once; a
-    /// further call or notification waits for one to finish (backpressure on the caller).
-    /// Nested calls from handlers do not count: they are bounded by
-    /// [`max_concurrent_handlers`](Self::max_concurrent_handlers). Default: 4096.
+    /// How many calls made through handles may await answers, and notifications wait to be
+    /// written, at once; a further call or notification waits for one to finish (backpressure
+    /// on the caller). They also wait while the peer holds as much of this side's work as it
+    /// announced it accepts ([`Limits`]). Nested calls from handlers take none (they are
+    /// bounded by the handlers that make them); notifications from handlers have as many
+    /// permits of their own. Values over the semaphore's maximum (about 2^61) are capped.
+    /// Default: 4096.
     pub fn max_in_flight(mut self, limit: usize) -> Self {
         self.max_in_flight = limit.max(1);
         self
     }
 
-    /// How many of the peer's messages are handled at once; beyond it, this side stops reading
-    /// and the transport pushes back on the peer. Default: 1024.
+    /// How many payload bytes of calls and notifications made through handles may wait to be
+    /// written at once (for room in the write buffer, or in the peer's window); a further one
+    /// waits, as for [`max_in_flight`](Self::max_in_flight). Notifications from handlers have
+    /// as much room of their own. A message larger than this takes all of it: it goes alone.
+    /// With [`write_buffer_limit`](Self::write_buffer_limit), this bounds what a peer that
+    /// stops reading makes this side hold. Default: 4 MiB.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes.max(1);
+        self
+    }
+
+    /// How many of the peer's requests and notifications are handled at once (nested requests
+    /// aside: see [`Limits::max_nested_requests`]); beyond it, the peer's new work waits in
+    /// admission, within the [`Limits`] announced to it. Reading never stops: answers,
+    /// cancels and stream credit keep flowing.
+    ///
+    /// Handlers are futures polled by the connection's own task, not tasks of their own:
+    /// a handler that blocks or burns CPU holds up the connection (spawn such work, or use
+    /// `spawn_blocking`). Requests and notifications start in the order they arrived, and
+    /// finish in whatever order their handlers do. Default: 1024.
     pub fn max_concurrent_handlers(mut self, limit: usize) -> Self {
         self.config.max_concurrent_handlers = limit.max(1);
         self
     }
 
-    /// How many bytes may wait in the write buffer before the connection stops taking calls
-    /// and reading the peer's requests until the transport has taken them (a peer that does
-    /// not read makes our callers wait, instead of our memory grow). Default: 256 KiB.
+    /// How many bytes may wait in the write buffer before the connection starts no new work
+    /// of its own (calls from handles, handlers for the peer, stream items) until the
+    /// transport has taken them. Answers, cancels and credit are still written. Default:
+    /// 256 KiB.
+    ///
+    /// The buffer's hard cap is 4 times this plus the peer's largest frame: past it for
+    /// [`write_stall_timeout`](Self::write_stall_timeout), the peer is taken to have stopped
+    /// reading and is cut off. So this side's unsent bytes stay within the hard cap, plus the
+    /// answers of handlers already running.
     pub fn write_buffer_limit(mut self, bytes: usize) -> Self {
-        self.config.write_high_water = bytes.max(1);
+        self.config.write_buffer_limit = bytes.max(1);
+        self
+    }
+
+    /// How long the write buffer may stay over its hard cap (see
+    /// [`write_buffer_limit`](Self::write_buffer_limit)) before the connection ends with
+    /// [`ProtocolError::NotReading`](crate::ProtocolError::NotReading). Default: 30 s.
+    pub fn write_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_stall_timeout = timeout;
+        self
+    }
+
+    /// The most streams this side stores for the peer at once ([`Streams`]); a handler that
+    /// stores one more gets an [`code::OVERLOADED`](crate::error::code::OVERLOADED) error to
+    /// answer with. Default: 1024.
+    pub fn max_streams(mut self, streams: usize) -> Self {
+        self.max_streams = streams;
         self
     }
 
@@ -250,7 +302,7 @@ impl<S> Builder<S> {
 
 impl<S> Builder<S>
 where
-    S: Service<Incoming, Response = Reply> + Send + Unpin + 'static,
+    S: Service<Incoming, Response = Reply> + Send + 'static,
     S::Error: IntoHandlerError,
     S::Future: Send + 'static,
 {
@@ -259,37 +311,39 @@ where
     pub fn build(self, channel: Channel) -> (Dispatcher, Connection<S>) {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
         let (tx, rx) = mpsc::unbounded_channel();
+        let streams = Streams::new(
+            self.config.codec,
+            self.stream_idle_timeout,
+            self.max_streams,
+        );
         let lifecycle = Arc::new(Lifecycle::new(
-            self.config.limits.max_frame_length,
+            self.config.limits,
             self.max_in_flight,
-            Streams::new(self.config.codec, self.stream_idle_timeout),
+            self.max_queued_bytes,
+            streams,
         ));
-        let shared = Arc::new(Shared {
-            commands: tx,
-            next_id: AtomicU64::new(1),
-            codec: self.config.codec,
-            lifecycle: lifecycle.clone(),
-            default_timeout: self.default_timeout,
-            limits: self.config.limits,
-            outbound: (!self.outbound.is_empty()).then(|| self.outbound.into()),
-            stream_window: self.stream_window,
-        });
+        let shared = Arc::new(Shared::new(
+            tx,
+            self.config.codec,
+            Arc::clone(&lifecycle),
+            self.default_timeout,
+            (!self.outbound.is_empty()).then(|| self.outbound.into()),
+            self.stream_window,
+        ));
         let dispatcher = Dispatcher::from_shared(shared);
         let span = tracing::info_span!(
             "connection",
             id = CONNECTIONS.fetch_add(1, Ordering::Relaxed),
             transport = channel.label()
         );
-        let connection = Connection::new(
-            channel,
-            self.handler,
-            self.config,
-            self.token,
-            dispatcher.downgrade(),
-            rx,
+        let parts = Parts {
+            service: self.handler,
+            config: self.config,
+            commands: rx,
+            shared: dispatcher.downgrade(),
             lifecycle,
-            span,
-        );
+        };
+        let connection = Connection::new(channel, self.token, parts, span);
         (dispatcher, connection)
     }
 

@@ -1,7 +1,6 @@
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -11,13 +10,13 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use super::{Command, Outbound, Shared};
 use crate::codec::Codec;
 use crate::envelope::Method;
-use crate::error::{CallError, CodecError, HandlerError, RemoteError, Termination};
+use crate::error::{code, CallError, CodecError, HandlerError, RemoteError, Termination};
 use crate::handler::{Incoming, Reply, ReplyBody};
 use crate::message::Attributes;
-use crate::middleware::{Endpoint, Middleware, Next};
+use crate::middleware::{Endpoint, Next};
+use crate::shared::{Command, Outbound, Permit, RawAnswer, Shared};
 
 type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 
@@ -52,14 +51,20 @@ type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 #[must_use = "a call does nothing until it is awaited"]
 pub struct Call<T> {
     target: Result<Arc<Shared>, Termination>,
-    /// Takes an in-flight permit (calls through a handle; not nested calls from handlers).
-    limited: bool,
+    /// A handle's in-flight permit, or none for a nested call from a handler.
+    permit: Permit,
+    /// The peer's request whose handler makes this call; 0 for none.
+    parent: u64,
     /// Goes through the caller-side middleware (false once it has).
     pipeline: bool,
     method: Method,
     payload: Result<Bytes, CodecError>,
     attributes: Attributes,
     timeout: Option<Duration>,
+    /// Fixed by an outer step (the caller-side pipeline), instead of counted from the timeout.
+    deadline: Option<Instant>,
+    /// The queued bytes its permit holds, once taken.
+    queued: u32,
     decode: Decode<T>,
 }
 
@@ -76,12 +81,15 @@ impl<T> Call<T> {
             .and_then(|shared| shared.default_timeout);
         Self {
             target,
-            limited: true,
+            permit: Permit::Handle,
+            parent: 0,
             pipeline: true,
             method,
             payload,
             attributes: Attributes::new(),
             timeout,
+            deadline: None,
+            queued: 0,
             decode,
         }
     }
@@ -99,17 +107,24 @@ impl<T> Call<T> {
     }
 
     /// Fails the call with [`CallError::Timeout`] if no answer arrives within `timeout`
-    /// (replacing the dispatcher's default). The peer is told how long the caller waits.
+    /// (replacing the dispatcher's default). The time counts from when the call is awaited
+    /// (or made a future) and covers everything: waiting for an in-flight permit
+    /// ([`Builder::max_in_flight`](crate::Builder::max_in_flight)), the caller-side middleware,
+    /// waiting for room in the peer's window, and the answer. The peer is told how long the
+    /// caller still waits. A timeout too long to add to the clock (`Duration::MAX`) means no
+    /// deadline.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
-    /// A nested call from a handler: it takes no in-flight permit, since the handlers that
-    /// make them are bounded already, and a handler waiting for a permit held by calls that
-    /// wait for that handler would deadlock.
-    pub(crate) fn nested(mut self) -> Self {
-        self.limited = false;
+    /// A nested call from the handler of the peer's request `parent` (0 for a notification's
+    /// handler): it takes no in-flight permit, since the handlers that make them are bounded
+    /// already, and a handler waiting for a permit held by calls that wait for that handler
+    /// would deadlock. The peer admits it outside its handler limit while `parent` runs.
+    pub(crate) fn nested(mut self, parent: u64) -> Self {
+        self.permit = Permit::None;
+        self.parent = parent;
         self
     }
 
@@ -122,15 +137,39 @@ impl<T> Call<T> {
         self
     }
 
-    /// Sends the call; its permit, if it needs one, is taken already.
-    fn start(self) -> Result<Waiting, CallError> {
+    /// The payload's length, for the queued-bytes room it takes.
+    fn len(&self) -> usize {
+        self.payload.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// The same call, answered raw.
+    fn untyped(self) -> Call<RawResponse> {
+        Call {
+            target: self.target,
+            permit: self.permit,
+            parent: self.parent,
+            pipeline: self.pipeline,
+            method: self.method,
+            payload: self.payload,
+            attributes: self.attributes,
+            timeout: self.timeout,
+            deadline: self.deadline,
+            queued: self.queued,
+            decode: |_, raw| Ok(raw),
+        }
+    }
+
+    /// Sends the call with `deadline`; its permit, if it needs one, is taken already.
+    fn start(self, deadline: Option<Instant>) -> Result<Waiting, CallError> {
         let shared = self.target.map_err(CallError::Terminated)?;
-        let limited = self.limited;
+        let (permit, queued) = (self.permit, self.queued);
         let fail = |error: CallError| {
-            shared.lifecycle.release(limited);
+            shared.lifecycle.release(permit, 1, queued as usize);
             error
         };
-        if shared.lifecycle.stopping.load(Ordering::Acquire) {
+        // NB. A nested call may still go out while its handler drains after `stop()`: the
+        // driver decides, and refuses it once that is over.
+        if permit != Permit::None && shared.lifecycle.is_stopping() {
             return Err(fail(shared.terminated()));
         }
         let payload = self.payload.map_err(|e| fail(CallError::Encode(e)))?;
@@ -139,25 +178,26 @@ impl<T> Call<T> {
             .map_err(fail)?;
         let id = shared.next_id();
         let (tx, rx) = oneshot::channel();
-        let outbound = Outbound {
-            limited,
-            id,
+        let call = Outbound {
             method: self.method,
             attributes: self.attributes,
-            timeout_us: self.timeout.map_or(0, |t| {
-                u64::try_from(t.as_micros()).unwrap_or(u64::MAX).max(1)
-            }),
             payload,
+            permit,
+            queued,
+            parent: self.parent,
         };
-        if shared.commands.send(Command::Call(outbound, tx)).is_err() {
+        let command = Command::Call {
+            id,
+            call,
+            deadline,
+            reply: tx,
+        };
+        if shared.send_command(command).is_err() {
             return Err(fail(shared.terminated()));
         }
         Ok(Waiting {
             id,
             rx,
-            timer: self
-                .timeout
-                .map(|t| (t, Box::pin(tokio::time::sleep_until(Instant::now() + t)))),
             shared,
             answered: false,
         })
@@ -168,56 +208,47 @@ impl<T> IntoFuture for Call<T> {
     type Output = Result<T, CallError>;
     type IntoFuture = ResponseFuture<T>;
 
-    fn into_future(self) -> ResponseFuture<T> {
+    fn into_future(mut self) -> ResponseFuture<T> {
         let decode = self.decode;
         let codec = self
             .target
             .as_ref()
             .map_or_else(|_| Codec::default(), |shared| shared.codec);
-        if let (Ok(shared), true) = (&self.target, self.pipeline) {
-            if let Some(middlewares) = shared.outbound.clone() {
+        // NB. The deadline is counted once, here, and covers every step after.
+        let deadline = self.deadline.or_else(|| {
+            self.timeout
+                .and_then(|timeout| Instant::now().checked_add(timeout))
+        });
+        self.deadline = deadline;
+        let timer = deadline.map(|deadline| Timer {
+            timeout: self.timeout.unwrap_or_default(),
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        });
+        let state = match &self.target {
+            Ok(shared) if self.pipeline && shared.outbound.is_some() => {
                 let shared = Arc::clone(shared);
-                return ResponseFuture {
-                    state: State::Pipeline(Box::pin(through(
-                        shared,
-                        middlewares,
-                        self.method,
-                        self.payload,
-                        self.attributes,
-                        self.limited,
-                        self.timeout,
-                    ))),
-                    codec,
-                    decode,
-                };
+                State::Pipeline(Box::pin(through(shared, self.untyped())))
             }
-        }
-        let shared = match &self.target {
-            Ok(shared) if self.limited => Some(Arc::clone(shared)),
-            _ => None,
-        };
-        let state = match shared {
-            None => State::start(self),
-            Some(shared) => {
-                let admitted = shared
-                    .lifecycle
-                    .permits
-                    .try_acquire()
-                    .map(|permit| permit.forget())
-                    .is_ok();
-                if admitted {
-                    State::start(self)
-                } else {
+            Ok(shared) => match shared.try_admit(self.permit, self.len()) {
+                Some(queued) => {
+                    self.queued = queued;
+                    State::start(self, deadline)
+                }
+                None => {
                     // All permits taken (or closed): wait for one, then send.
+                    let shared = Arc::clone(shared);
+                    let (permit, len) = (self.permit, self.len());
                     State::Admitting {
-                        admit: Box::pin(async move { shared.admit().await }),
+                        admit: Box::pin(async move { shared.admit(permit, len).await }),
                         call: Some(Box::new(self)),
                     }
                 }
-            }
+            },
+            Err(_) => State::start(self, deadline),
         };
         ResponseFuture {
             state,
+            timer,
             codec,
             decode,
         }
@@ -225,17 +256,21 @@ impl<T> IntoFuture for Call<T> {
 }
 
 /// Runs a call through the caller-side pipeline; at its end, the call is sent.
-async fn through(
-    shared: Arc<Shared>,
-    middlewares: Arc<[Arc<dyn Middleware>]>,
-    method: Method,
-    payload: Result<Bytes, CodecError>,
-    attributes: Attributes,
-    limited: bool,
-    timeout: Option<Duration>,
-) -> Result<RawResponse, CallError> {
+async fn through(shared: Arc<Shared>, call: Call<RawResponse>) -> Result<RawResponse, CallError> {
+    let Some(middlewares) = shared.outbound.clone() else {
+        return Err(shared.terminated());
+    };
+    let Call {
+        permit,
+        parent,
+        method,
+        payload,
+        attributes,
+        timeout,
+        deadline,
+        ..
+    } = call;
     let payload = payload.map_err(CallError::Encode)?;
-    let deadline = timeout.map(|t| Instant::now() + t);
     let context = crate::Context::outbound(
         Arc::downgrade(&shared),
         shared.codec,
@@ -250,14 +285,17 @@ async fn through(
         Box::pin(async move {
             let (context, payload) = incoming.into_parts();
             let (method, attributes) = context.into_call_parts();
-            let call = Call::<RawResponse> {
+            let call = Call {
                 target: Ok(shared),
-                limited,
+                permit,
+                parent,
                 pipeline: false,
                 method,
                 payload: Ok(payload),
                 attributes,
                 timeout,
+                deadline,
+                queued: 0,
                 decode: |_, raw| Ok(raw),
             };
             match call.await {
@@ -292,10 +330,77 @@ async fn through(
         })),
         ReplyBody::Fatal { code, message } => Err(CallError::Refused { code, message }),
         ReplyBody::Nothing => Err(CallError::Refused {
-            code: crate::error::code::INTERNAL_ERROR,
+            code: code::INTERNAL_ERROR,
             message: "an outbound middleware gave no answer".into(),
         }),
     }
+}
+
+/// Sends a notification, through the caller-side pipeline if there is one; it returns once
+/// the notification is queued (taking an in-flight permit of the kind, waiting for one).
+pub(crate) async fn send_notification(
+    shared: &Arc<Shared>,
+    method: Method,
+    attributes: Attributes,
+    payload: Bytes,
+    permit: Permit,
+) -> Result<(), CallError> {
+    let Some(middlewares) = shared.outbound.clone() else {
+        return queue_notification(shared, method, attributes, payload, permit).await;
+    };
+    // Through the caller-side pipeline: at its end, the notification is queued.
+    let context = crate::Context::outbound(
+        Arc::downgrade(shared),
+        shared.codec,
+        None,
+        method,
+        attributes,
+        None,
+    );
+    let incoming = Incoming { context, payload };
+    let shared = Arc::clone(shared);
+    let endpoint: Endpoint = Box::new(move |incoming: Incoming| {
+        Box::pin(async move {
+            let (context, payload) = incoming.into_parts();
+            let (method, attributes) = context.into_call_parts();
+            queue_notification(&shared, method, attributes, payload, permit)
+                .await
+                .map(|()| Reply::nothing())
+                .map_err(HandlerError::from_call)
+        })
+    });
+    match Next::new(middlewares, endpoint).run(incoming).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(error.into_call_error()),
+    }
+}
+
+async fn queue_notification(
+    shared: &Shared,
+    method: Method,
+    attributes: Attributes,
+    payload: Bytes,
+    permit: Permit,
+) -> Result<(), CallError> {
+    if permit == Permit::Handle && shared.lifecycle.is_stopping() {
+        return Err(shared.terminated());
+    }
+    shared.check_limits(&method, &attributes, &payload)?;
+    let queued = shared.admit(permit, payload.len()).await?;
+    let notification = Outbound {
+        method,
+        attributes,
+        payload,
+        permit,
+        queued,
+        parent: 0,
+    };
+    shared
+        .send_command(Command::Notify(notification))
+        .map_err(|()| {
+            shared.lifecycle.release(permit, 1, queued as usize);
+            shared.terminated()
+        })
 }
 
 impl<T> fmt::Debug for Call<T> {
@@ -331,15 +436,23 @@ impl RawResponse {
 /// The future of a [`Call`]: resolves to the decoded answer.
 ///
 /// # Cancellation
-/// Dropping it before it completes sends a cancel to the peer.
+/// Dropping it before it completes sends a cancel to the peer (or, if the call was not
+/// written yet, it never is).
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<T> {
     state: State<T>,
+    timer: Option<Timer>,
     codec: Codec,
     decode: Decode<T>,
 }
 
-type Admit = Pin<Box<dyn Future<Output = Result<(), CallError>> + Send>>;
+/// The call's deadline: it runs through every state.
+struct Timer {
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+type Admit = Pin<Box<dyn Future<Output = Result<u32, CallError>> + Send>>;
 type Pipeline = Pin<Box<dyn Future<Output = Result<RawResponse, CallError>> + Send>>;
 
 enum State<T> {
@@ -358,17 +471,63 @@ enum State<T> {
 
 struct Waiting {
     id: u64,
-    rx: oneshot::Receiver<Result<RawResponse, CallError>>,
-    timer: Option<(Duration, Pin<Box<Sleep>>)>,
+    rx: oneshot::Receiver<RawAnswer>,
     shared: Arc<Shared>,
     answered: bool,
 }
 
 impl<T> State<T> {
-    fn start(call: Call<T>) -> Self {
-        match call.start() {
+    fn start(call: Call<T>, deadline: Option<Instant>) -> Self {
+        match call.start(deadline) {
             Ok(waiting) => Self::Waiting(waiting),
             Err(e) => Self::Failed(Some(Box::new(e))),
+        }
+    }
+}
+
+impl<T> ResponseFuture<T> {
+    /// One step of the call; `Pending` while it waits.
+    fn poll_state(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, CallError>> {
+        loop {
+            match &mut self.state {
+                State::Pipeline(pipeline) => {
+                    let result = ready!(pipeline.as_mut().poll(cx));
+                    return Poll::Ready(result.and_then(|raw| (self.decode)(self.codec, raw)));
+                }
+                State::Admitting { admit, call } => {
+                    let queued = ready!(admit.as_mut().poll(cx))?;
+                    let mut call = call
+                        .take()
+                        .ok_or(CallError::Terminated(Termination::Stopped))?;
+                    call.queued = queued;
+                    let deadline = call.deadline;
+                    self.state = State::start(*call, deadline);
+                }
+                State::Waiting(waiting) => {
+                    let answer = ready!(Pin::new(&mut waiting.rx).poll(cx));
+                    // Answered (or the connection ended): nothing to cancel.
+                    waiting.answered = true;
+                    return Poll::Ready(match answer {
+                        Ok(Ok(raw)) => (self.decode)(self.codec, raw),
+                        // NB. The peer's deadline answer may beat our own timer: it is the same
+                        // deadline, so the same error.
+                        Ok(Err(CallError::Remote(e))) if e.code == code::DEADLINE_EXCEEDED => {
+                            match &self.timer {
+                                Some(timer) => Err(CallError::Timeout(timer.timeout)),
+                                None => Err(CallError::Remote(e)),
+                            }
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(waiting.shared.terminated()),
+                    });
+                }
+                State::Failed(error) => {
+                    return Poll::Ready(Err(error
+                        .take()
+                        .map_or(CallError::Terminated(Termination::Stopped), |e| *e)))
+                }
+                State::Done => panic!("ResponseFuture polled after completion"),
+            }
         }
     }
 }
@@ -378,63 +537,25 @@ impl<T> Future for ResponseFuture<T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        if let State::Pipeline(pipeline) = &mut this.state {
-            let result = ready!(pipeline.as_mut().poll(cx));
+        if let Poll::Ready(result) = this.poll_state(cx) {
             this.state = State::Done;
-            return Poll::Ready(result.and_then(|raw| (this.decode)(this.codec, raw)));
+            return Poll::Ready(result);
         }
-        if let State::Admitting { admit, call } = &mut this.state {
-            match ready!(admit.as_mut().poll(cx)) {
-                Ok(()) => match call.take() {
-                    Some(call) => this.state = State::start(*call),
-                    None => this.state = State::Failed(None),
-                },
-                Err(e) => this.state = State::Failed(Some(Box::new(e))),
+        if let Some(timer) = &mut this.timer {
+            if timer.sleep.as_mut().poll(cx).is_ready() {
+                // Dropping the state cancels whatever step the call was in.
+                this.state = State::Done;
+                return Poll::Ready(Err(CallError::Timeout(timer.timeout)));
             }
         }
-        let result = match &mut this.state {
-            // Left above: admitted, or failed; or done.
-            State::Admitting { .. } | State::Pipeline(_) => {
-                Err(CallError::Terminated(Termination::Stopped))
-            }
-            State::Failed(error) => Err(error
-                .take()
-                .map_or(CallError::Terminated(Termination::Stopped), |e| *e)),
-            State::Done => panic!("ResponseFuture polled after completion"),
-            State::Waiting(waiting) => {
-                let answer = match Pin::new(&mut waiting.rx).poll(cx) {
-                    Poll::Ready(answer) => answer,
-                    Poll::Pending => match &mut waiting.timer {
-                        Some((timeout, sleep)) => {
-                            ready!(sleep.as_mut().poll(cx));
-                            let timeout = *timeout;
-                            // Still waiting: the drop below sends the cancel.
-                            this.state = State::Done;
-                            return Poll::Ready(Err(CallError::Timeout(timeout)));
-                        }
-                        None => return Poll::Pending,
-                    },
-                };
-                match answer {
-                    Ok(Ok(raw)) => (this.decode)(this.codec, raw),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(waiting.shared.terminated()),
-                }
-            }
-        };
-        if let State::Waiting(waiting) = &mut this.state {
-            // Answered (or the connection ended): nothing to cancel.
-            waiting.answered = true;
-        }
-        this.state = State::Done;
-        Poll::Ready(result)
+        Poll::Pending
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
         if !self.answered {
-            let _ = self.shared.commands.send(Command::Cancel(self.id));
+            let _ = self.shared.send_command(Command::Cancel(self.id));
         }
     }
 }

@@ -102,7 +102,7 @@ impl Router {
             prepare,
             |(codec, streams), stream: S| {
                 let streams = streams.ok_or_else(|| HandlerError::internal("connection closed"))?;
-                encode_answer(codec, streams.add(stream))
+                encode_answer(codec, streams.add(stream)?)
             },
         )
     }

@@ -61,8 +61,9 @@ use tokio::sync::mpsc;
 
 pub use storage::{StreamStatus, Streams};
 
-use crate::dispatcher::{Command, RawResponse, ResponseFuture, Shared};
+use crate::dispatcher::{RawResponse, ResponseFuture};
 use crate::error::{CallError, RemoteError, Termination};
+use crate::shared::{Command, Shared};
 
 /// The reserved method of a pull-mode request: its payload is the stream id, its answer the
 /// next item as a one-item sequence (empty at the end) with the position in an attribute.
@@ -139,7 +140,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
         Self {
             shared,
             state,
-            window: window.max(1),
+            window: window.clamp(1, storage::MAX_CREDIT),
             consumed: 0,
             buffer: VecDeque::new(),
             next_position: 0,
@@ -151,7 +152,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     /// The windowed stream `id` that the peer stored (its handler answered the id).
     pub fn windowed(dispatcher: &crate::Dispatcher, id: u64) -> Self {
         let shared = Arc::clone(dispatcher.shared());
-        let window = shared.stream_window();
+        let window = shared.stream_window;
         Self::with_state(Some(shared), State::Unopened { id, pull: false }, window)
     }
 
@@ -159,7 +160,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     /// `RemoteIterator`).
     pub fn pull(dispatcher: &crate::Dispatcher, id: u64) -> Self {
         let shared = Arc::clone(dispatcher.shared());
-        let window = shared.stream_window();
+        let window = shared.stream_window;
         Self::with_state(Some(shared), State::Unopened { id, pull: true }, window)
     }
 
@@ -172,11 +173,12 @@ impl<T: DeserializeOwned> RemoteStream<T> {
         self
     }
 
-    /// The window: how many items the producer may send ahead of consumption. Default:
+    /// The window: how many items the producer may send ahead of consumption (from 1 to
+    /// 2^32 - 1; other values are clamped). Default:
     /// [`Builder::stream_window`](crate::Builder::stream_window). It applies before the first
     /// poll.
     pub fn window(mut self, window: u64) -> Self {
-        self.window = window.max(1);
+        self.window = window.clamp(1, storage::MAX_CREDIT);
         self
     }
 
@@ -228,7 +230,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
 
     fn yield_item(&mut self, item: T) -> Poll<Option<Result<T, CallError>>> {
         self.position = Some(self.next_position);
-        self.next_position += 1;
+        self.next_position = self.next_position.saturating_add(1);
         if let (State::Windowed { id, .. }, Some(shared)) = (&self.state, &self.shared) {
             self.consumed += 1;
             // Renew credit in halves of the window: fewer frames than one grant per item.
@@ -250,7 +252,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     }
 
     fn decode_batch(&mut self, position: u64, payload: &[u8]) -> Result<(), CallError> {
-        let codec = self.shared.as_ref().map(|s| s.codec()).unwrap_or_default();
+        let codec = self.shared.as_ref().map(|s| s.codec).unwrap_or_default();
         let items: Vec<T> = codec.decode(payload).map_err(CallError::Decode)?;
         self.next_position = position;
         self.buffer.extend(items);
@@ -291,7 +293,14 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                             return this.fail(error);
                         }
                     }
-                    Some(StreamEvent::End(None)) | None => this.state = State::Done,
+                    Some(StreamEvent::End(None)) => this.state = State::Done,
+                    // NB. Not a clean end: only the producer's end is one.
+                    None => {
+                        let reason = this.shared.as_ref().map_or(Termination::Dropped, |s| {
+                            s.lifecycle.reason_or(Termination::Stopped)
+                        });
+                        this.state = State::Failing(Some(CallError::Terminated(reason)))
+                    }
                     Some(StreamEvent::End(Some(error))) => {
                         this.state = State::Failing(Some(CallError::Remote(error)))
                     }
@@ -305,7 +314,7 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                         return this.fail(CallError::Terminated(Termination::Dropped));
                     };
                     let pending = next.get_or_insert_with(|| {
-                        let payload = shared.codec().encode(&id).unwrap_or_default();
+                        let payload = shared.codec.encode(&id).unwrap_or_default();
                         crate::Dispatcher::from_shared(Arc::clone(shared))
                             .call_raw(PULL_METHOD, payload)
                             .into_future()
@@ -319,6 +328,19 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                                 .get(POSITION_ATTRIBUTE)
                                 .and_then(|p| p.parse().ok())
                                 .unwrap_or(this.next_position);
+                            if position != this.next_position {
+                                let error = CallError::Remote(RemoteError {
+                                    code: crate::error::code::INVALID_REQUEST,
+                                    message: format!(
+                                        "stream {id} answered a pull with position {position}, \
+                                         expected {}",
+                                        this.next_position
+                                    ),
+                                    data: None,
+                                    codec: shared.codec,
+                                });
+                                return this.fail(error);
+                            }
                             if let Err(error) = this.decode_batch(position, &raw.payload) {
                                 return this.fail(error);
                             }

@@ -1,35 +1,39 @@
-//! The producer side: the connection's stream storage (the seed's `IteratorStorage`), the
-//! type-erased streams in it, and the pump that sends a windowed stream's items as credit
-//! allows.
+//! The producer side: the connection's stream storage (the seed's `IteratorStorage`) and the
+//! type-erased streams in it.
+//!
+//! The driver polls stored streams itself, in place, when the consumer wants items (credit in
+//! windowed mode, a pull in pull mode) and the write buffer has room: no task and no queue per
+//! stream, and nothing is produced that the connection cannot send yet.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use serde::Serialize;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::codec::Codec;
-use crate::envelope::{Envelope, ErrorBody};
-use crate::error::HandlerError;
+use crate::error::{code, HandlerError};
+use crate::wake::{KeyWaker, WakeQueue};
 
 /// Most items in one batch, whatever the credit.
-const MAX_BATCH: usize = 1024;
+pub(crate) const MAX_BATCH: u64 = 1024;
+/// The largest credit a stream holds: grants beyond it saturate here (PROTOCOL.md, section 8).
+pub(crate) const MAX_CREDIT: u64 = u32::MAX as u64;
 
 /// What a stream produced when polled for a batch.
 pub(crate) enum Batch {
     /// `count` items from `position`, encoded as one sequence.
     Items {
         position: u64,
-        count: usize,
+        count: u64,
         payload: Bytes,
     },
     End,
@@ -38,7 +42,7 @@ pub(crate) enum Batch {
 
 /// A typed stream behind a type-erased face: polls up to `max` ready items and encodes them.
 pub(crate) trait ErasedStream: Send {
-    fn poll_batch(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<Batch>;
+    fn poll_batch(&mut self, cx: &mut Context<'_>, max: u64) -> Poll<Batch>;
 }
 
 struct Typed<S, T> {
@@ -55,21 +59,24 @@ where
     S: Stream<Item = Result<T, HandlerError>> + Send,
     T: Serialize + Send,
 {
-    fn poll_batch(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<Batch> {
+    fn poll_batch(&mut self, cx: &mut Context<'_>, max: u64) -> Poll<Batch> {
         if let Some(after) = self.after.take() {
             return Poll::Ready(after);
         }
-        let max = max.clamp(1, MAX_BATCH);
+        let max = max.clamp(1, MAX_BATCH) as usize;
         while self.items.len() < max {
-            let next = match self.stream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(item))) => {
+            // A panic ends the stream with an error, after the items it made before.
+            let polled = catch_unwind(AssertUnwindSafe(|| self.stream.as_mut().poll_next(cx)));
+            let next = match polled {
+                Ok(Poll::Ready(Some(Ok(item)))) => {
                     self.items.push(item);
                     continue;
                 }
-                Poll::Ready(Some(Err(error))) => Batch::Failed(error),
-                Poll::Ready(None) => Batch::End,
-                Poll::Pending if self.items.is_empty() => return Poll::Pending,
-                Poll::Pending => break,
+                Ok(Poll::Ready(Some(Err(error)))) => Batch::Failed(error),
+                Ok(Poll::Ready(None)) => Batch::End,
+                Ok(Poll::Pending) if self.items.is_empty() => return Poll::Pending,
+                Ok(Poll::Pending) => break,
+                Err(panic) => Batch::Failed(HandlerError::panicked(panic_message(&*panic))),
             };
             if self.items.is_empty() {
                 return Poll::Ready(next);
@@ -86,10 +93,10 @@ where
                 ))));
             }
         };
-        let count = self.items.len();
+        let count = self.items.len() as u64;
         self.items.clear();
         let position = self.position;
-        self.position += count as u64;
+        self.position = self.position.saturating_add(count);
         Poll::Ready(Batch::Items {
             position,
             count,
@@ -98,22 +105,31 @@ where
     }
 }
 
-pub(crate) type Source = Arc<tokio::sync::Mutex<Box<dyn ErasedStream>>>;
-
-struct Entry {
-    source: Source,
-    /// Credit granted by the consumer and not used yet (windowed mode).
-    credit: Arc<Semaphore>,
-    pump: Option<JoinHandle<()>>,
-    last_used: Instant,
+/// A panic's message, when it has one.
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
 }
 
-impl Drop for Entry {
-    fn drop(&mut self) {
-        if let Some(pump) = self.pump.take() {
-            pump.abort();
-        }
-    }
+/// What the consumer asked of a stream: nothing yet, items (windowed mode), or one item for a
+/// pull request (pull mode). The first credit or pull settles the mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Demand {
+    Unclaimed,
+    Credit(u64),
+    /// A pull request waiting for the next item, by its request id.
+    Pull(Option<u64>),
+}
+
+struct Entry {
+    /// Taken out while the driver polls it (so the lock is not held across user code).
+    source: Option<Box<dyn ErasedStream>>,
+    demand: Demand,
+    last_used: Instant,
+    waker: Arc<KeyWaker>,
 }
 
 /// The streams this side offers the peer, by id (the seed's `IteratorStorage`). Reach it from
@@ -121,17 +137,24 @@ impl Drop for Entry {
 ///
 /// A stream stays here until the consumer drops it, it ends, it sits unused for the idle time
 /// ([`Builder::stream_idle_timeout`](crate::Builder::stream_idle_timeout)), or the connection
-/// stops.
+/// ends. At most [`Builder::max_streams`](crate::Builder::max_streams) are stored at once.
 #[derive(Clone)]
 pub struct Streams {
     inner: Arc<Storage>,
 }
 
-pub(crate) struct Storage {
-    entries: Mutex<HashMap<u64, Entry>>,
-    next_id: AtomicU64,
+struct Storage {
+    table: Mutex<Table>,
     codec: Codec,
     idle: Duration,
+    max: usize,
+    woken: Arc<WakeQueue>,
+}
+
+struct Table {
+    entries: HashMap<u64, Entry>,
+    next_id: u64,
+    closed: bool,
 }
 
 /// A snapshot of one stored stream.
@@ -139,31 +162,94 @@ pub(crate) struct Storage {
 #[non_exhaustive]
 pub struct StreamStatus {
     /// Credit the consumer granted that is not used yet (windowed mode).
-    pub credit: usize,
-    /// Time since the consumer last pulled or granted credit.
+    pub credit: u64,
+    /// Time since the consumer last pulled or granted credit, or an item was sent.
     pub idle: Duration,
 }
 
+/// What polling a stream gave, for the driver to send.
+#[derive(Debug)]
+pub(crate) enum Produced {
+    /// A batch; `pull` is the pull request it answers (pull mode).
+    Items {
+        stream: u64,
+        position: u64,
+        payload: Bytes,
+        pull: Option<u64>,
+    },
+    /// The end (`error` if it failed); the stream is released.
+    End {
+        stream: u64,
+        error: Option<HandlerError>,
+        pull: Option<u64>,
+    },
+}
+
+/// The answer to a pull request the storage could not take.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PullRefused {
+    Unknown,
+    Windowed,
+    AlreadyPending,
+}
+
+/// What a credit grant found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Granted {
+    Windowed,
+    Unknown,
+    /// The stream is in pull mode: it is released, and the consumer must be told.
+    PullMode,
+}
+
 impl Streams {
-    pub(crate) fn new(codec: Codec, idle: Duration) -> Self {
+    pub(crate) fn new(codec: Codec, idle: Duration, max: usize) -> Self {
         Self {
             inner: Arc::new(Storage {
-                entries: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
+                table: Mutex::new(Table {
+                    entries: HashMap::new(),
+                    next_id: 1,
+                    closed: false,
+                }),
                 codec,
                 idle,
+                max,
+                woken: Arc::default(),
             }),
         }
     }
 
     /// Stores a stream for the peer to consume and returns its id (answer it to the peer,
     /// which builds a [`RemoteStream`](crate::RemoteStream) from it).
-    pub fn add<S, T>(&self, stream: S) -> u64
+    ///
+    /// # Errors
+    /// [`code::OVERLOADED`] when [`Builder::max_streams`](crate::Builder::max_streams) streams
+    /// are stored already, [`code::SHUTTING_DOWN`] once the connection has ended; the stream is
+    /// dropped. Return the error from the handler (`?`): the peer gets it as the answer.
+    pub fn add<S, T>(&self, stream: S) -> Result<u64, HandlerError>
     where
         S: Stream<Item = Result<T, HandlerError>> + Send + 'static,
         T: Serialize + Send + 'static,
     {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut table = self.table();
+        if table.closed {
+            return Err(HandlerError::new(
+                code::SHUTTING_DOWN,
+                "the connection has ended: no stream can be stored",
+            ));
+        }
+        if table.entries.len() >= self.inner.max {
+            return Err(HandlerError::new(
+                code::OVERLOADED,
+                format!(
+                    "too many streams: {} are stored, the most this side keeps; consume or drop \
+                     some first",
+                    self.inner.max
+                ),
+            ));
+        }
+        let id = table.next_id;
+        table.next_id = table.next_id.wrapping_add(1).max(1);
         let source: Box<dyn ErasedStream> = Box::new(Typed {
             stream: Box::pin(stream),
             codec: self.inner.codec,
@@ -172,32 +258,35 @@ impl Streams {
             items: Vec::new(),
         });
         let entry = Entry {
-            source: Arc::new(tokio::sync::Mutex::new(source)),
-            credit: Arc::new(Semaphore::new(0)),
-            pump: None,
+            source: Some(source),
+            demand: Demand::Unclaimed,
             last_used: Instant::now(),
+            waker: Arc::new(KeyWaker::new(id, Arc::clone(&self.inner.woken))),
         };
-        self.entries().insert(id, entry);
-        id
+        table.entries.insert(id, entry);
+        Ok(id)
     }
 
     /// The status of stream `id`, if stored.
     pub fn get(&self, id: u64) -> Option<StreamStatus> {
-        self.entries().get(&id).map(|entry| StreamStatus {
-            credit: entry.credit.available_permits(),
+        self.table().entries.get(&id).map(|entry| StreamStatus {
+            credit: match entry.demand {
+                Demand::Credit(credit) => credit,
+                _ => 0,
+            },
             idle: entry.last_used.elapsed(),
         })
     }
 
     /// Drops stream `id`; `false` if it was not stored.
     pub fn remove(&self, id: u64) -> bool {
-        let entry = self.entries().remove(&id);
+        let entry = self.table().entries.remove(&id);
         entry.is_some()
     }
 
     /// How many streams are stored.
     pub fn len(&self) -> usize {
-        self.entries().len()
+        self.table().entries.len()
     }
 
     /// `true` when none are.
@@ -205,67 +294,172 @@ impl Streams {
         self.len() == 0
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        self.inner.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.inner.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The source of stream `id` for one pull (pull mode); refreshes its idle time.
-    pub(crate) fn source(&self, id: u64) -> Option<Source> {
-        let mut entries = self.entries();
-        let entry = entries.get_mut(&id)?;
-        entry.last_used = Instant::now();
-        Some(Arc::clone(&entry.source))
-    }
-
-    /// The consumer granted `credit` more items: starts the pump on the first grant.
-    pub(crate) fn grant(&self, id: u64, credit: u64, out: &mpsc::UnboundedSender<Envelope>) {
-        let mut entries = self.entries();
-        let Some(entry) = entries.get_mut(&id) else {
-            return; // released already: the consumer learns from the end we sent
+    /// The consumer granted `credit` more items (saturating at [`MAX_CREDIT`]).
+    pub(crate) fn grant(&self, id: u64, credit: u64) -> Granted {
+        let mut table = self.table();
+        let Some(entry) = table.entries.get_mut(&id) else {
+            return Granted::Unknown; // released already: the consumer learns from the end we sent
         };
         entry.last_used = Instant::now();
-        let credit = usize::try_from(credit).unwrap_or(Semaphore::MAX_PERMITS);
-        let room = Semaphore::MAX_PERMITS - entry.credit.available_permits();
-        entry.credit.add_permits(credit.min(room));
-        if entry.pump.is_none() {
-            entry.pump = Some(tokio::spawn(pump(
-                id,
-                Arc::clone(&entry.source),
-                Arc::clone(&entry.credit),
-                out.clone(),
-                self.clone(),
-            )));
+        match &mut entry.demand {
+            Demand::Pull(_) => {
+                table.entries.remove(&id);
+                return Granted::PullMode;
+            }
+            Demand::Unclaimed => entry.demand = Demand::Credit(credit.min(MAX_CREDIT)),
+            Demand::Credit(left) => *left = left.saturating_add(credit).min(MAX_CREDIT),
+        }
+        entry.waker.wake_key();
+        Granted::Windowed
+    }
+
+    /// A pull request `request` for the next item of stream `id`.
+    pub(crate) fn pull(&self, id: u64, request: u64) -> Result<(), PullRefused> {
+        let mut table = self.table();
+        let entry = table.entries.get_mut(&id).ok_or(PullRefused::Unknown)?;
+        entry.last_used = Instant::now();
+        match entry.demand {
+            Demand::Credit(_) => return Err(PullRefused::Windowed),
+            Demand::Pull(Some(_)) => return Err(PullRefused::AlreadyPending),
+            Demand::Unclaimed | Demand::Pull(None) => entry.demand = Demand::Pull(Some(request)),
+        }
+        entry.waker.wake_key();
+        Ok(())
+    }
+
+    /// Forgets the pull request `request` (the peer cancelled it).
+    pub(crate) fn cancel_pull(&self, request: u64) -> bool {
+        let mut table = self.table();
+        let pending = table
+            .entries
+            .values_mut()
+            .find(|entry| entry.demand == Demand::Pull(Some(request)));
+        match pending {
+            Some(entry) => {
+                entry.demand = Demand::Pull(None);
+                true
+            }
+            None => false,
         }
     }
 
-    /// Releases streams unused for the idle time; returns their ids.
+    /// Registers the driver's waker and takes the ids of streams woken since the last call.
+    pub(crate) fn take_woken(&self, waker: &Waker, into: &mut Vec<u64>) {
+        self.inner.woken.register(waker);
+        self.inner.woken.take(into);
+    }
+
+    /// Polls stream `id` if its consumer wants items; `max` caps the batch (the write side's
+    /// room). `None` when it wants nothing or has nothing ready (it wakes the driver later).
+    pub(crate) fn poll_stream(&self, id: u64, max: u64) -> Option<Produced> {
+        let (mut source, want, waker) = {
+            let mut table = self.table();
+            let entry = table.entries.get_mut(&id)?;
+            // NB. Taken off the wake queue: a wake from now on queues it again, demand or not.
+            entry.waker.polling();
+            let want = match entry.demand {
+                Demand::Credit(credit) if credit > 0 => credit.min(max.max(1)),
+                Demand::Pull(Some(_)) => 1,
+                _ => return None,
+            };
+            (entry.source.take()?, want, Arc::clone(&entry.waker))
+        };
+        let waker = Waker::from(waker);
+        let polled = catch_unwind(AssertUnwindSafe(|| {
+            source.poll_batch(&mut Context::from_waker(&waker), want)
+        }));
+        let mut table = self.table();
+        // A handler may have removed it meanwhile: then the source is simply dropped.
+        let entry = table.entries.get_mut(&id)?;
+        let pull = match entry.demand {
+            Demand::Pull(request) => request,
+            _ => None,
+        };
+        let batch = match polled {
+            Ok(Poll::Pending) => {
+                entry.source = Some(source);
+                return None;
+            }
+            Ok(Poll::Ready(batch)) => batch,
+            Err(panic) => Batch::Failed(HandlerError::panicked(panic_message(&*panic))),
+        };
+        match batch {
+            Batch::Items {
+                position,
+                count,
+                payload,
+            } => {
+                entry.source = Some(source);
+                entry.last_used = Instant::now();
+                match &mut entry.demand {
+                    Demand::Credit(credit) => *credit = credit.saturating_sub(count),
+                    Demand::Pull(request) => *request = None,
+                    Demand::Unclaimed => {}
+                }
+                // More may be ready: look again on the driver's next turn.
+                entry.waker.wake_key();
+                Some(Produced::Items {
+                    stream: id,
+                    position,
+                    payload,
+                    pull,
+                })
+            }
+            Batch::End | Batch::Failed(_) => {
+                table.entries.remove(&id);
+                drop(table);
+                drop(source);
+                let error = match batch {
+                    Batch::Failed(error) => Some(error),
+                    _ => None,
+                };
+                Some(Produced::End {
+                    stream: id,
+                    error,
+                    pull,
+                })
+            }
+        }
+    }
+
+    /// Releases streams nobody consumed for the idle time (no credit left, no pull waiting);
+    /// returns their ids.
     pub(crate) fn sweep(&self) -> Vec<u64> {
         let idle = self.inner.idle;
         let mut released = Vec::new();
-        self.entries().retain(|&id, entry| {
-            let keep = entry.last_used.elapsed() < idle;
+        let mut dropped = Vec::new();
+        let mut table = self.table();
+        table.entries.retain(|&id, entry| {
+            let waiting = matches!(entry.demand, Demand::Credit(c) if c > 0)
+                || matches!(entry.demand, Demand::Pull(Some(_)));
+            let keep = waiting || entry.last_used.elapsed() < idle;
             if !keep {
                 released.push(id);
+                dropped.push(entry.source.take());
             }
             keep
         });
+        drop(table);
+        drop(dropped);
         released
     }
 
-    /// Drops every stream (the connection stops).
-    pub(crate) fn clear(&self) {
-        let entries = std::mem::take(&mut *self.entries());
+    /// Drops every stream and refuses new ones (the connection ends).
+    pub(crate) fn close(&self) {
+        let entries = {
+            let mut table = self.table();
+            table.closed = true;
+            std::mem::take(&mut table.entries)
+        };
         drop(entries);
     }
 
     pub(crate) fn idle_timeout(&self) -> Duration {
         self.inner.idle
-    }
-
-    fn touch(&self, id: u64) {
-        if let Some(entry) = self.entries().get_mut(&id) {
-            entry.last_used = Instant::now();
-        }
     }
 }
 
@@ -275,61 +469,110 @@ impl fmt::Debug for Streams {
     }
 }
 
-/// Sends a windowed stream's items as credit allows, batching what is ready.
-async fn pump(
-    id: u64,
-    source: Source,
-    credit: Arc<Semaphore>,
-    out: mpsc::UnboundedSender<Envelope>,
-    streams: Streams,
-) {
-    let mut source = source.lock().await;
-    loop {
-        let Ok(permit) = credit.acquire().await else {
-            return;
-        };
-        permit.forget();
-        let extra = credit.available_permits().min(MAX_BATCH - 1);
-        if let Ok(more) = credit.try_acquire_many(extra as u32) {
-            more.forget();
-        }
-        let granted = extra + 1;
-        let batch = std::future::poll_fn(|cx| source.poll_batch(cx, granted)).await;
-        let envelope = match batch {
-            Batch::Items {
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    fn storage(max: usize) -> Streams {
+        Streams::new(Codec::default(), Duration::from_secs(60), max)
+    }
+
+    fn items(produced: Option<Produced>) -> (u64, Vec<u32>, Option<u64>) {
+        match produced {
+            Some(Produced::Items {
                 position,
-                count,
                 payload,
-            } => {
-                credit.add_permits(granted - count);
-                streams.touch(id);
-                Envelope::StreamItems {
-                    stream: id,
-                    position,
-                    payload,
-                }
-            }
-            Batch::End => Envelope::StreamEnd {
-                stream: id,
-                error: None,
-            },
-            Batch::Failed(error) => Envelope::StreamEnd {
-                stream: id,
-                error: Some(ErrorBody {
-                    code: error.code,
-                    message: error.message,
-                    data: None,
-                }),
-            },
-        };
-        let last = matches!(envelope, Envelope::StreamEnd { .. });
-        if out.send(envelope).is_err() || last {
-            if last {
-                // NB. Release only after queueing the end: the entry's drop aborts this task.
-                drop(source);
-                streams.remove(id);
-            }
-            return;
+                pull,
+                ..
+            }) => (position, Codec::default().decode(&payload).unwrap(), pull),
+            other => panic!("expected items, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn credit_bounds_each_batch_and_saturates() {
+        let streams = storage(8);
+        let id = streams
+            .add(stream::iter((0..10u32).map(Ok::<_, HandlerError>)))
+            .unwrap();
+        assert!(
+            streams.poll_stream(id, MAX_BATCH).is_none(),
+            "no credit yet"
+        );
+        assert_eq!(streams.grant(id, 3), Granted::Windowed);
+        assert_eq!(
+            items(streams.poll_stream(id, MAX_BATCH)),
+            (0, vec![0, 1, 2], None)
+        );
+        assert!(
+            streams.poll_stream(id, MAX_BATCH).is_none(),
+            "credit used up"
+        );
+        streams.grant(id, u64::MAX);
+        streams.grant(id, u64::MAX);
+        assert_eq!(streams.get(id).unwrap().credit, MAX_CREDIT);
+        assert_eq!(
+            items(streams.poll_stream(id, 2)).1,
+            [3, 4],
+            "the write side's cap"
+        );
+    }
+
+    #[tokio::test]
+    async fn pull_and_credit_do_not_mix() {
+        let streams = storage(8);
+        let pulled = streams
+            .add(stream::iter((0..3u32).map(Ok::<_, HandlerError>)))
+            .unwrap();
+        assert_eq!(streams.pull(pulled, 41), Ok(()));
+        assert_eq!(streams.pull(pulled, 42), Err(PullRefused::AlreadyPending));
+        assert_eq!(
+            items(streams.poll_stream(pulled, MAX_BATCH)),
+            (0, vec![0], Some(41))
+        );
+        assert_eq!(streams.grant(pulled, 5), Granted::PullMode);
+        assert!(streams.get(pulled).is_none(), "released");
+
+        let windowed = streams
+            .add(stream::iter((0..3u32).map(Ok::<_, HandlerError>)))
+            .unwrap();
+        streams.grant(windowed, 1);
+        assert_eq!(streams.pull(windowed, 43), Err(PullRefused::Windowed));
+        assert_eq!(streams.pull(999, 44), Err(PullRefused::Unknown));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_stream_ends_with_an_error_after_its_items() {
+        let streams = storage(8);
+        let mut n = 0u32;
+        let id = streams
+            .add(stream::poll_fn(move |_| {
+                n += 1;
+                assert!(n < 3, "producer bug");
+                Poll::Ready(Some(Ok::<_, HandlerError>(n)))
+            }))
+            .unwrap();
+        streams.grant(id, 10);
+        assert_eq!(items(streams.poll_stream(id, MAX_BATCH)).1, [1, 2]);
+        match streams.poll_stream(id, MAX_BATCH) {
+            Some(Produced::End {
+                error: Some(error), ..
+            }) => assert!(error.is_panic(), "{error}"),
+            other => panic!("expected the end, got {other:?}"),
+        }
+        assert!(streams.is_empty());
+    }
+
+    #[tokio::test]
+    async fn storage_is_capped_and_closes() {
+        let streams = storage(2);
+        let add = || streams.add(stream::empty::<Result<u32, HandlerError>>());
+        add().unwrap();
+        add().unwrap();
+        assert_eq!(add().unwrap_err().code(), code::OVERLOADED);
+        streams.close();
+        assert!(streams.is_empty());
+        assert_eq!(add().unwrap_err().code(), code::SHUTTING_DOWN);
     }
 }

@@ -2,30 +2,38 @@
 //! It is the same for every codec (PROTOCOL.md, "Handshake").
 //!
 //! ```text
-//! hello    "CHDP" | version: u16 BE | max_frame: u32 BE | codec_len: u8 | codec | token_len: u16 BE | token
+//! hello    "CHDP" | version: u16 BE | codec_len: u8 | codec | token_len: u16 BE | token
+//!          | limits: 8 x u32 BE
 //! verdict  0x00                      (accept)
 //!          0x01 | reason (UTF-8)     (refuse)
 //! ```
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 
 use super::frame::{Frame, FrameReader, FrameWriter, PREFIX};
 use crate::error::HandshakeError;
+use crate::limits::Limits;
 
 pub(crate) const MAGIC: &[u8; 4] = b"CHDP";
-pub(crate) const PROTOCOL_VERSION: u16 = 1;
+pub(crate) const PROTOCOL_VERSION: u16 = 2;
 /// Handshake frames are small; a larger first frame is not from a peer of ours.
 const MAX_HANDSHAKE_FRAME: usize = 64 * 1024;
+/// How long a refusing side waits for the peer's own verdict before it closes, so that the peer
+/// reads the refusal before it sees the connection go (a close with unread input may reset a
+/// TCP connection and destroy the refusal on its way).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// What one side announces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Hello {
     pub(crate) version: u16,
-    pub(crate) max_frame: u32,
     pub(crate) codec: String,
     pub(crate) token: Option<String>,
+    /// The limits this side enforces on what it receives.
+    pub(crate) limits: Limits,
 }
 
 impl Hello {
@@ -33,46 +41,67 @@ impl Hello {
         let mut out = BytesMut::new();
         out.put_slice(MAGIC);
         out.put_u16(self.version);
-        out.put_u32(self.max_frame);
         out.put_u8(self.codec.len() as u8);
         out.put_slice(self.codec.as_bytes());
         let token = self.token.as_deref().unwrap_or("");
         out.put_u16(token.len() as u16);
         out.put_slice(token.as_bytes());
+        for field in self.limits.announced() {
+            out.put_u32(field);
+        }
         out
     }
 
-    pub(crate) fn decode(mut body: &[u8]) -> Option<Self> {
-        if body.len() < 4 + 2 + 4 + 1 || &body[..4] != MAGIC {
-            return None;
+    /// The peer's hello: `NotAPeer` for anything else, `VersionMismatch` for a hello of another
+    /// version (whose layout after the version may differ, so it is not read further).
+    pub(crate) fn decode(mut body: &[u8]) -> Result<Self, HandshakeError> {
+        if body.len() < 4 + 2 || &body[..4] != MAGIC {
+            return Err(HandshakeError::NotAPeer);
         }
         body.advance(4);
         let version = body.get_u16();
-        let max_frame = body.get_u32();
-        let codec_len = body[0] as usize;
-        let codec = take_str(&mut body, codec_len, 1)?;
-        if body.len() < 2 {
-            return None;
+        if version != PROTOCOL_VERSION {
+            return Err(HandshakeError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
         }
-        let token_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+        let codec_len = *body.first().ok_or(HandshakeError::NotAPeer)? as usize;
+        let codec = take_str(&mut body, codec_len, 1)?;
+        let token_len = match body {
+            [high, low, ..] => u16::from_be_bytes([*high, *low]) as usize,
+            _ => return Err(HandshakeError::NotAPeer),
+        };
         let token = take_str(&mut body, token_len, 2)?;
-        body.is_empty().then_some(Self {
+        let mut fields = [0u32; 8];
+        if body.len() != fields.len() * 4 {
+            return Err(HandshakeError::NotAPeer);
+        }
+        for field in &mut fields {
+            *field = body.get_u32();
+        }
+        Ok(Self {
             version,
-            max_frame,
             codec,
             token: (!token.is_empty()).then_some(token),
+            limits: Limits::from_announced(fields),
         })
     }
 }
 
-fn take_str(body: &mut &[u8], len: usize, skip: usize) -> Option<String> {
-    let bytes = body.get(skip..skip + len)?;
-    let s = std::str::from_utf8(bytes).ok()?.to_owned();
+fn take_str(body: &mut &[u8], len: usize, skip: usize) -> Result<String, HandshakeError> {
+    let bytes = body.get(skip..skip + len).ok_or(HandshakeError::NotAPeer)?;
+    let s = std::str::from_utf8(bytes)
+        .map_err(|_| HandshakeError::NotAPeer)?
+        .to_owned();
     body.advance(skip + len);
-    Some(s)
+    Ok(s)
 }
 
 /// Runs the handshake; returns the peer's hello once both sides accepted.
+///
+/// Whatever fails on the way, the peer's verdict is still read when it can be: a refused side
+/// reports the peer's reason, not the broken pipe its own writes ran into.
 pub(crate) async fn handshake(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
@@ -82,42 +111,42 @@ pub(crate) async fn handshake(
 ) -> Result<Hello, HandshakeError> {
     let io = |e: std::io::Error| HandshakeError::Transport(Arc::new(e));
     writer.put_frame(&ours.encode());
-    writer.drain().await.map_err(io)?;
+    let sent = writer.drain().await;
 
     reader.set_max_frame(MAX_HANDSHAKE_FRAME);
-    let theirs = match read(reader).await? {
-        Some(Frame::Whole(body)) => Hello::decode(&body),
-        _ => None,
+    let theirs = match read(reader).await {
+        Ok(Some(Frame::Whole(body))) => Hello::decode(&body),
+        Ok(_) => Err(HandshakeError::NotAPeer),
+        // The peer went before its hello: our own failed write, if any, says more.
+        Err(e) => return Err(sent.err().map_or(e, io)),
     };
-    let verdict = match &theirs {
-        None => Err(HandshakeError::NotAPeer),
-        Some(theirs) => check(ours, theirs, expected_token),
-    };
-    match &verdict {
-        Ok(()) => {
-            writer.put_frame(&[0]);
-            writer.drain().await.map_err(io)?;
-        }
-        Err(e) => {
-            let mut refusal = vec![1];
-            refusal.extend_from_slice(e.to_string().as_bytes());
-            writer.put_frame(&refusal);
-            // The peer may have refused us too and gone: our own reason is what matters.
-            let _ = writer.drain().await;
-        }
-    }
-    verdict?;
+    let theirs =
+        match theirs.and_then(|theirs| check(ours, &theirs, expected_token).map(|()| theirs)) {
+            Ok(theirs) => theirs,
+            Err(refusal) => {
+                let mut verdict = vec![1];
+                verdict.extend_from_slice(refusal.to_string().as_bytes());
+                writer.put_frame(&verdict);
+                // The peer may have refused us too and gone: our own reason is what matters.
+                if writer.drain().await.is_ok() && !matches!(refusal, HandshakeError::NotAPeer) {
+                    let _ = tokio::time::timeout(REFUSAL_LINGER, read(reader)).await;
+                }
+                return Err(refusal);
+            }
+        };
+    writer.put_frame(&[0]);
+    let accepted = writer.drain().await;
 
-    let peer_verdict = read(reader).await?;
+    let peer_verdict = read(reader).await;
     reader.set_max_frame(max_frame);
     match peer_verdict {
-        Some(Frame::Whole(body)) if body.first() == Some(&0) && body.len() == 1 => {
-            theirs.ok_or(HandshakeError::NotAPeer)
-        }
-        Some(Frame::Whole(body)) if body.first() == Some(&1) => Err(HandshakeError::Refused {
+        Ok(Some(Frame::Whole(body))) if body.first() == Some(&1) => Err(HandshakeError::Refused {
             reason: String::from_utf8_lossy(&body[1..]).into_owned(),
         }),
-        _ => Err(HandshakeError::NotAPeer),
+        Ok(_) if accepted.is_err() => Err(accepted.err().map_or(HandshakeError::NotAPeer, io)),
+        Ok(Some(Frame::Whole(body))) if body[..] == [0] => Ok(theirs),
+        Ok(_) => Err(HandshakeError::NotAPeer),
+        Err(e) => Err(accepted.err().map_or(e, io)),
     }
 }
 
@@ -146,12 +175,6 @@ async fn read(reader: &mut FrameReader) -> Result<Option<Frame>, HandshakeError>
 }
 
 fn check(ours: &Hello, theirs: &Hello, expected_token: Option<&str>) -> Result<(), HandshakeError> {
-    if ours.version != theirs.version {
-        return Err(HandshakeError::VersionMismatch {
-            ours: ours.version,
-            theirs: theirs.version,
-        });
-    }
     if ours.codec != theirs.codec {
         return Err(HandshakeError::CodecMismatch {
             ours: ours.codec.clone(),
@@ -170,43 +193,57 @@ fn check(ours: &Hello, theirs: &Hello, expected_token: Option<&str>) -> Result<(
 mod tests {
     use super::*;
 
+    fn hello(codec: &str, token: Option<&str>) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            codec: codec.into(),
+            token: token.map(Into::into),
+            limits: Limits::default(),
+        }
+    }
+
     #[test]
     fn hello_round_trips() {
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            max_frame: 1 << 20,
-            codec: "msgpack".into(),
-            token: Some("s3cret".into()),
-        };
-        assert_eq!(Hello::decode(&hello.encode()), Some(hello));
+        let mut hello = hello("msgpack", Some("s3cret"));
+        hello.limits.max_frame_length = 1 << 20;
+        hello.limits.max_nested_requests = 7;
+        assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
     }
 
     #[test]
     fn hello_bytes_match_the_protocol_document() {
-        let hello = Hello {
-            version: 1,
-            max_frame: 16 * 1024 * 1024,
-            codec: "msgpack".into(),
-            token: None,
-        };
-        assert_eq!(
-            &hello.encode()[..],
-            b"CHDP\x00\x01\x01\x00\x00\x00\x07msgpack\x00\x00"
-        );
+        let mut expected = b"CHDP\x00\x02\x07msgpack\x00\x00".to_vec();
+        for field in [16 << 20, 64, 16 << 10, 256, 4096, 1024, 4096, 64 << 20] {
+            expected.extend_from_slice(&u32::to_be_bytes(field));
+        }
+        assert_eq!(&hello("msgpack", None).encode()[..], expected);
     }
 
     #[test]
     fn truncated_or_foreign_hellos_are_rejected() {
-        let bytes = Hello {
-            version: 1,
-            max_frame: 10,
-            codec: "json".into(),
-            token: Some("t".into()),
-        }
-        .encode();
+        let bytes = hello("json", Some("t")).encode();
         for cut in 0..bytes.len() {
-            assert_eq!(Hello::decode(&bytes[..cut]), None, "cut at {cut}");
+            assert!(
+                matches!(Hello::decode(&bytes[..cut]), Err(HandshakeError::NotAPeer)),
+                "cut at {cut}"
+            );
         }
-        assert_eq!(Hello::decode(b"GET / HTTP/1.1\r\n"), None);
+        assert!(matches!(
+            Hello::decode(b"GET / HTTP/1.1\r\n"),
+            Err(HandshakeError::NotAPeer)
+        ));
+    }
+
+    #[test]
+    fn another_version_is_a_version_mismatch_whatever_follows() {
+        let mut bytes = b"CHDP\x00\x01".to_vec();
+        bytes.extend_from_slice(b"a layout of another version");
+        assert!(matches!(
+            Hello::decode(&bytes),
+            Err(HandshakeError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: 1
+            })
+        ));
     }
 }

@@ -2,6 +2,8 @@
 //! the messages the suites exchange.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use channel_dispatcher::{notification, request, Channel};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -79,4 +81,16 @@ pub async fn within<F: std::future::IntoFuture>(fut: F) -> F::Output {
     tokio::time::timeout(PATIENCE, fut.into_future())
         .await
         .expect("timed out: something hangs")
+}
+
+/// An error's message followed by its sources': `outer: inner: root`.
+pub fn error_text(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

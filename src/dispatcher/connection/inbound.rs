@@ -1,91 +1,152 @@
-//! The peer's side: frames, envelopes, dispatch to the handler, and answers.
+//! The peer's side: frames, envelopes, admission of new work, dispatch to the handler, and
+//! the answers.
 
-use super::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
 
-impl<S> Driver<S>
-where
-    S: Service<Incoming, Response = Reply>,
-    S::Error: IntoHandlerError,
-{
-    pub(super) fn on_frame(&mut self, frame: Frame) {
+use bytes::Bytes;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::admission::{Queued, Verdict};
+use super::consumers::Delivery;
+use super::driver::{Driver, Phase, TURN};
+use super::handlers::{Finished, HandlerResult, Outcome, Run};
+use crate::context::Context;
+use crate::dispatcher::{InboundEnvelope, RawResponse};
+use crate::envelope::{Envelope, EnvelopeKind, ErrorBody, Method, PartialHeader};
+use crate::error::{
+    code, CallError, HandlerError, IntoHandlerError, ProtocolError, RemoteError, Termination,
+};
+use crate::handler::{Failed, Incoming, Reply, ReplyBody};
+use crate::message::Attributes;
+use crate::stream::storage::{panic_message, Granted, PullRefused};
+use crate::stream::PULL_METHOD;
+use crate::transport::frame::Frame;
+
+impl<S: Service<Incoming>> Driver<S> {
+    /// Reads and handles frames until the transport has no more for now. Never stops for
+    /// back-pressure: `Ok(true)` when anything was read.
+    pub(super) fn poll_read(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Result<bool, Termination> {
+        let mut progress = false;
+        for _ in 0..TURN {
+            if let Phase::Closing {
+                read_closed: true, ..
+            }
+            | Phase::Draining {
+                peer_gone: true, ..
+            } = self.phase
+            {
+                return Ok(progress);
+            }
+            if let Some(frame) = self.reader.next_frame() {
+                self.on_frame(frame);
+                progress = true;
+                continue;
+            }
+            match self.reader.poll_fill(cx) {
+                std::task::Poll::Ready(Ok(0)) => {
+                    self.on_eof()?;
+                    return Ok(true);
+                }
+                std::task::Poll::Ready(Ok(_)) => progress = true,
+                std::task::Poll::Ready(Err(e)) => {
+                    if let Phase::Closing { read_closed, .. } = &mut self.phase {
+                        // The peer reset the connection after our goodbye: we are done anyway.
+                        *read_closed = true;
+                        return Ok(true);
+                    }
+                    return Err(Termination::Transport(std::sync::Arc::new(e)));
+                }
+                std::task::Poll::Pending => return Ok(progress),
+            }
+        }
+        // The turn's share is read: come back for more.
+        Ok(true)
+    }
+
+    fn on_eof(&mut self) -> Result<(), Termination> {
+        if let Phase::Closing { read_closed, .. } = &mut self.phase {
+            *read_closed = true;
+            return Ok(());
+        }
+        if self.reader.in_frame() {
+            return Err(Termination::Protocol(ProtocolError::TruncatedFrame {
+                received: self.reader.buffered(),
+                expected: self.reader.claimed().unwrap_or(0),
+            }));
+        }
+        Err(Termination::Closed)
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
         let codec = self.config.codec;
-        match frame {
-            Frame::TooLarge { len, head } => {
-                let header = match codec.decode_envelope(head) {
-                    Ok(envelope) => PartialHeader {
+        let body = match frame {
+            Frame::TooLarge { len, prefix } => {
+                let text = prefix
+                    .iter()
+                    .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+                    .then(|| String::from_utf8_lossy(&prefix).into_owned());
+                let max = self.config.limits.max_frame_length;
+                return self.violation(ProtocolError::FrameTooLarge { len, max, text });
+            }
+            Frame::Whole(body) => body,
+        };
+        match codec.decode_envelope(body) {
+            Ok(envelope) => match self.config.limits.check_envelope(&envelope) {
+                Ok(()) => self.on_envelope(envelope),
+                Err(error) => {
+                    let header = PartialHeader {
                         kind: Some(envelope.kind()),
                         id: envelope.id(),
-                    },
-                    Err(e) => e.header,
-                };
-                let error = LimitExceeded {
-                    limit: Limit::FrameLength,
-                    value: len,
-                    max: self.config.limits.max_frame_length,
-                };
-                tracing::warn!(%error, kind = ?header.kind, id = ?header.id, "oversized frame discarded");
-                let message = format!("request too large: {error}");
-                self.reject(
-                    header,
-                    code::FRAME_TOO_LARGE,
-                    message,
-                    CallError::Limit(error),
-                );
-            }
-            Frame::Whole(body) => match codec.decode_envelope(body) {
-                Ok(envelope) => match self.config.limits.check_envelope(&envelope) {
-                    Ok(()) => self.on_envelope(envelope),
-                    Err(error) => {
-                        let header = PartialHeader {
-                            kind: Some(envelope.kind()),
-                            id: envelope.id(),
-                        };
-                        tracing::warn!(%error, kind = ?header.kind, id = ?header.id, "envelope over a limit discarded");
-                        let message = format!("malformed request: {error}");
-                        self.reject(
-                            header,
-                            code::INVALID_REQUEST,
-                            message,
-                            CallError::Limit(error),
-                        );
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e.error, kind = ?e.header.kind, id = ?e.header.id, "undecodable frame discarded");
-                    let message = format!("malformed request: {}", e.error);
+                    };
+                    tracing::warn!(%error, kind = ?header.kind, id = ?header.id, "envelope over a limit discarded");
+                    let message = format!("malformed request: {error}");
                     self.reject(
-                        e.header,
+                        header,
                         code::INVALID_REQUEST,
                         message,
-                        CallError::Decode(e.error),
+                        CallError::Limit(error),
                     );
                 }
             },
+            Err(e) => {
+                tracing::warn!(error = %e.error, kind = ?e.header.kind, id = ?e.header.id, "undecodable frame discarded");
+                let message = format!("malformed request: {}", e.error);
+                self.reject(
+                    e.header,
+                    code::INVALID_REQUEST,
+                    message,
+                    CallError::Decode(e.error),
+                );
+            }
         }
     }
 
     /// A frame that cannot be handled: a request is answered with an error, an answer fails
     /// the call waiting for it; anything else was logged by the caller.
-    pub(super) fn reject(
-        &mut self,
-        header: PartialHeader,
-        code: i64,
-        message: String,
-        error: CallError,
-    ) {
+    fn reject(&mut self, header: PartialHeader, code: i64, message: String, error: CallError) {
         match (header.kind, header.id) {
             (Some(EnvelopeKind::Request), Some(id)) => self.answer_error(id, code, message),
             (Some(EnvelopeKind::Response | EnvelopeKind::Error), Some(id)) => {
-                self.outgoing.complete_request(id, Err(error));
+                if let Some(held) = self.outgoing.complete_request(id, Err(error)) {
+                    self.release_held(held);
+                }
             }
             _ => {}
         }
     }
 
-    pub(super) fn on_envelope(&mut self, envelope: Envelope) {
+    fn on_envelope(&mut self, envelope: Envelope) {
         tracing::trace!(kind = ?envelope.kind(), id = ?envelope.id(), "inbound");
         if let Some(observer) = &self.config.observer {
-            observe(observer.as_ref(), &envelope);
+            let observer = observer.as_ref();
+            if catch_unwind(AssertUnwindSafe(|| observe(observer, &envelope))).is_err() {
+                tracing::error!("the on_inbound observer panicked; the envelope is handled anyway");
+            }
         }
         if let Phase::Closing { read_closed, .. } = &mut self.phase {
             // Goodbye or fatal already sent: only the peer's end matters now.
@@ -94,76 +155,54 @@ where
             }
             return;
         }
+        let codec = self.config.codec;
         match envelope {
             Envelope::Request {
                 id,
                 method,
                 attributes,
                 timeout_us,
+                parent,
                 payload,
-            } => {
-                if !matches!(self.phase, Phase::Open) {
-                    return self.answer_error(
-                        id,
-                        code::SHUTTING_DOWN,
-                        "the peer is shutting down".into(),
-                    );
-                }
-                if method.as_str() == PULL_METHOD {
-                    return self.pull(id, &payload);
-                }
-                if self.incoming.is_running(id) {
-                    // Answering would be read as the answer to the first request with this id.
-                    tracing::warn!(id, %method, "request reuses the id of a running request: dropped");
-                    return;
-                }
-                let deadline =
-                    (timeout_us > 0).then(|| Instant::now() + Duration::from_micros(timeout_us));
-                self.dispatch(Some(id), method, attributes, deadline, payload);
-            }
+            } => self.on_request(id, method, attributes, timeout_us, parent, payload),
             Envelope::Notification {
                 method,
                 attributes,
                 payload,
-            } => {
-                if !matches!(self.phase, Phase::Open) {
-                    tracing::debug!(%method, "notification during shutdown dropped");
-                    return;
-                }
-                self.dispatch(None, method, attributes, None, payload);
-            }
+            } => self.on_notification(method, attributes, payload),
             Envelope::Response {
                 id,
                 attributes,
                 payload,
             } => {
-                let codec = self.config.codec;
                 let answer = Ok(RawResponse {
                     payload,
                     attributes,
                     codec,
                 });
-                if !self.outgoing.complete_request(id, answer) {
-                    tracing::debug!(
+                match self.outgoing.complete_request(id, answer) {
+                    Some(held) => self.release_held(held),
+                    None => tracing::debug!(
                         id,
                         "response for no pending call (late or cancelled) dropped"
-                    );
+                    ),
                 }
             }
             Envelope::Error { id, error, .. } => {
-                let answer = Err(CallError::Remote(RemoteError {
-                    code: error.code,
-                    message: error.message,
-                    data: error.data,
-                    codec: self.config.codec,
-                }));
-                if !self.outgoing.complete_request(id, answer) {
-                    tracing::debug!(id, "error for no pending call (late or cancelled) dropped");
+                let answer = Err(CallError::Remote(remote(error, codec)));
+                match self.outgoing.complete_request(id, answer) {
+                    Some(held) => self.release_held(held),
+                    None => {
+                        tracing::debug!(id, "error for no pending call (late or cancelled) dropped")
+                    }
                 }
             }
             Envelope::Cancel { id } => {
-                if self.incoming.cancel_request(id) {
+                if let Some(run) = self.handlers.cancel_request(id) {
                     tracing::debug!(id, "peer cancelled a request");
+                    self.admission.done(&run);
+                } else if !self.admission.cancel(id) && self.streams.cancel_pull(id) {
+                    self.admission.pull_done();
                 }
             }
             Envelope::Fatal { code, message } => {
@@ -171,128 +210,189 @@ where
                 self.lifecycle
                     .set_reason(Termination::PeerFatal { code, message });
                 // Nothing more is read or written: the peer is gone after a fatal.
-                self.close_now();
+                self.close(None, true);
             }
             Envelope::Goodbye => self.on_goodbye(),
             Envelope::StreamItems {
                 stream,
                 position,
                 payload,
-            } => {
-                let delivered = self.streams_in.get(&stream).map(|events| {
-                    events
-                        .send(StreamEvent::Items { position, payload })
-                        .is_ok()
-                });
-                if delivered == Some(false) {
-                    self.streams_in.remove(&stream);
+            } => match self.consumers.items(stream, position, payload) {
+                Delivery::Done => {}
+                Delivery::StreamFailed => {
+                    let _ = self.write.write(&Envelope::StreamCancel { stream });
                 }
-            }
+                Delivery::Violation(error) => self.violation(error),
+            },
             Envelope::StreamEnd { stream, error } => {
-                if let Some(events) = self.streams_in.remove(&stream) {
-                    let error = error.map(|e| RemoteError {
-                        code: e.code,
-                        message: e.message,
-                        data: e.data,
-                        codec: self.config.codec,
-                    });
-                    let _ = events.send(StreamEvent::End(error));
-                }
+                self.consumers.end(stream, error.map(|e| remote(e, codec)));
             }
             Envelope::StreamCredit { stream, credit } => {
-                self.lifecycle
-                    .streams
-                    .grant(stream, credit, &self.stream_out_tx);
+                if self.streams.grant(stream, credit) == Granted::PullMode {
+                    let error = ErrorBody {
+                        code: code::INVALID_REQUEST,
+                        message: format!(
+                            "stream {stream} is in pull mode (it was pulled); credit is for \
+                             windowed streams: the stream is released"
+                        ),
+                        data: None,
+                    };
+                    let end = Envelope::StreamEnd {
+                        stream,
+                        error: Some(error),
+                    };
+                    let _ = self.write.write(&end);
+                }
             }
             Envelope::StreamCancel { stream } => {
-                if self.lifecycle.streams.remove(stream) {
+                if self.streams.remove(stream) {
                     tracing::debug!(stream, "peer dropped a stream");
                 }
             }
+            Envelope::NotificationCredit { credit } => self.window.credit(credit),
         }
     }
 
-    /// Ends without a last envelope (after the peer's fatal).
-    pub(super) fn close_now(&mut self) {
-        self.fail_outgoing(false);
-        self.incoming.abort_all();
-        self.phase = Phase::Closing {
-            linger: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            shut: false,
-            read_closed: true,
-        };
-    }
-
-    pub(super) fn dispatch(
+    fn on_request(
         &mut self,
-        id: Option<u64>,
+        id: u64,
         method: Method,
         attributes: Attributes,
-        deadline: Option<Instant>,
+        timeout_us: u64,
+        parent: u64,
         payload: Bytes,
     ) {
-        let (slot, over) = self.incoming.reserve();
-        let mut context = Context::new(
-            self.shared.clone(),
-            self.config.codec,
-            id,
-            method.clone(),
-            attributes,
+        let nested = parent != 0 && self.outgoing.contains(parent);
+        let open = match self.phase {
+            Phase::Open => true,
+            Phase::Draining { peer_gone, .. } => nested && !peer_gone,
+            Phase::Closing { .. } => false,
+        };
+        if !open {
+            let message = "the peer is shutting down".into();
+            return self.answer_error(id, code::SHUTTING_DOWN, message);
+        }
+        if parent != 0 && !nested {
+            let message = format!(
+                "the call this request is nested in (id {parent}) is no longer pending: it was \
+                 answered or cancelled"
+            );
+            return self.answer_error(id, code::INVALID_REQUEST, message);
+        }
+        if self.handlers.is_running(id) || self.admission.is_queued(id) {
+            // Answering would be read as the answer to the first request with this id.
+            tracing::warn!(id, %method, "request reuses the id of a pending request: dropped");
+            return;
+        }
+        if method.as_str() == PULL_METHOD {
+            return self.pull(id, &payload);
+        }
+        let deadline = (timeout_us > 0)
+            .then(|| Instant::now().checked_add(Duration::from_micros(timeout_us)))
+            .flatten();
+        let run = Run {
+            id: Some(id),
+            method,
             deadline,
-            Some(over),
-        );
-        if let Some(factory) = &self.config.context_factory {
-            factory.prepare(&mut context);
+            nested,
+            bytes: payload.len(),
+        };
+        let queued = Queued {
+            run,
+            attributes,
+            payload,
+        };
+        match self.admission.request(queued) {
+            Verdict::Admitted => {}
+            Verdict::Refused { code, message } => self.answer_error(id, code, message),
+            Verdict::CutOff(error) => self.violation(error),
         }
-        let span = tracing::debug_span!("handle", %method, id);
-        let service = &mut self.service;
-        let call = catch_unwind(AssertUnwindSafe(|| {
-            let _entered = span.enter();
-            HandlerResult::new(service.call(Incoming { context, payload }))
-        }));
-        match call {
-            Ok(fut) => {
-                let started = self.incoming.start(slot, fut, id, method, deadline, span);
-                if let Some(finished) = started {
-                    self.on_finished(finished);
-                }
-            }
-            Err(panic) => {
-                self.incoming.unreserve(slot);
-                let failed = Failed {
-                    method: method.as_str(),
-                    id,
-                };
-                let reply = self.config.error_handler.handle_panic(failed, panic);
-                self.send_reply(id, reply);
-            }
+    }
+
+    fn on_notification(&mut self, method: Method, attributes: Attributes, payload: Bytes) {
+        if self.is_closing() {
+            tracing::debug!(%method, "notification during shutdown dropped");
+            return;
         }
+        let run = Run {
+            id: None,
+            method,
+            deadline: None,
+            nested: false,
+            bytes: payload.len(),
+        };
+        let queued = Queued {
+            run,
+            attributes,
+            payload,
+        };
+        if let Verdict::CutOff(error) = self.admission.notification(queued) {
+            self.violation(error);
+        }
+    }
+
+    /// A pull-mode request: answered with the stream's next item once it has one.
+    fn pull(&mut self, id: u64, payload: &Bytes) {
+        let Ok(stream) = self.config.codec.decode::<u64>(payload) else {
+            return self.answer_error(id, code::INVALID_PARAMS, "no such stream".into());
+        };
+        match self.admission.pull() {
+            Verdict::Admitted => {}
+            Verdict::Refused { code, message } => return self.answer_error(id, code, message),
+            Verdict::CutOff(error) => return self.violation(error),
+        }
+        let refusal = match self.streams.pull(stream, id) {
+            Ok(()) => return,
+            Err(PullRefused::Unknown) => (code::INVALID_PARAMS, format!("no stream {stream}")),
+            Err(PullRefused::Windowed) => (
+                code::INVALID_REQUEST,
+                format!(
+                    "stream {stream} is in windowed mode (it was granted credit); pull requests \
+                     are for pull-mode streams"
+                ),
+            ),
+            Err(PullRefused::AlreadyPending) => (
+                code::INVALID_REQUEST,
+                format!("a pull of stream {stream} is pending already: pull one item at a time"),
+            ),
+        };
+        self.admission.pull_done();
+        self.answer_error(id, refusal.0, refusal.1);
     }
 
     pub(super) fn on_finished(&mut self, finished: Finished) {
-        let Finished {
-            id,
-            method,
-            outcome,
-        } = finished;
-        tracing::trace!(?id, %method, outcome = outcome.describe(), "handler finished");
+        let Finished { run, outcome } = finished;
+        tracing::trace!(id = ?run.id, method = %run.method, outcome = outcome.describe(), "handler finished");
+        self.admission.done(&run);
         let failed = Failed {
-            method: method.as_str(),
-            id,
+            method: run.method.as_str(),
+            id: run.id,
         };
+        let handler = &self.config.error_handler;
         let reply = match outcome {
-            Outcome::Done(Ok(reply)) => reply,
-            Outcome::Done(Err(error)) => self.config.error_handler.handle_error(failed, error),
-            Outcome::Panicked(panic) => self.config.error_handler.handle_panic(failed, panic),
-            Outcome::Expired => Reply::error(
+            Outcome::Done(Ok(reply)) => Ok(reply),
+            Outcome::Done(Err(error)) => {
+                catch_unwind(AssertUnwindSafe(|| handler.handle_error(failed, error)))
+            }
+            Outcome::Panicked(panic) => {
+                catch_unwind(AssertUnwindSafe(|| handler.handle_panic(failed, panic)))
+            }
+            Outcome::Expired => Ok(Reply::error(
                 code::DEADLINE_EXCEEDED,
                 "the caller's deadline passed before the handler finished",
-            ),
+            )),
         };
-        self.send_reply(id, reply);
+        let reply = reply.unwrap_or_else(|panic| {
+            tracing::error!(method = %run.method, panic = panic_message(&*panic), "the error handler panicked");
+            match run.id {
+                Some(_) => Reply::error(code::INTERNAL_ERROR, "the request failed"),
+                None => Reply::nothing(),
+            }
+        });
+        self.send_reply(run.id, reply);
     }
 
-    pub(super) fn send_reply(&mut self, id: Option<u64>, reply: Reply) {
+    fn send_reply(&mut self, id: Option<u64>, reply: Reply) {
         let (body, attributes) = reply.into_parts();
         let id = match (body, id) {
             (ReplyBody::Fatal { code, message }, _) => return self.local_fatal(code, message),
@@ -303,7 +403,7 @@ where
                     attributes,
                     payload,
                 };
-                match self.write(&response) {
+                match self.write.write(&response) {
                     Ok(()) => return,
                     Err(error) => {
                         let message = format!("response too large: {error}");
@@ -317,7 +417,7 @@ where
                     attributes,
                     error,
                 };
-                if self.write(&envelope).is_ok() {
+                if self.write.write(&envelope).is_ok() {
                     return;
                 }
                 id
@@ -341,9 +441,70 @@ where
                 data: None,
             },
         };
-        if self.write(&envelope).is_err() {
+        if self.write.write(&envelope).is_err() {
             tracing::error!(id, "error answer over the peer's frame limit dropped");
         }
+    }
+}
+
+impl<S> Driver<S>
+where
+    S: Service<Incoming, Response = Reply>,
+    S::Error: IntoHandlerError,
+{
+    /// Starts one admitted request or notification on the handler.
+    pub(super) fn dispatch(&mut self, queued: Queued) {
+        let Queued {
+            run,
+            attributes,
+            payload,
+        } = queued;
+        let (slot, over) = self.handlers.reserve();
+        let mut context = Context::new(
+            self.shared.clone(),
+            self.config.codec,
+            run.id,
+            run.method.clone(),
+            attributes,
+            run.deadline,
+            Some(over),
+        );
+        if let Some(factory) = &self.config.context_factory {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| factory.prepare(&mut context))) {
+                self.handlers.unreserve(slot);
+                let message = format!("the context factory panicked: {}", panic_message(&*panic));
+                tracing::error!(method = %run.method, %message);
+                let outcome = Outcome::Done(Err(HandlerError::internal(message)));
+                return self.on_finished(Finished { run, outcome });
+            }
+        }
+        let span = tracing::debug_span!("handle", method = %run.method, id = run.id);
+        let service = &mut self.service;
+        let call = catch_unwind(AssertUnwindSafe(|| {
+            let _entered = span.enter();
+            HandlerResult::new(service.call(Incoming { context, payload }))
+        }));
+        match call {
+            Ok(fut) => {
+                if let Some(finished) = self.handlers.start(slot, fut, run, span) {
+                    self.on_finished(finished);
+                }
+            }
+            Err(panic) => {
+                self.handlers.unreserve(slot);
+                let outcome = Outcome::Panicked(panic);
+                self.on_finished(Finished { run, outcome });
+            }
+        }
+    }
+}
+
+fn remote(error: ErrorBody, codec: crate::codec::Codec) -> RemoteError {
+    RemoteError {
+        code: error.code,
+        message: error.message,
+        data: error.data,
+        codec,
     }
 }
 

@@ -1,6 +1,8 @@
-//! The connection's two ledgers: our calls awaiting the peer's answers, and the peer's requests
-//! our handlers are working on. Each direction has its own table, so a peer's cancel is never
-//! matched against our own ids.
+//! The handler slots: the peer's requests and notifications our handlers are working on.
+//!
+//! A slab of reusable pinned slots instead of a `FuturesUnordered`: a handler is polled once
+//! as soon as it is started (most finish right there, with no queueing), a running one is woken
+//! through its slot's own waker, and a cancelled one is dropped in place at once.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -8,97 +10,19 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
-use super::{RawResponse, ReplySender};
 use crate::envelope::Method;
-use crate::error::{CallError, HandlerError, IntoHandlerError};
+use crate::error::{HandlerError, IntoHandlerError};
 use crate::handler::Reply;
 use crate::hash::SeededState;
-
-/// Our calls awaiting answers.
-#[derive(Default)]
-pub(crate) struct Outgoing {
-    /// The reply channel of each call, and whether it holds an in-flight permit.
-    pending: HashMap<u64, (ReplySender, bool), SeededState>,
-    /// Permits of finished calls, to give back in one go.
-    released: usize,
-}
-
-impl Outgoing {
-    pub(crate) fn insert_request(&mut self, id: u64, reply: ReplySender, limited: bool) {
-        self.pending.insert(id, (reply, limited));
-    }
-
-    fn forget(&mut self, limited: bool) {
-        self.released += usize::from(limited);
-    }
-
-    /// Permits of calls finished since the last time, to give back.
-    pub(crate) fn take_released(&mut self) -> usize {
-        std::mem::take(&mut self.released)
-    }
-
-    /// Delivers an answer; `false` when nobody waits for `id` (late, cancelled or unknown).
-    pub(crate) fn complete_request(
-        &mut self,
-        id: u64,
-        answer: Result<RawResponse, CallError>,
-    ) -> bool {
-        match self.pending.remove(&id) {
-            Some((reply, limited)) => {
-                // The caller may have dropped its future a moment ago; then nobody reads this.
-                let _ = reply.send(answer);
-                self.forget(limited);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Forgets a call the caller gave up on; `true` if it was still pending.
-    pub(crate) fn cancel_request(&mut self, id: u64) -> bool {
-        match self.pending.remove(&id) {
-            Some((_, limited)) => {
-                self.forget(limited);
-                true
-            }
-            None => false,
-        }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn contains(&self, id: u64) -> bool {
-        self.pending.contains_key(&id)
-    }
-
-    /// Fails every pending call with `error()`, returning their ids.
-    pub(crate) fn fail_all(&mut self, error: impl Fn() -> CallError) -> Vec<u64> {
-        let mut released = 0;
-        let ids = self
-            .pending
-            .drain()
-            .map(|(id, (reply, limited))| {
-                let _ = reply.send(Err(error()));
-                released += usize::from(limited);
-                id
-            })
-            .collect();
-        self.released += released;
-        ids
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.pending.len()
-    }
-}
+use crate::wake::{KeyWaker, WakeQueue};
 
 /// How a handler run ended.
 pub(crate) enum Outcome {
@@ -119,10 +43,22 @@ impl Outcome {
     }
 }
 
-/// A finished handler run.
-pub(crate) struct Finished {
+/// What a handler run is for: its request (or notification), and how the admission counted it.
+#[derive(Clone, Debug)]
+pub(crate) struct Run {
+    /// The request id; `None` for a notification.
     pub(crate) id: Option<u64>,
     pub(crate) method: Method,
+    pub(crate) deadline: Option<Instant>,
+    /// A nested request: it ran outside the handler limit.
+    pub(crate) nested: bool,
+    /// Payload bytes counted against the pending-bytes limit while it runs.
+    pub(crate) bytes: usize,
+}
+
+/// A finished handler run.
+pub(crate) struct Finished {
+    pub(crate) run: Run,
     pub(crate) outcome: Outcome,
 }
 
@@ -161,8 +97,7 @@ pin_project! {
         #[pin]
         fut: tracing::instrument::Instrumented<F>,
         deadline: Option<Pin<Box<Sleep>>>,
-        id: Option<u64>,
-        method: Method,
+        run: Run,
     }
 }
 
@@ -182,18 +117,10 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> InFlight<F> {
     }
 }
 
-/// Slot indices whose handler was woken, and the connection task to tell.
-#[derive(Default)]
-struct ReadyQueue {
-    indices: Mutex<Vec<usize>>,
-    connection: AtomicWaker,
-}
-
-/// Wakes one slot: queues its index (once until polled) and wakes the connection task.
+/// Wakes one slot (queues its index for the driver), and tells the run's context when the run
+/// is over.
 struct SlotWaker {
-    index: usize,
-    queued: AtomicBool,
-    queue: Arc<ReadyQueue>,
+    wake: KeyWaker,
     /// Bumped each time a run in this slot ends; a run's [`RequestOver`] knows its own.
     generation: AtomicU64,
     /// Someone waits in [`RequestOver::wait`]: only then is `over` notified.
@@ -239,18 +166,11 @@ impl std::fmt::Debug for RequestOver {
 
 impl Wake for SlotWaker {
     fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+        self.wake.wake_key();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if !self.queued.swap(true, Ordering::AcqRel) {
-            self.queue
-                .indices
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(self.index);
-            self.queue.connection.wake();
-        }
+        self.wake.wake_key();
     }
 }
 
@@ -261,28 +181,20 @@ struct Slot<F> {
 }
 
 /// The peer's requests (and notifications) our handlers are working on.
-///
-/// A slab of reusable pinned slots instead of a `FuturesUnordered`: a handler is polled once
-/// as soon as it is dispatched (most finish right there, with no queueing), a running one is
-/// woken through its slot's own waker, and a cancelled one is dropped in place at once.
-pub(crate) struct Incoming<F> {
+pub(crate) struct Handlers<F> {
     slots: Vec<Slot<F>>,
     free: Vec<usize>,
-    queue: Arc<ReadyQueue>,
+    queue: Arc<WakeQueue>,
     /// Indices taken from the queue and not yet polled.
-    batch: Vec<usize>,
+    batch: Vec<u64>,
     /// Slots of running requests, by the peer's id.
     requests: HashMap<u64, usize, SeededState>,
     running: usize,
+    /// Runs that count against the handler limit (all but nested requests).
+    ordinary: usize,
 }
 
-impl<F> Incoming<F> {
-    pub(crate) fn len(&self) -> usize {
-        self.running
-    }
-}
-
-impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
+impl<F> Handlers<F> {
     pub(crate) fn new() -> Self {
         Self {
             slots: Vec::new(),
@@ -291,30 +203,24 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
             batch: Vec::new(),
             requests: HashMap::default(),
             running: 0,
+            ordinary: 0,
         }
     }
 
-    /// `true` when a request with this id is running (a peer must not reuse it until answered).
-    pub(crate) fn is_running(&self, id: u64) -> bool {
-        self.requests.contains_key(&id)
-    }
-
-    /// Starts a handler run and polls it once; `Some` when it finished right away.
     /// Takes a slot for a run about to start; its [`RequestOver`] goes into the context.
     pub(crate) fn reserve(&mut self) -> (usize, RequestOver) {
         let index = self.free.pop().unwrap_or_else(|| {
+            let index = self.slots.len();
             self.slots.push(Slot {
                 run: Box::pin(None),
                 waker: Arc::new(SlotWaker {
-                    index: self.slots.len(),
-                    queued: AtomicBool::new(false),
-                    queue: Arc::clone(&self.queue),
+                    wake: KeyWaker::new(index as u64, Arc::clone(&self.queue)),
                     generation: AtomicU64::new(0),
                     listening: AtomicBool::new(false),
                     over: Notify::new(),
                 }),
             });
-            self.slots.len() - 1
+            index
         });
         let slot = Arc::clone(&self.slots[index].waker);
         let generation = slot.generation.load(Ordering::SeqCst);
@@ -327,6 +233,21 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
         self.free.push(index);
     }
 
+    /// Runs in progress.
+    pub(crate) fn len(&self) -> usize {
+        self.running
+    }
+
+    /// Runs in progress that count against the handler limit.
+    pub(crate) fn ordinary(&self) -> usize {
+        self.ordinary
+    }
+
+    /// `true` when a request with this id is running (a peer must not reuse it until answered).
+    pub(crate) fn is_running(&self, id: u64) -> bool {
+        self.requests.contains_key(&id)
+    }
+
     fn end_generation(&self, index: usize) {
         let slot = &self.slots[index].waker;
         slot.generation.fetch_add(1, Ordering::SeqCst);
@@ -335,106 +256,46 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
         }
     }
 
-    /// Starts a handler run in a reserved slot and polls it once; `Some` when it finished
-    /// right away.
-    pub(crate) fn start(
-        &mut self,
-        index: usize,
-        fut: F,
-        id: Option<u64>,
-        method: Method,
-        deadline: Option<Instant>,
-        span: tracing::Span,
-    ) -> Option<Finished> {
-        self.slots[index].run.as_mut().set(Some(InFlight {
-            fut: fut.instrument(span),
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            id,
-            method,
-        }));
-        self.running += 1;
-        if let Some(id) = id {
-            self.requests.insert(id, index);
-        }
-        self.poll_slot(index)
-    }
-
-    fn poll_slot(&mut self, index: usize) -> Option<Finished> {
-        let slot = &mut self.slots[index];
-        slot.waker.queued.store(false, Ordering::Release);
-        let waker = Waker::from(Arc::clone(&slot.waker));
-        let outcome = slot
+    /// Ends the run in slot `index` (its future is dropped in place); its [`Run`].
+    fn release(&mut self, index: usize) -> Option<Run> {
+        let run = self.slots[index]
             .run
             .as_mut()
             .as_pin_mut()?
-            .poll_outcome(&mut Context::from_waker(&waker))?;
-        let (id, method) = match slot.run.as_ref().get_ref() {
-            Some(run) => (run.id, run.method.clone()),
-            None => return None,
-        };
-        self.release(index, id);
-        Some(Finished {
-            id,
-            method,
-            outcome,
-        })
-    }
-
-    fn release(&mut self, index: usize, id: Option<u64>) {
+            .project()
+            .run
+            .clone();
         self.slots[index].run.as_mut().set(None);
         self.end_generation(index);
         self.free.push(index);
         self.running -= 1;
-        if let Some(id) = id {
+        self.ordinary -= usize::from(!run.nested);
+        if let Some(id) = run.id {
             self.requests.remove(&id);
         }
+        Some(run)
     }
 
-    /// Drops the request the peer cancelled; `false` if it was not running.
-    pub(crate) fn cancel_request(&mut self, id: u64) -> bool {
-        match self.requests.get(&id) {
-            Some(&index) => {
-                self.release(index, Some(id));
-                true
-            }
-            None => false,
-        }
+    /// Drops the request the peer cancelled; its [`Run`], if it was running.
+    pub(crate) fn cancel_request(&mut self, id: u64) -> Option<Run> {
+        let index = *self.requests.get(&id)?;
+        self.release(index)
     }
 
-    /// Drops every running request (notifications keep running).
-    pub(crate) fn cancel_requests(&mut self) {
-        let running: Vec<(u64, usize)> = self.requests.drain().collect();
-        for (_, index) in running {
-            self.release(index, None);
-        }
-    }
-
-    /// Polls the woken handlers until one finishes.
-    pub(crate) fn poll_finished(&mut self, cx: &mut Context<'_>) -> Poll<Option<Finished>> {
-        loop {
-            if let Some(index) = self.batch.pop() {
-                if let Some(finished) = self.poll_slot(index) {
-                    return Poll::Ready(Some(finished));
-                }
-                continue;
-            }
-            self.queue.connection.register(cx.waker());
-            let mut queued = self.queue.indices.lock().unwrap_or_else(|e| e.into_inner());
-            if queued.is_empty() {
-                return Poll::Pending;
-            }
-            std::mem::swap(&mut *queued, &mut self.batch);
-        }
+    /// Drops every running request (notifications keep running); their [`Run`]s.
+    pub(crate) fn cancel_requests(&mut self) -> Vec<Run> {
+        let running: Vec<usize> = self.requests.values().copied().collect();
+        running
+            .into_iter()
+            .filter_map(|index| self.release(index))
+            .collect()
     }
 
     /// Drops every running handler.
     pub(crate) fn abort_all(&mut self) {
         for index in 0..self.slots.len() {
-            if self.slots[index].run.is_some() {
-                self.release(index, None);
-            }
+            self.release(index);
         }
-        self.requests.clear();
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -442,60 +303,85 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Incoming<F> {
     }
 }
 
+impl<F: Future<Output = Result<Reply, HandlerError>>> Handlers<F> {
+    /// Starts a handler run in a reserved slot and polls it once; `Some` when it finished
+    /// right away.
+    pub(crate) fn start(
+        &mut self,
+        index: usize,
+        fut: F,
+        run: Run,
+        span: tracing::Span,
+    ) -> Option<Finished> {
+        self.running += 1;
+        self.ordinary += usize::from(!run.nested);
+        if let Some(id) = run.id {
+            self.requests.insert(id, index);
+        }
+        self.slots[index].run.as_mut().set(Some(InFlight {
+            fut: fut.instrument(span),
+            deadline: run.deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            run,
+        }));
+        self.poll_slot(index)
+    }
+
+    fn poll_slot(&mut self, index: usize) -> Option<Finished> {
+        let slot = &mut self.slots[index];
+        slot.waker.wake.polling();
+        let waker = Waker::from(Arc::clone(&slot.waker));
+        let outcome = slot
+            .run
+            .as_mut()
+            .as_pin_mut()?
+            .poll_outcome(&mut Context::from_waker(&waker))?;
+        let run = self.release(index)?;
+        Some(Finished { run, outcome })
+    }
+
+    /// Polls the woken handlers until one finishes.
+    pub(crate) fn poll_finished(&mut self, cx: &mut Context<'_>) -> Poll<Option<Finished>> {
+        loop {
+            if let Some(index) = self.batch.pop() {
+                if let Some(finished) = self.poll_slot(index as usize) {
+                    return Poll::Ready(Some(finished));
+                }
+                continue;
+            }
+            self.queue.register(cx.waker());
+            self.queue.take(&mut self.batch);
+            if self.batch.is_empty() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::oneshot;
-
-    #[test]
-    fn complete_request_delivers_once_and_late_answers_are_refused() {
-        let mut outgoing = Outgoing::default();
-        let (tx, mut rx) = oneshot::channel();
-        outgoing.insert_request(7, tx, true);
-        let answer = || {
-            Ok(RawResponse {
-                payload: bytes::Bytes::new(),
-                attributes: Default::default(),
-                codec: Default::default(),
-            })
-        };
-        assert!(outgoing.complete_request(7, answer()));
-        assert!(rx.try_recv().is_ok());
-        assert!(
-            !outgoing.complete_request(7, answer()),
-            "a second answer finds nobody"
-        );
-        assert_eq!(outgoing.len(), 0);
-        assert_eq!(
-            outgoing.take_released(),
-            1,
-            "the call's permit is given back once"
-        );
-        assert_eq!(outgoing.take_released(), 0);
-    }
-
-    #[test]
-    fn cancelled_request_is_forgotten() {
-        let mut outgoing = Outgoing::default();
-        let (tx, _rx) = oneshot::channel();
-        outgoing.insert_request(1, tx, false);
-        assert!(outgoing.cancel_request(1));
-        assert!(!outgoing.contains(1));
-        assert!(!outgoing.cancel_request(1));
-    }
 
     type BoxHandler = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
 
+    fn run(id: Option<u64>, method: &'static str, deadline: Option<Instant>) -> Run {
+        Run {
+            id,
+            method: Method::from_static(method),
+            deadline,
+            nested: false,
+            bytes: 0,
+        }
+    }
+
     fn start(
-        incoming: &mut Incoming<BoxHandler>,
+        incoming: &mut Handlers<BoxHandler>,
         fut: BoxHandler,
         id: Option<u64>,
-        method: Method,
+        method: &'static str,
         deadline: Option<Instant>,
-        span: tracing::Span,
     ) -> Option<Finished> {
         let (index, _) = incoming.reserve();
-        incoming.start(index, fut, id, method, deadline, span)
+        incoming.start(index, fut, run(id, method, deadline), tracing::Span::none())
     }
 
     fn pending() -> BoxHandler {
@@ -512,49 +398,38 @@ mod tests {
         }
         let dropped = Arc::new(AtomicBool::new(false));
         let guard = DropGuard(Arc::clone(&dropped));
-        let mut incoming = Incoming::new();
+        let mut incoming = Handlers::new();
         let (index, over) = incoming.reserve();
         let fut: BoxHandler = Box::pin(async move {
             let _guard = guard;
             std::future::pending::<Result<Reply, HandlerError>>().await
         });
-        let span = tracing::Span::none();
-        let started = incoming.start(index, fut, Some(3), Method::from_static("slow"), None, span);
+        let started = incoming.start(
+            index,
+            fut,
+            run(Some(3), "slow", None),
+            tracing::Span::none(),
+        );
         assert!(started.is_none());
         assert!(incoming.is_running(3));
         assert!(!dropped.load(Ordering::SeqCst) && !over.is_over());
-        assert!(incoming.cancel_request(3));
+        assert!(incoming.cancel_request(3).is_some());
         assert!(
             dropped.load(Ordering::SeqCst),
             "the handler future is dropped by the cancel"
         );
         assert!(over.is_over(), "the context sees its request is over");
         assert!(!incoming.is_running(3) && incoming.is_empty());
-        assert!(start(
-            &mut incoming,
-            pending(),
-            Some(4),
-            Method::from_static("next"),
-            None,
-            tracing::Span::none()
-        )
-        .is_none());
+        assert!(start(&mut incoming, pending(), Some(4), "next", None).is_none());
         assert_eq!(incoming.slots.len(), 1, "the slot is reused");
     }
 
     #[test]
     fn ready_handler_finishes_on_dispatch() {
-        let mut incoming = Incoming::new();
+        let mut incoming = Handlers::new();
         let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async { Ok(Reply::nothing()) });
-        let finished = start(
-            &mut incoming,
-            fut,
-            Some(1),
-            Method::from_static("fast"),
-            None,
-            tracing::Span::none(),
-        )
-        .expect("finished without waiting");
+        let finished =
+            start(&mut incoming, fut, Some(1), "fast", None).expect("finished without waiting");
         assert!(matches!(finished.outcome, Outcome::Done(Ok(_))));
         assert!(incoming.is_empty() && !incoming.is_running(1));
     }
@@ -562,31 +437,23 @@ mod tests {
     #[tokio::test]
     async fn woken_handler_finishes_through_poll_finished() {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let mut incoming = Incoming::new();
+        let mut incoming = Handlers::new();
         let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
             let _ = rx.await;
             Ok(Reply::nothing())
         });
-        assert!(start(
-            &mut incoming,
-            fut,
-            None,
-            Method::from_static("n"),
-            None,
-            tracing::Span::none()
-        )
-        .is_none());
+        assert!(start(&mut incoming, fut, None, "n", None).is_none());
         tx.send(()).unwrap();
         let finished = std::future::poll_fn(|cx| incoming.poll_finished(cx))
             .await
             .unwrap();
-        assert!(finished.id.is_none());
+        assert!(finished.run.id.is_none());
         assert!(incoming.is_empty());
     }
 
     #[tokio::test]
     async fn panicking_handler_is_caught() {
-        let mut incoming = Incoming::new();
+        let mut incoming = Handlers::new();
         let fut: Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>> =
             Box::pin(async {
                 if true {
@@ -594,15 +461,7 @@ mod tests {
                 }
                 Ok(Reply::nothing())
             });
-        let finished = start(
-            &mut incoming,
-            fut,
-            None,
-            Method::from_static("bad"),
-            None,
-            tracing::Span::none(),
-        )
-        .expect("a panic ends the run");
+        let finished = start(&mut incoming, fut, None, "bad", None).expect("a panic ends the run");
         match finished.outcome {
             Outcome::Panicked(p) => assert_eq!(p.downcast_ref::<&str>(), Some(&"boom")),
             _ => panic!("expected a caught panic"),
@@ -611,17 +470,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn handler_past_its_deadline_expires() {
-        let mut incoming = Incoming::new();
+        let mut incoming = Handlers::new();
         let deadline = Instant::now() + std::time::Duration::from_secs(1);
-        assert!(start(
-            &mut incoming,
-            pending(),
-            Some(9),
-            Method::from_static("slow"),
-            Some(deadline),
-            tracing::Span::none()
-        )
-        .is_none());
+        assert!(start(&mut incoming, pending(), Some(9), "slow", Some(deadline)).is_none());
         let finished = std::future::poll_fn(|cx| incoming.poll_finished(cx))
             .await
             .unwrap();

@@ -1,0 +1,459 @@
+//! Our side's work: the ledger of calls awaiting the peer's answers, the peer's admission window
+//! (how much of our work the peer holds, against the limits it announced), and the outbox where
+//! new calls and notifications wait, in order, for room in that window.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::codec::Codec;
+use crate::error::CallError;
+use crate::hash::SeededState;
+use crate::limits::Limits;
+use crate::shared::{Command, Lifecycle, Outbound, Permit, RawAnswer, ReplySender};
+
+/// Our calls awaiting answers.
+#[derive(Default)]
+pub(crate) struct Outgoing {
+    pending: HashMap<u64, Pending, SeededState>,
+}
+
+struct Pending {
+    reply: ReplySender,
+    permit: Permit,
+    /// Payload bytes counted in the peer's window; `None` for a nested call, which the peer
+    /// admits outside it.
+    window: Option<usize>,
+}
+
+/// What a finished call held: its permit, and its place in the peer's window.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub(crate) permit: Permit,
+    pub(crate) window: Option<usize>,
+}
+
+impl Outgoing {
+    pub(crate) fn insert_request(
+        &mut self,
+        id: u64,
+        reply: ReplySender,
+        permit: Permit,
+        window: Option<usize>,
+    ) {
+        let pending = Pending {
+            reply,
+            permit,
+            window,
+        };
+        self.pending.insert(id, pending);
+    }
+
+    /// Delivers an answer; `None` when nobody waits for `id` (late, cancelled or unknown).
+    pub(crate) fn complete_request(&mut self, id: u64, answer: RawAnswer) -> Option<Held> {
+        let pending = self.pending.remove(&id)?;
+        // The caller may have dropped its future a moment ago; then nobody reads this.
+        let _ = pending.reply.send(answer);
+        Some(Held {
+            permit: pending.permit,
+            window: pending.window,
+        })
+    }
+
+    /// Forgets a call the caller gave up on; `None` if it was not pending.
+    pub(crate) fn cancel_request(&mut self, id: u64) -> Option<Held> {
+        let pending = self.pending.remove(&id)?;
+        Some(Held {
+            permit: pending.permit,
+            window: pending.window,
+        })
+    }
+
+    /// `true` while call `id` awaits its answer.
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.pending.contains_key(&id)
+    }
+
+    /// Fails every pending call with `error()`; their ids and what they held.
+    pub(crate) fn fail_all(&mut self, error: impl Fn() -> CallError) -> Vec<(u64, Held)> {
+        self.pending
+            .drain()
+            .map(|(id, pending)| {
+                let _ = pending.reply.send(Err(error()));
+                let held = Held {
+                    permit: pending.permit,
+                    window: pending.window,
+                };
+                (id, held)
+            })
+            .collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// How much of our work the peer holds, against the admission limits it announced: requests
+/// until answered or cancelled, notifications until it credits them back (oldest first).
+pub(crate) struct PeerWindow {
+    max_requests: usize,
+    max_notifications: usize,
+    max_bytes: usize,
+    requests: usize,
+    request_bytes: usize,
+    notifications: VecDeque<usize>,
+    notification_bytes: usize,
+}
+
+impl PeerWindow {
+    pub(crate) fn new(peer: &Limits) -> Self {
+        Self {
+            // NB. A peer announcing 0 would make every call wait forever: one is always allowed.
+            max_requests: peer.max_pending_requests.max(1),
+            max_notifications: peer.max_pending_notifications.max(1),
+            max_bytes: peer.max_pending_bytes,
+            requests: 0,
+            request_bytes: 0,
+            notifications: VecDeque::new(),
+            notification_bytes: 0,
+        }
+    }
+
+    fn fits_bytes(&self, len: usize) -> bool {
+        let held = self.request_bytes + self.notification_bytes;
+        (self.requests == 0 && self.notifications.is_empty())
+            || held.saturating_add(len) <= self.max_bytes
+    }
+
+    pub(crate) fn fits_request(&self, len: usize) -> bool {
+        self.requests < self.max_requests && self.fits_bytes(len)
+    }
+
+    pub(crate) fn fits_notification(&self, len: usize) -> bool {
+        self.notifications.len() < self.max_notifications && self.fits_bytes(len)
+    }
+
+    pub(crate) fn add_request(&mut self, len: usize) {
+        self.requests += 1;
+        self.request_bytes += len;
+    }
+
+    pub(crate) fn remove_request(&mut self, len: usize) {
+        self.requests = self.requests.saturating_sub(1);
+        self.request_bytes = self.request_bytes.saturating_sub(len);
+    }
+
+    pub(crate) fn add_notification(&mut self, len: usize) {
+        self.notifications.push_back(len);
+        self.notification_bytes += len;
+    }
+
+    /// The peer started `count` more of our notifications (a larger count than we sent is
+    /// the peer's mistake, and frees no more than we sent).
+    pub(crate) fn credit(&mut self, count: u64) {
+        for _ in 0..count.min(self.notifications.len() as u64) {
+            if let Some(len) = self.notifications.pop_front() {
+                self.notification_bytes -= len;
+            }
+        }
+    }
+
+    /// `true` when nothing of ours is held by the peer.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.requests == 0 && self.notifications.is_empty() && self.request_bytes == 0
+    }
+}
+
+/// Calls and notifications waiting, in the order they were made, to be written: for room in
+/// the write buffer and in the peer's window. Nested calls wait apart, for room in the write
+/// buffer only: the peer admits them outside its window, and calls waiting for the window may
+/// be waiting for them.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    queue: VecDeque<Command>,
+    nested: VecDeque<Command>,
+}
+
+impl Outbox {
+    pub(crate) fn push(&mut self, command: Command) {
+        self.queue.push_back(command);
+    }
+
+    pub(crate) fn push_nested(&mut self, command: Command) {
+        self.nested.push_back(command);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.nested.is_empty()
+    }
+
+    /// The first waiting nested call, or else the first call or notification if it fits the
+    /// peer's window. A call whose caller has gone meanwhile is dropped on the way and handed
+    /// to `abandoned`.
+    pub(crate) fn pop_ready(
+        &mut self,
+        window: &PeerWindow,
+        codec: Codec,
+        mut abandoned: impl FnMut(&Outbound),
+    ) -> Option<Command> {
+        while let Some(command) = self.nested.pop_front() {
+            match command {
+                Command::Call { reply, call, .. } if reply.is_closed() => abandoned(&call),
+                command => return Some(command),
+            }
+        }
+        loop {
+            let fits = match self.queue.front()? {
+                Command::Call { reply, call, .. } if reply.is_closed() => {
+                    abandoned(call);
+                    self.queue.pop_front();
+                    continue;
+                }
+                Command::Call { call, .. } => window.fits_request(codec.payload_len(&call.payload)),
+                Command::Notify(notification) => {
+                    window.fits_notification(codec.payload_len(&notification.payload))
+                }
+                // Only calls and notifications are queued here.
+                _ => true,
+            };
+            return if fits { self.queue.pop_front() } else { None };
+        }
+    }
+
+    /// Drops the calls whose callers have gone (timed out, dropped), handing them to
+    /// `abandoned`: they are never written.
+    pub(crate) fn prune(&mut self, mut abandoned: impl FnMut(&Outbound)) {
+        for queue in [&mut self.nested, &mut self.queue] {
+            queue.retain(|command| match command {
+                Command::Call { reply, call, .. } if reply.is_closed() => {
+                    abandoned(call);
+                    false
+                }
+                _ => true,
+            });
+        }
+    }
+
+    /// Fails every waiting call (the connection stops); notifications stay to be written.
+    pub(crate) fn fail_calls(
+        &mut self,
+        error: impl Fn() -> CallError,
+        mut released: impl FnMut(&Outbound),
+    ) {
+        let waiting = std::mem::take(&mut self.nested)
+            .into_iter()
+            .chain(std::mem::take(&mut self.queue));
+        for command in waiting {
+            match command {
+                Command::Call { call, reply, .. } => {
+                    let _ = reply.send(Err(error()));
+                    released(&call);
+                }
+                other => self.queue.push_back(other),
+            }
+        }
+    }
+
+    /// Takes everything still waiting.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Command> + '_ {
+        self.nested.drain(..).chain(self.queue.drain(..))
+    }
+}
+
+/// In-flight permits to give back at the end of the driver's turn, by class: message counts
+/// and queued bytes.
+#[derive(Default)]
+pub(crate) struct Released {
+    count: [usize; 2],
+    bytes: [usize; 2],
+}
+
+impl Released {
+    fn class(permit: Permit) -> Option<usize> {
+        match permit {
+            Permit::None => None,
+            Permit::Handle => Some(0),
+            Permit::Handler => Some(1),
+        }
+    }
+
+    /// A message is done with all it held: a notification written, a call never written.
+    pub(crate) fn message(&mut self, message: &Outbound) {
+        self.written(message.permit, message.queued);
+        self.answered(message.permit);
+    }
+
+    /// A call is written: its `queued` bytes are free, its count stays until it is answered.
+    pub(crate) fn written(&mut self, permit: Permit, queued: u32) {
+        if let Some(class) = Self::class(permit) {
+            self.bytes[class] += queued as usize;
+        }
+    }
+
+    /// A call is answered (or failed, or cancelled).
+    pub(crate) fn answered(&mut self, permit: Permit) {
+        if let Some(class) = Self::class(permit) {
+            self.count[class] += 1;
+        }
+    }
+
+    pub(crate) fn give_back(&mut self, lifecycle: &Lifecycle) {
+        let Self { count, bytes } = std::mem::take(self);
+        lifecycle.release(Permit::Handle, count[0], bytes[0]);
+        lifecycle.release(Permit::Handler, count[1], bytes[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::RawResponse;
+    use crate::envelope::Method;
+    use crate::message::Attributes;
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    fn answer() -> RawAnswer {
+        Ok(RawResponse {
+            payload: Bytes::new(),
+            attributes: Attributes::new(),
+            codec: Codec::default(),
+        })
+    }
+
+    fn outbound(len: usize) -> Outbound {
+        Outbound {
+            method: Method::from_static("m"),
+            attributes: Attributes::new(),
+            payload: Bytes::from(vec![1; len]),
+            permit: Permit::Handle,
+            queued: len as u32,
+            parent: 0,
+        }
+    }
+
+    fn call(id: u64, len: usize) -> (Command, oneshot::Receiver<RawAnswer>) {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Call {
+            id,
+            call: outbound(len),
+            deadline: None,
+            reply,
+        };
+        (command, rx)
+    }
+
+    fn window(requests: usize, notifications: usize, bytes: usize) -> PeerWindow {
+        PeerWindow::new(&Limits {
+            max_pending_requests: requests,
+            max_pending_notifications: notifications,
+            max_pending_bytes: bytes,
+            ..Limits::default()
+        })
+    }
+
+    #[test]
+    fn an_answer_is_delivered_once_and_gives_back_what_the_call_held() {
+        let mut outgoing = Outgoing::default();
+        let (tx, mut rx) = oneshot::channel();
+        outgoing.insert_request(7, tx, Permit::Handle, Some(10));
+        let held = outgoing.complete_request(7, answer()).expect("pending");
+        assert_eq!(
+            held,
+            Held {
+                permit: Permit::Handle,
+                window: Some(10)
+            }
+        );
+        assert!(rx.try_recv().is_ok());
+        assert!(
+            outgoing.complete_request(7, answer()).is_none(),
+            "a late answer finds nobody"
+        );
+        assert!(outgoing.cancel_request(7).is_none() && outgoing.len() == 0);
+    }
+
+    #[test]
+    fn fail_all_fails_every_call_with_the_reason() {
+        let mut outgoing = Outgoing::default();
+        let (tx, mut rx) = oneshot::channel();
+        outgoing.insert_request(1, tx, Permit::None, None);
+        let failed = outgoing.fail_all(|| CallError::Terminated(crate::Termination::Stopped));
+        assert_eq!(failed.len(), 1);
+        assert!(matches!(rx.try_recv(), Ok(Err(CallError::Terminated(_)))));
+        assert!(!outgoing.contains(1));
+    }
+
+    #[test]
+    fn the_window_holds_back_work_over_the_peers_limits() {
+        let mut window = window(2, 1, 100);
+        assert!(window.fits_request(1000), "one message alone always fits");
+        window.add_request(60);
+        assert!(!window.fits_request(50), "over the bytes");
+        assert!(window.fits_request(40));
+        window.add_request(40);
+        assert!(!window.fits_request(0), "over the count");
+        window.remove_request(60);
+        window.remove_request(40);
+        window.add_notification(10);
+        assert!(!window.fits_notification(1), "one notification at most");
+        window.credit(u64::MAX);
+        assert!(window.is_empty(), "credit frees no more than was sent");
+        assert!(window.fits_notification(1));
+    }
+
+    #[test]
+    fn the_outbox_keeps_order_and_drops_calls_whose_caller_is_gone() {
+        let codec = Codec::default();
+        let window = window(1, 4, 1 << 20);
+        let mut outbox = Outbox::default();
+        let (first, _first_rx) = call(1, 5);
+        let (gone, gone_rx) = call(2, 5);
+        outbox.push(first);
+        outbox.push(gone);
+        outbox.push(Command::Notify(outbound(3)));
+        drop(gone_rx);
+        let mut abandoned = 0;
+        let next = outbox.pop_ready(&window, codec, |_| abandoned += 1);
+        assert!(matches!(next, Some(Command::Call { id: 1, .. })));
+        let next = outbox.pop_ready(&window, codec, |_| abandoned += 1);
+        assert!(matches!(next, Some(Command::Notify(_))));
+        assert_eq!(abandoned, 1, "the abandoned call is never written");
+        assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn nested_calls_do_not_wait_for_the_window() {
+        let codec = Codec::default();
+        let mut full = window(1, 1, 1 << 20);
+        full.add_request(1);
+        let mut outbox = Outbox::default();
+        let (ordinary, _rx) = call(1, 5);
+        let (nested, _nested_rx) = call(2, 5);
+        outbox.push(ordinary);
+        outbox.push_nested(nested);
+        let next = outbox.pop_ready(&full, codec, |_| {});
+        assert!(matches!(next, Some(Command::Call { id: 2, .. })));
+        assert!(
+            outbox.pop_ready(&full, codec, |_| {}).is_none(),
+            "the ordinary call waits for room"
+        );
+        let mut failed = 0;
+        outbox.fail_calls(
+            || CallError::Terminated(crate::Termination::Stopped),
+            |_| failed += 1,
+        );
+        assert_eq!(failed, 1);
+    }
+
+    #[test]
+    fn released_permits_are_counted_by_class() {
+        let mut released = Released::default();
+        let message = outbound(8);
+        released.message(&message);
+        released.written(Permit::Handler, 3);
+        released.answered(Permit::Handler);
+        released.answered(Permit::None);
+        assert_eq!((released.count, released.bytes), ([1, 1], [8, 3]));
+    }
+}

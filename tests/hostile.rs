@@ -1,0 +1,387 @@
+//! A hostile (or just careless) peer, written by hand from PROTOCOL.md: stream credit and
+//! positions at the edges of `u64`, producers that ignore credit or reuse ids, consumers that
+//! never consume, answers that race our own timers, and text where frames should be. Each
+//! case ends in a typed error or a bounded wait, never a panic, a hang or unbounded memory.
+
+mod support;
+
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use channel_dispatcher::error::code;
+use channel_dispatcher::{
+    request, stream_request, CallError, Channel, Context, Dispatcher, HandlerError, RemoteStream,
+    Router,
+};
+use futures_util::{stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use support::raw::{envelope, frame, RawPeer};
+use support::{error_text, within, Echo};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The numbers `0..n`.
+#[derive(Serialize, Deserialize)]
+struct Numbers(u64);
+stream_request!(Numbers => u64, "numbers");
+
+/// The same request as `Numbers`, answered with the stream's id only (never consumed).
+#[derive(Serialize, Deserialize)]
+struct OpenNumbers(u64);
+request!(OpenNumbers => u64, "numbers");
+
+/// The items the test feeds, one at a time; it ends when the test drops the feed.
+#[derive(Serialize, Deserialize)]
+struct Fed;
+stream_request!(Fed => u64, "fed");
+
+/// Endless items of about 1 KiB (capped at `PRODUCER_CAP`), counted as they are made.
+#[derive(Serialize, Deserialize)]
+struct Kilobytes;
+stream_request!(Kilobytes => String, "kilobytes");
+
+/// How many streams the producer's storage holds.
+#[derive(Serialize, Deserialize)]
+struct Stored;
+request!(Stored => usize, "stored");
+
+/// The stream id a raw producer answers with.
+const STREAM: u64 = 77;
+/// Where the `Kilobytes` producer stops, so a failing run stays within ~50 MiB.
+const PRODUCER_CAP: usize = 50_000;
+
+#[derive(Clone, Default)]
+struct Probe {
+    produced: Arc<AtomicUsize>,
+    feed: Arc<Mutex<Option<mpsc::UnboundedReceiver<u64>>>>,
+}
+
+fn router(probe: Probe) -> Router {
+    let fed = probe.clone();
+    let kilobytes = probe;
+    Router::new()
+        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .stream(|_cx: Context, Numbers(n)| async move {
+            Ok::<_, HandlerError>(stream::iter((0..n).map(Ok)))
+        })
+        .stream(move |_cx: Context, Fed| {
+            let items = fed.feed.lock().unwrap().take();
+            async move {
+                let items = items.ok_or_else(|| HandlerError::internal("one fed stream only"))?;
+                Ok::<_, HandlerError>(stream::unfold(items, |mut items| async move {
+                    let item = items.recv().await?;
+                    Some((Ok(item), items))
+                }))
+            }
+        })
+        .stream(move |_cx: Context, Kilobytes| {
+            let produced = Arc::clone(&kilobytes.produced);
+            async move {
+                Ok::<_, HandlerError>(stream::iter(0..PRODUCER_CAP).map(move |i| {
+                    produced.fetch_add(1, Ordering::SeqCst);
+                    Ok(format!("{i:>1000}"))
+                }))
+            }
+        })
+        .request(|cx: Context, Stored| async move {
+            Ok::<_, HandlerError>(cx.streams().map_or(0, |s| s.len()))
+        })
+}
+
+async fn connect(probe: Probe) -> (Dispatcher, RawPeer) {
+    RawPeer::connect(router(probe), 1 << 20).await
+}
+
+/// The raw peer asks for a stream with request `id`; returns the stream id answered.
+async fn open_stream<P: Serialize>(peer: &mut RawPeer, id: u64, method: &str, payload: &P) -> u64 {
+    peer.request(id, method, payload).await;
+    let answer = peer.read().await;
+    assert_eq!(
+        (&answer[0], &answer[1]),
+        (&json!(3), &json!(id)),
+        "{answer}"
+    );
+    answer[3].as_u64().expect("a stream id")
+}
+
+/// The dispatcher's request for a stream, answered by the raw peer with `STREAM`; returns the
+/// credit the dispatcher grants.
+async fn answer_stream_request(peer: &mut RawPeer) -> u64 {
+    let id = peer.read_request("numbers").await;
+    peer.respond(id, &STREAM).await;
+    peer.read_credit(STREAM).await
+}
+
+/// Reads the items of stream `id` until its end; returns them and the end envelope.
+async fn read_stream(peer: &mut RawPeer, id: u64) -> (Vec<u64>, Value) {
+    let mut items = Vec::new();
+    loop {
+        let envelope = peer.read().await;
+        match envelope[0].as_u64() {
+            Some(8) if envelope[1] == id => {
+                let batch = envelope[3].as_array().expect("a batch is an array");
+                items.extend(batch.iter().map(|item| item.as_u64().unwrap()));
+            }
+            Some(9) if envelope[1] == id => return (items, envelope),
+            _ => {}
+        }
+    }
+}
+
+fn consume<T>(stream: RemoteStream<T>) -> JoinHandle<Vec<Result<T, CallError>>>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
+    tokio::spawn(stream.collect::<Vec<_>>())
+}
+
+/// What a consumer task collected; a panic in it fails the test with its message.
+async fn collected<T>(
+    consumer: JoinHandle<Vec<Result<T, CallError>>>,
+) -> Vec<Result<T, CallError>> {
+    match within(consumer).await {
+        Ok(items) => items,
+        Err(panic) => panic!("the consumer panicked: {panic}"),
+    }
+}
+
+// issue 8, item 4
+#[tokio::test(start_paused = true)]
+async fn credit_of_u64_max_twice_does_not_panic_the_producer() {
+    let probe = Probe::default();
+    let (feed, items) = mpsc::unbounded_channel();
+    *probe.feed.lock().unwrap() = Some(items);
+    let (_dispatcher, mut peer) = connect(probe).await;
+    let id = open_stream(&mut peer, 1, "fed", &Fed).await;
+    peer.stream_credit(id, u64::MAX).await;
+    feed.send(0).unwrap();
+    assert_eq!(peer.read().await, json!([8, id, 0, [0]]));
+    // The producer now waits for its next item, with the credit for a batch taken: the second
+    // grant tops the credit up to the maximum under it.
+    peer.stream_credit(id, u64::MAX).await;
+    peer.request(2, "echo", "sync").await;
+    assert_eq!(
+        peer.read().await,
+        json!([3, 2, {}, "sync"]),
+        "the credit is in"
+    );
+    for item in 1..=10 {
+        feed.send(item).unwrap();
+    }
+    drop(feed);
+    let (items, end) = read_stream(&mut peer, id).await;
+    assert_eq!(items, (1..=10).collect::<Vec<_>>());
+    assert_eq!(end, json!([9, id]), "a normal end");
+}
+
+// issue 8, item 5
+#[tokio::test(start_paused = true)]
+async fn a_consumer_that_grants_u64_max_and_stops_reading_does_not_make_the_producer_grow() {
+    let probe = Probe::default();
+    let (_dispatcher, mut peer) = connect(probe.clone()).await;
+    let id = open_stream(&mut peer, 1, "kilobytes", &Kilobytes).await;
+    peer.stream_credit(id, u64::MAX).await;
+    // The peer never reads again. Time is paused: each sleep returns once nothing can run
+    // (the producer waits, or it has made all it can).
+    let mut produced = Vec::new();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        produced.push(probe.produced.load(Ordering::SeqCst));
+    }
+    let last = *produced.last().unwrap();
+    assert!(
+        last < 20_000,
+        "{last} items of 1 KiB made for a consumer that reads nothing (over time: {produced:?}): \
+         memory grows with them"
+    );
+}
+
+// issue 8, item 6
+#[tokio::test(start_paused = true)]
+async fn a_producer_that_ignores_credit_ends_the_connection() {
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let mut numbers = dispatcher.stream(Numbers(3)).window(8);
+    let first = tokio::spawn(async move {
+        let first = numbers.next().await;
+        (first, numbers)
+    });
+    assert_eq!(answer_stream_request(&mut peer).await, 8);
+    // Ten thousand batches of one item, against a credit of 8.
+    let flood: Vec<u8> = (0..10_000u64)
+        .flat_map(|i| frame(&envelope(&(8u8, STREAM, i, [i]))))
+        .collect();
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer.try_send_raw(&flood)).await;
+    let (first, numbers) = within(first).await.unwrap();
+    assert_eq!(first.unwrap().unwrap(), 0);
+
+    let reason = tokio::time::timeout(Duration::from_secs(5), dispatcher.closed())
+        .await
+        .expect("the connection is still up after 10,000 items over a credit of 8: all buffered");
+    assert!(!reason.is_graceful(), "{reason:?}");
+    let text = error_text(&reason);
+    assert!(text.contains("credit"), "{text}"); // TODO(variant)
+    let rest = within(numbers.collect::<Vec<_>>()).await;
+    assert!(rest.len() <= 8, "{} more items yielded", rest.len());
+    assert!(matches!(rest.last(), Some(Err(_))), "{rest:?}");
+}
+
+/// The raw peer, as producer, sends `batches` (position, items), then ends the stream; returns
+/// what the dispatcher's consumer made of them.
+async fn consume_batches(
+    dispatcher: &Dispatcher,
+    peer: &mut RawPeer,
+    batches: &[(u64, &[u64])],
+) -> Vec<Result<u64, CallError>> {
+    let consumer = consume(dispatcher.stream(Numbers(3)));
+    answer_stream_request(peer).await;
+    for (position, items) in batches {
+        peer.stream_items(STREAM, *position, items).await;
+    }
+    peer.stream_end(STREAM).await;
+    collected(consumer).await
+}
+
+/// A call from the dispatcher, answered by the raw peer: the connection is up.
+async fn assert_still_up(dispatcher: &Dispatcher, peer: &mut RawPeer) {
+    let call = tokio::spawn(dispatcher.request(Echo("up?".into())).into_future());
+    let request = peer
+        .read_until(|envelope| envelope[0] == 1 && envelope[2] == "echo")
+        .await;
+    peer.respond(request[1].as_u64().unwrap(), "up").await;
+    assert_eq!(within(call).await.unwrap().unwrap(), "up");
+}
+
+// issue 8, item 7
+#[tokio::test(start_paused = true)]
+async fn a_batch_at_position_u64_max_is_an_error_item_not_a_panic() {
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let items = consume_batches(&dispatcher, &mut peer, &[(u64::MAX, &[7, 8])]).await;
+    assert!(matches!(items.last(), Some(Err(_))), "{items:?}");
+    assert_still_up(&dispatcher, &mut peer).await;
+}
+
+// issue 8, item 7
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_skips_positions_is_an_error_item() {
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let items = consume_batches(&dispatcher, &mut peer, &[(0, &[0]), (5, &[5])]).await;
+    assert!(matches!(items.first(), Some(Ok(0))), "{items:?}");
+    assert!(matches!(items.last(), Some(Err(_))), "{items:?}");
+    assert!(
+        !items.iter().any(|item| matches!(item, Ok(5))),
+        "an item at a position that was never announced: {items:?}"
+    );
+    assert_still_up(&dispatcher, &mut peer).await;
+}
+
+// issue 8, item 8
+#[tokio::test]
+async fn a_client_that_opens_streams_and_never_consumes_them_is_refused_beyond_the_cap() {
+    let (a, b) = Channel::pair();
+    let _server = Dispatcher::builder()
+        .handler(router(Probe::default()))
+        .spawn(b);
+    let client = Dispatcher::builder().spawn(a);
+    let (mut opened, mut refused) = (0, 0);
+    for _ in 0..2000 {
+        match within(client.request(OpenNumbers(5))).await {
+            Ok(_) => opened += 1,
+            Err(error) => {
+                let remote = error.as_remote().unwrap_or_else(|| panic!("{error:?}"));
+                assert_eq!(remote.code, code::OVERLOADED, "{remote}");
+                refused += 1;
+            }
+        }
+    }
+    let stored = within(client.request(Stored)).await.unwrap();
+    assert!(
+        stored <= 1024,
+        "{stored} streams stored for a client that consumes none ({opened} opened, {refused} refused)"
+    );
+    assert!(opened <= 1024, "{opened} opened");
+    assert_eq!(opened + refused, 2000);
+}
+
+// issue 8, item 9
+#[tokio::test(start_paused = true)]
+async fn a_producer_that_reuses_a_stream_id_fails_both_streams() {
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let first = consume(dispatcher.stream(Numbers(1)));
+    answer_stream_request(&mut peer).await;
+    let second = consume(dispatcher.stream(Numbers(2)));
+    let id = peer.read_request("numbers").await;
+    peer.respond(id, &STREAM).await; // the same id again
+                                     // Whatever the dispatcher says about it (credit, a cancel), until it has nothing more to
+                                     // say (time is paused: until nothing can run), so both consumers have started.
+    while peer.read_within(Duration::from_secs(1)).await.is_some() {}
+    peer.stream_items(STREAM, 0, &[0u64, 1]).await;
+    peer.stream_end(STREAM).await;
+    let (first, second) = (collected(first).await, collected(second).await);
+    assert!(
+        matches!(first.last(), Some(Err(_))),
+        "the first stream ends cleanly, though its producer never ended it: {first:?}"
+    );
+    assert!(
+        matches!(second.last(), Some(Err(_))),
+        "the second stream took over the first one's id: {second:?}"
+    );
+}
+
+// issue 8, item 17
+#[tokio::test(start_paused = true)]
+async fn a_deadline_answer_that_beats_our_own_timer_is_a_timeout() {
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let call = dispatcher
+        .request(Echo("late".into()))
+        .timeout(Duration::from_secs(5));
+    let call = tokio::spawn(call.into_future());
+    let id = peer.read_request("echo").await;
+    peer.respond_error(id, code::DEADLINE_EXCEEDED, "deadline")
+        .await;
+    let err = within(call).await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::Timeout(_)), "{err:?}");
+}
+
+// issue 8, item 19
+#[tokio::test]
+async fn a_pull_on_a_stream_that_had_credit_is_answered_at_once() {
+    let (_dispatcher, mut peer) = connect(Probe::default()).await;
+    let id = open_stream(&mut peer, 1, "numbers", &Numbers(100)).await;
+    peer.stream_credit(id, 4).await;
+    let mut received = 0;
+    while received < 4 {
+        let batch = peer.read_until(|envelope| envelope[0] == 8).await;
+        received += batch[3].as_array().unwrap().len();
+    }
+    // The window is used up; now the same stream is pulled.
+    peer.request(2, "$stream/next", &id).await;
+    let answered = |envelope: &Value| (envelope[0] == 3 || envelope[0] == 4) && envelope[1] == 2;
+    let answer = tokio::time::timeout(Duration::from_secs(1), peer.read_until(answered)).await;
+    assert!(
+        answer.is_ok(),
+        "the pull is not answered within 1 s: it waits for the windowed producer (until the idle release)"
+    );
+}
+
+// issue 8, item 20
+#[tokio::test(start_paused = true)]
+async fn text_where_a_frame_length_should_be_ends_the_connection_at_once() {
+    let (dispatcher, mut peer) = RawPeer::connect_with(Dispatcher::builder()).await;
+    let call = tokio::spawn(dispatcher.request(Echo("in flight".into())).into_future());
+    peer.read_request("echo").await;
+    peer.send_raw(b"Hello world\n").await;
+    let reason = tokio::time::timeout(Duration::from_secs(5), dispatcher.closed())
+        .await
+        .expect("the connection is still up, reading a 1.2 GB frame that is text");
+    assert!(!reason.is_graceful(), "{reason:?}");
+    let text = error_text(&reason);
+    let claimed = u32::from_be_bytes(*b"Hell");
+    assert!(text.contains(&claimed.to_string()), "{text}"); // TODO(variant)
+    assert!(text.contains("text"), "{text}"); // TODO(variant)
+    let err = within(call).await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::Terminated(_)), "{err:?}");
+    drop(peer);
+}
