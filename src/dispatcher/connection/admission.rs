@@ -11,12 +11,13 @@
 //! own and skip the queue and the handler limit: a chain of calls back and forth never waits
 //! for the handlers it is itself keeping busy.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use bytes::Bytes;
 
 use super::handlers::Run;
 use crate::error::{code, ProtocolError};
+use crate::hash::SeededState;
 use crate::limits::{Limit, Limits};
 use crate::message::Attributes;
 
@@ -31,7 +32,8 @@ pub(crate) struct Queued {
 /// What admission made of new work.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Queued; it starts when a slot is free.
+    /// Within the limits: start it at once if [`Admission::may_start_now`], or
+    /// [`defer`](Admission::defer) it until a slot is free.
     Admitted,
     /// A request over the limits: answer it with this error.
     Refused { code: i64, message: String },
@@ -43,6 +45,8 @@ pub(crate) struct Admission {
     limits: Limits,
     queue: VecDeque<Queued>,
     nested_queue: VecDeque<Queued>,
+    /// The ids of the requests in the queues.
+    queued_ids: HashSet<u64, SeededState>,
     /// The peer's requests pending here (running, queued, or pulls waiting for an item).
     requests: usize,
     /// The peer's nested requests pending here (running or queued).
@@ -63,6 +67,7 @@ impl Admission {
             limits,
             queue: VecDeque::new(),
             nested_queue: VecDeque::new(),
+            queued_ids: HashSet::default(),
             requests: 0,
             nested: 0,
             notifications: 0,
@@ -94,46 +99,72 @@ impl Admission {
         }
     }
 
-    /// Admits one of the peer's requests (`run.nested` when it is nested in one of our calls).
-    pub(crate) fn request(&mut self, queued: Queued) -> Verdict {
-        if queued.run.nested {
+    /// Admits one of the peer's requests (`run.nested` when it is nested in one of our calls):
+    /// it counts as pending from now until [`done`](Self::done).
+    pub(crate) fn request(&mut self, run: &Run) -> Verdict {
+        if run.nested {
             if self.nested >= self.limits.max_nested_requests {
                 return self.strike(Limit::NestedRequests, self.limits.max_nested_requests);
             }
             self.nested += 1;
             self.strikes = 0;
-            self.nested_queue.push_back(queued);
             return Verdict::Admitted;
         }
         if self.requests >= self.limits.max_pending_requests {
             return self.strike(Limit::PendingRequests, self.limits.max_pending_requests);
         }
-        if self.over_bytes(queued.run.bytes) {
+        if self.over_bytes(run.bytes) {
             return self.strike(Limit::PendingBytes, self.limits.max_pending_bytes);
         }
         self.requests += 1;
-        self.bytes += queued.run.bytes;
+        self.bytes += run.bytes;
         self.strikes = 0;
-        self.queue.push_back(queued);
         Verdict::Admitted
     }
 
-    /// Admits one of the peer's notifications. It cannot be refused (nothing answers it), so
-    /// one over the limits ends the connection.
-    pub(crate) fn notification(&mut self, queued: Queued) -> Verdict {
+    /// Admits one of the peer's notifications (it counts while it waits). It cannot be
+    /// refused (nothing answers it), so one over the limits ends the connection.
+    pub(crate) fn notification(&self, run: &Run) -> Verdict {
         let max = self.limits.max_pending_notifications;
         if self.notifications >= max {
             let limit = Limit::PendingNotifications;
             return Verdict::CutOff(ProtocolError::AdmissionExceeded { limit, max });
         }
-        if self.over_bytes(queued.run.bytes) {
+        if self.over_bytes(run.bytes) {
             let (limit, max) = (Limit::PendingBytes, self.limits.max_pending_bytes);
             return Verdict::CutOff(ProtocolError::AdmissionExceeded { limit, max });
         }
-        self.notifications += 1;
-        self.bytes += queued.run.bytes;
-        self.queue.push_back(queued);
         Verdict::Admitted
+    }
+
+    /// `true` when admitted work may start at once: nothing of its kind waits before it.
+    pub(crate) fn may_start_now(&self, nested: bool) -> bool {
+        match nested {
+            true => self.nested_queue.is_empty(),
+            false => self.queue.is_empty(),
+        }
+    }
+
+    /// A notification admitted and started at once: the peer is credited for it.
+    pub(crate) fn started_notification(&mut self) {
+        self.credit += 1;
+    }
+
+    /// Queues admitted work until a slot is free.
+    pub(crate) fn defer(&mut self, queued: Queued) {
+        match queued.run.id {
+            Some(id) => {
+                self.queued_ids.insert(id);
+            }
+            None => {
+                self.notifications += 1;
+                self.bytes += queued.run.bytes;
+            }
+        }
+        match queued.run.nested {
+            true => self.nested_queue.push_back(queued),
+            false => self.queue.push_back(queued),
+        }
     }
 
     /// Admits a pull request of a remote stream (answered by the stream, not a handler).
@@ -149,18 +180,21 @@ impl Admission {
     /// The next waiting work to start: nested requests first; the rest only when
     /// `ordinary_room` (a handler slot is free and the write buffer has room).
     pub(crate) fn next(&mut self, ordinary_room: bool) -> Option<Queued> {
-        if let Some(queued) = self.nested_queue.pop_front() {
-            return Some(queued);
-        }
-        if !ordinary_room {
-            return None;
-        }
-        let queued = self.queue.pop_front()?;
-        if queued.run.id.is_none() {
-            // A notification leaves the window when it starts: the peer is credited for it.
-            self.notifications -= 1;
-            self.bytes -= queued.run.bytes;
-            self.credit += 1;
+        let queued = match self.nested_queue.pop_front() {
+            Some(queued) => queued,
+            None if ordinary_room => self.queue.pop_front()?,
+            None => return None,
+        };
+        match queued.run.id {
+            Some(id) => {
+                self.queued_ids.remove(&id);
+            }
+            None => {
+                // A notification leaves the window when it starts: the peer is credited for it.
+                self.notifications -= 1;
+                self.bytes -= queued.run.bytes;
+                self.credit += 1;
+            }
         }
         Some(queued)
     }
@@ -190,6 +224,9 @@ impl Admission {
 
     /// Drops a queued request the peer cancelled; `true` if it was queued.
     pub(crate) fn cancel(&mut self, id: u64) -> bool {
+        if !self.queued_ids.remove(&id) {
+            return false;
+        }
         let position = |queue: &VecDeque<Queued>| queue.iter().position(|q| q.run.id == Some(id));
         let queued = match (position(&self.nested_queue), position(&self.queue)) {
             (Some(at), _) => self.nested_queue.remove(at),
@@ -207,10 +244,7 @@ impl Admission {
 
     /// `true` when request `id` waits in the queue.
     pub(crate) fn is_queued(&self, id: u64) -> bool {
-        self.queue
-            .iter()
-            .chain(&self.nested_queue)
-            .any(|q| q.run.id == Some(id))
+        self.queued_ids.contains(&id)
     }
 
     /// Notifications started since the last call: the credit to send back.
@@ -231,6 +265,7 @@ impl Admission {
             }
         }
         self.queue = kept;
+        self.queued_ids.clear();
         runs.iter().for_each(|run| self.done(run));
         runs.into_iter().filter_map(|run| run.id).collect()
     }
@@ -239,6 +274,7 @@ impl Admission {
     pub(crate) fn clear(&mut self) {
         self.queue.clear();
         self.nested_queue.clear();
+        self.queued_ids.clear();
         self.notifications = 0;
     }
 
@@ -277,6 +313,23 @@ mod tests {
         }
     }
 
+    /// Admits and queues, as the driver does when no slot is free.
+    fn request(admission: &mut Admission, queued: Queued) -> Verdict {
+        let verdict = admission.request(&queued.run);
+        if verdict == Verdict::Admitted {
+            admission.defer(queued);
+        }
+        verdict
+    }
+
+    fn notification(admission: &mut Admission, queued: Queued) -> Verdict {
+        let verdict = admission.notification(&queued.run);
+        if verdict == Verdict::Admitted {
+            admission.defer(queued);
+        }
+        verdict
+    }
+
     fn refused(verdict: Verdict) -> bool {
         matches!(
             verdict,
@@ -291,15 +344,15 @@ mod tests {
     fn work_waits_in_order_until_a_slot_is_free() {
         let mut admission = Admission::new(limits(4, 4, 1 << 20));
         assert_eq!(
-            admission.request(queued(Some(1), false, 10)),
+            request(&mut admission, queued(Some(1), false, 10)),
             Verdict::Admitted
         );
         assert_eq!(
-            admission.notification(queued(None, false, 5)),
+            notification(&mut admission, queued(None, false, 5)),
             Verdict::Admitted
         );
         assert_eq!(
-            admission.request(queued(Some(2), false, 10)),
+            request(&mut admission, queued(Some(2), false, 10)),
             Verdict::Admitted
         );
         assert!(admission.next(false).is_none(), "no slot: nothing starts");
@@ -327,29 +380,29 @@ mod tests {
     fn requests_over_the_count_or_bytes_are_refused_then_cut_off() {
         let mut admission = Admission::new(limits(2, 4, 100));
         assert_eq!(
-            admission.request(queued(Some(1), false, 500)),
+            request(&mut admission, queued(Some(1), false, 500)),
             Verdict::Admitted,
             "alone"
         );
         assert!(
-            refused(admission.request(queued(Some(2), false, 1))),
+            refused(request(&mut admission, queued(Some(2), false, 1))),
             "over the bytes"
         );
         admission.done(&queued(Some(1), false, 500).run);
         assert_eq!(
-            admission.request(queued(Some(3), false, 50)),
+            request(&mut admission, queued(Some(3), false, 50)),
             Verdict::Admitted
         );
         assert_eq!(
-            admission.request(queued(Some(4), false, 50)),
+            request(&mut admission, queued(Some(4), false, 50)),
             Verdict::Admitted
         );
         assert!(
-            refused(admission.request(queued(Some(5), false, 0))),
+            refused(request(&mut admission, queued(Some(5), false, 0))),
             "over the count"
         );
-        assert!(refused(admission.request(queued(Some(6), false, 0))));
-        match admission.request(queued(Some(7), false, 0)) {
+        assert!(refused(request(&mut admission, queued(Some(6), false, 0))));
+        match request(&mut admission, queued(Some(7), false, 0)) {
             Verdict::CutOff(ProtocolError::AdmissionExceeded { limit, max }) => {
                 assert_eq!((limit, max), (Limit::PendingRequests, 2));
             }
@@ -361,11 +414,11 @@ mod tests {
     fn a_notification_over_the_window_cuts_off_at_once() {
         let mut admission = Admission::new(limits(2, 1, 1 << 20));
         assert_eq!(
-            admission.notification(queued(None, false, 1)),
+            notification(&mut admission, queued(None, false, 1)),
             Verdict::Admitted
         );
         assert!(matches!(
-            admission.notification(queued(None, false, 1)),
+            notification(&mut admission, queued(None, false, 1)),
             Verdict::CutOff(ProtocolError::AdmissionExceeded {
                 limit: Limit::PendingNotifications,
                 max: 1
@@ -377,15 +430,15 @@ mod tests {
     fn nested_requests_skip_the_queue_and_have_a_count_of_their_own() {
         let mut admission = Admission::new(limits(1, 1, 1 << 20));
         assert_eq!(
-            admission.request(queued(Some(1), false, 0)),
+            request(&mut admission, queued(Some(1), false, 0)),
             Verdict::Admitted
         );
         assert_eq!(
-            admission.request(queued(Some(2), true, 0)),
+            request(&mut admission, queued(Some(2), true, 0)),
             Verdict::Admitted
         );
         assert!(
-            refused(admission.request(queued(Some(3), true, 0))),
+            refused(request(&mut admission, queued(Some(3), true, 0))),
             "one nested at most"
         );
         let first = admission.next(false).expect("nested starts without a slot");
@@ -393,7 +446,7 @@ mod tests {
         assert!(admission.next(false).is_none());
         admission.done(&first.run);
         assert_eq!(
-            admission.request(queued(Some(4), true, 0)),
+            request(&mut admission, queued(Some(4), true, 0)),
             Verdict::Admitted
         );
     }
@@ -401,9 +454,9 @@ mod tests {
     #[test]
     fn cancel_and_stop_take_queued_requests_out() {
         let mut admission = Admission::new(limits(4, 4, 1 << 20));
-        admission.request(queued(Some(1), false, 10));
-        admission.notification(queued(None, false, 5));
-        admission.request(queued(Some(2), false, 10));
+        request(&mut admission, queued(Some(1), false, 10));
+        notification(&mut admission, queued(None, false, 5));
+        request(&mut admission, queued(Some(2), false, 10));
         assert!(admission.is_queued(1));
         assert!(admission.cancel(1) && !admission.cancel(1));
         assert_eq!(admission.take_queued_requests(), [2]);

@@ -122,7 +122,11 @@ fn fail_queued(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &Termina
     }
 }
 
-impl<S: Service<Incoming>> Driver<S> {
+impl<S> Driver<S>
+where
+    S: Service<Incoming, Response = Reply>,
+    S::Error: IntoHandlerError,
+{
     pub(super) fn new(
         parts: Parts<S>,
         reader: FrameReader,
@@ -152,25 +156,6 @@ impl<S: Service<Incoming>> Driver<S> {
             released: Released::default(),
             phase: Phase::Open,
         }
-    }
-
-    /// Gives back in-flight permits and publishes the counters.
-    fn end_turn(&mut self) {
-        self.released.give_back(&self.lifecycle);
-        self.lifecycle
-            .set_counts(self.outgoing.len(), self.handlers.len());
-    }
-
-    /// What an answered or cancelled call held goes back: its permit, its place in the window.
-    pub(super) fn release_held(&mut self, held: Held) {
-        self.released.answered(held.permit);
-        if let Some(len) = held.window {
-            self.window.remove_request(len);
-        }
-    }
-
-    pub(super) fn terminated(&self) -> CallError {
-        CallError::Terminated(self.lifecycle.reason_or(Termination::Stopped))
     }
 
     pub(super) fn is_open(&self) -> bool {
@@ -228,6 +213,17 @@ impl<S: Service<Incoming>> Driver<S> {
                 if !nested {
                     call.parent = 0;
                 }
+                // Written at once when nothing of its kind waits before it and there is room.
+                let len = self.config.codec.payload_len(&call.payload);
+                let room = self.write.has_room()
+                    && match nested {
+                        true => !self.outbox.nested_waiting(),
+                        false => !self.outbox.waiting() && self.window.fits_request(len),
+                    };
+                if room {
+                    let window = (!nested).then_some(len);
+                    return self.write_call(id, call, deadline, reply, window);
+                }
                 let command = Command::Call {
                     id,
                     call,
@@ -243,6 +239,13 @@ impl<S: Service<Incoming>> Driver<S> {
                 if self.is_closing() {
                     tracing::debug!(method = %notification.method, "notification after close dropped");
                     return self.released.message(&notification);
+                }
+                let len = self.config.codec.payload_len(&notification.payload);
+                if self.write.has_room()
+                    && !self.outbox.waiting()
+                    && self.window.fits_notification(len)
+                {
+                    return self.write_notification(notification);
                 }
                 self.outbox.push(Command::Notify(notification));
             }
@@ -693,59 +696,6 @@ impl<S: Service<Incoming>> Driver<S> {
         self.close(Some(Envelope::Fatal { code, message }), read_closed);
     }
 
-    /// Fails every call awaiting an answer or waiting to be written, and ends every stream;
-    /// with `cancel`, tells the peer to stop working on the calls.
-    fn fail_outgoing(&mut self, cancel: bool) {
-        let reason = self.lifecycle.reason_or(Termination::Stopped);
-        self.streams.close();
-        self.consumers.terminate_all(&reason);
-        for (id, held) in self
-            .outgoing
-            .fail_all(|| CallError::Terminated(reason.clone()))
-        {
-            self.release_held(held);
-            if cancel {
-                let _ = self.write.write(&Envelope::Cancel { id });
-            }
-        }
-        let released = &mut self.released;
-        self.outbox.fail_calls(
-            || CallError::Terminated(reason.clone()),
-            |call| released.message(call),
-        );
-    }
-
-    /// Ends the connection: fails everything still waiting and runs the `on_stop` callbacks.
-    /// Also what the drop guard calls: it must not panic.
-    pub(super) fn finish(&mut self, reason: Termination) -> Termination {
-        self.lifecycle.set_reason(reason);
-        let reason = self.lifecycle.reason_or(Termination::Stopped);
-        self.phase = Phase::Closing {
-            linger: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            shut: true,
-            read_closed: true,
-        };
-        self.fail_outgoing(false);
-        self.outbox.drain().for_each(drop);
-        self.handlers.abort_all();
-        self.admission.clear();
-        fail_queued(&mut self.commands, &reason);
-        if reason.is_graceful() {
-            tracing::debug!(%reason, "connection closed");
-        } else {
-            tracing::warn!(%reason, error = ?std::error::Error::source(&reason), "connection closed");
-        }
-        self.end_turn();
-        self.lifecycle.finish();
-        reason
-    }
-}
-
-impl<S> Driver<S>
-where
-    S: Service<Incoming, Response = Reply>,
-    S::Error: IntoHandlerError,
-{
     pub(super) fn poll_run(&mut self, cx: &mut TaskContext<'_>) -> Poll<Termination> {
         for _ in 0..BUDGET {
             let mut progress = self.poll_commands(cx);
@@ -820,7 +770,7 @@ where
 
     /// Whether the handler service can take a message; `Ready(false)` when it failed (the
     /// connection ends with a fatal error).
-    fn poll_service_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<bool> {
+    pub(super) fn poll_service_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<bool> {
         let service = &mut self.service;
         let failure = match catch_unwind(AssertUnwindSafe(|| service.poll_ready(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
@@ -831,5 +781,74 @@ where
         tracing::error!(%failure, "the handler service cannot take messages");
         self.local_fatal(code::INTERNAL_ERROR, failure);
         Poll::Ready(false)
+    }
+}
+
+/// What the drop guard needs: no bounds on the service beyond the struct's own.
+impl<S: Service<Incoming>> Driver<S> {
+    /// Gives back in-flight permits and publishes the counters.
+    fn end_turn(&mut self) {
+        self.released.give_back(&self.lifecycle);
+        self.lifecycle
+            .set_counts(self.outgoing.len(), self.handlers.len());
+    }
+
+    /// What an answered or cancelled call held goes back: its permit, its place in the window.
+    pub(super) fn release_held(&mut self, held: Held) {
+        self.released.answered(held.permit);
+        if let Some(len) = held.window {
+            self.window.remove_request(len);
+        }
+    }
+
+    pub(super) fn terminated(&self) -> CallError {
+        CallError::Terminated(self.lifecycle.reason_or(Termination::Stopped))
+    }
+
+    /// Fails every call awaiting an answer or waiting to be written, and ends every stream;
+    /// with `cancel`, tells the peer to stop working on the calls.
+    fn fail_outgoing(&mut self, cancel: bool) {
+        let reason = self.lifecycle.reason_or(Termination::Stopped);
+        self.streams.close();
+        self.consumers.terminate_all(&reason);
+        for (id, held) in self
+            .outgoing
+            .fail_all(|| CallError::Terminated(reason.clone()))
+        {
+            self.release_held(held);
+            if cancel {
+                let _ = self.write.write(&Envelope::Cancel { id });
+            }
+        }
+        let released = &mut self.released;
+        self.outbox.fail_calls(
+            || CallError::Terminated(reason.clone()),
+            |call| released.message(call),
+        );
+    }
+
+    /// Ends the connection: fails everything still waiting and runs the `on_stop` callbacks.
+    /// Also what the drop guard calls: it must not panic.
+    pub(super) fn finish(&mut self, reason: Termination) -> Termination {
+        self.lifecycle.set_reason(reason);
+        let reason = self.lifecycle.reason_or(Termination::Stopped);
+        self.phase = Phase::Closing {
+            linger: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            shut: true,
+            read_closed: true,
+        };
+        self.fail_outgoing(false);
+        self.outbox.drain().for_each(drop);
+        self.handlers.abort_all();
+        self.admission.clear();
+        fail_queued(&mut self.commands, &reason);
+        if reason.is_graceful() {
+            tracing::debug!(%reason, "connection closed");
+        } else {
+            tracing::warn!(%reason, error = ?std::error::Error::source(&reason), "connection closed");
+        }
+        self.end_turn();
+        self.lifecycle.finish();
+        reason
     }
 }

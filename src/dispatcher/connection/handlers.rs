@@ -56,6 +56,19 @@ pub(crate) struct Run {
     pub(crate) bytes: usize,
 }
 
+impl Run {
+    /// What a slot's run is left with while its future is dropped.
+    fn placeholder() -> Self {
+        Self {
+            id: None,
+            method: Method::from_static(""),
+            deadline: None,
+            nested: false,
+            bytes: 0,
+        }
+    }
+}
+
 /// A finished handler run.
 pub(crate) struct Finished {
     pub(crate) run: Run,
@@ -258,13 +271,9 @@ impl<F> Handlers<F> {
 
     /// Ends the run in slot `index` (its future is dropped in place); its [`Run`].
     fn release(&mut self, index: usize) -> Option<Run> {
-        let run = self.slots[index]
-            .run
-            .as_mut()
-            .as_pin_mut()?
-            .project()
-            .run
-            .clone();
+        let run = self.slots[index].run.as_mut().as_pin_mut()?.project().run;
+        // Taken out, not cloned: the future is dropped right after.
+        let run = std::mem::replace(run, Run::placeholder());
         self.slots[index].run.as_mut().set(None);
         self.end_generation(index);
         self.free.push(index);

@@ -2,6 +2,7 @@
 //! the answers.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,13 +25,14 @@ use crate::stream::storage::{panic_message, Granted, PullRefused};
 use crate::stream::PULL_METHOD;
 use crate::transport::frame::Frame;
 
-impl<S: Service<Incoming>> Driver<S> {
+impl<S> Driver<S>
+where
+    S: Service<Incoming, Response = Reply>,
+    S::Error: IntoHandlerError,
+{
     /// Reads and handles frames until the transport has no more for now. Never stops for
     /// back-pressure: `Ok(true)` when anything was read.
-    pub(super) fn poll_read(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> Result<bool, Termination> {
+    pub(super) fn poll_read(&mut self, cx: &mut TaskContext<'_>) -> Result<bool, Termination> {
         let mut progress = false;
         for _ in 0..TURN {
             if let Phase::Closing {
@@ -43,17 +45,17 @@ impl<S: Service<Incoming>> Driver<S> {
                 return Ok(progress);
             }
             if let Some(frame) = self.reader.next_frame() {
-                self.on_frame(frame);
+                self.on_frame(frame, cx);
                 progress = true;
                 continue;
             }
             match self.reader.poll_fill(cx) {
-                std::task::Poll::Ready(Ok(0)) => {
+                Poll::Ready(Ok(0)) => {
                     self.on_eof()?;
                     return Ok(true);
                 }
-                std::task::Poll::Ready(Ok(_)) => progress = true,
-                std::task::Poll::Ready(Err(e)) => {
+                Poll::Ready(Ok(_)) => progress = true,
+                Poll::Ready(Err(e)) => {
                     if let Phase::Closing { read_closed, .. } = &mut self.phase {
                         // The peer reset the connection after our goodbye: we are done anyway.
                         *read_closed = true;
@@ -61,7 +63,7 @@ impl<S: Service<Incoming>> Driver<S> {
                     }
                     return Err(Termination::Transport(std::sync::Arc::new(e)));
                 }
-                std::task::Poll::Pending => return Ok(progress),
+                Poll::Pending => return Ok(progress),
             }
         }
         // The turn's share is read: come back for more.
@@ -82,7 +84,7 @@ impl<S: Service<Incoming>> Driver<S> {
         Err(Termination::Closed)
     }
 
-    fn on_frame(&mut self, frame: Frame) {
+    fn on_frame(&mut self, frame: Frame, cx: &mut TaskContext<'_>) {
         let codec = self.config.codec;
         let body = match frame {
             Frame::TooLarge { len, prefix } => {
@@ -97,7 +99,7 @@ impl<S: Service<Incoming>> Driver<S> {
         };
         match codec.decode_envelope(body) {
             Ok(envelope) => match self.config.limits.check_envelope(&envelope) {
-                Ok(()) => self.on_envelope(envelope),
+                Ok(()) => self.on_envelope(envelope, cx),
                 Err(error) => {
                     let header = PartialHeader {
                         kind: Some(envelope.kind()),
@@ -140,7 +142,7 @@ impl<S: Service<Incoming>> Driver<S> {
         }
     }
 
-    fn on_envelope(&mut self, envelope: Envelope) {
+    fn on_envelope(&mut self, envelope: Envelope, cx: &mut TaskContext<'_>) {
         tracing::trace!(kind = ?envelope.kind(), id = ?envelope.id(), "inbound");
         if let Some(observer) = &self.config.observer {
             let observer = observer.as_ref();
@@ -164,12 +166,26 @@ impl<S: Service<Incoming>> Driver<S> {
                 timeout_us,
                 parent,
                 payload,
-            } => self.on_request(id, method, attributes, timeout_us, parent, payload),
+            } => {
+                let request = Inbound {
+                    method,
+                    attributes,
+                    payload,
+                };
+                self.on_request(id, timeout_us, parent, request, cx)
+            }
             Envelope::Notification {
                 method,
                 attributes,
                 payload,
-            } => self.on_notification(method, attributes, payload),
+            } => {
+                let notification = Inbound {
+                    method,
+                    attributes,
+                    payload,
+                };
+                self.on_notification(notification, cx)
+            }
             Envelope::Response {
                 id,
                 attributes,
@@ -256,12 +272,16 @@ impl<S: Service<Incoming>> Driver<S> {
     fn on_request(
         &mut self,
         id: u64,
-        method: Method,
-        attributes: Attributes,
         timeout_us: u64,
         parent: u64,
-        payload: Bytes,
+        request: Inbound,
+        cx: &mut TaskContext<'_>,
     ) {
+        let Inbound {
+            method,
+            attributes,
+            payload,
+        } = request;
         let nested = parent != 0 && self.outgoing.contains(parent);
         let open = match self.phase {
             Phase::Open => true,
@@ -297,19 +317,26 @@ impl<S: Service<Incoming>> Driver<S> {
             nested,
             bytes: payload.len(),
         };
-        let queued = Queued {
-            run,
-            attributes,
-            payload,
-        };
-        match self.admission.request(queued) {
-            Verdict::Admitted => {}
+        match self.admission.request(&run) {
+            Verdict::Admitted => {
+                let queued = Queued {
+                    run,
+                    attributes,
+                    payload,
+                };
+                self.start_or_defer(queued, cx);
+            }
             Verdict::Refused { code, message } => self.answer_error(id, code, message),
             Verdict::CutOff(error) => self.violation(error),
         }
     }
 
-    fn on_notification(&mut self, method: Method, attributes: Attributes, payload: Bytes) {
+    fn on_notification(&mut self, notification: Inbound, cx: &mut TaskContext<'_>) {
+        let Inbound {
+            method,
+            attributes,
+            payload,
+        } = notification;
         if self.is_closing() {
             tracing::debug!(%method, "notification during shutdown dropped");
             return;
@@ -321,14 +348,41 @@ impl<S: Service<Incoming>> Driver<S> {
             nested: false,
             bytes: payload.len(),
         };
-        let queued = Queued {
-            run,
-            attributes,
-            payload,
-        };
-        if let Verdict::CutOff(error) = self.admission.notification(queued) {
-            self.violation(error);
+        match self.admission.notification(&run) {
+            Verdict::CutOff(error) => self.violation(error),
+            _ => {
+                let queued = Queued {
+                    run,
+                    attributes,
+                    payload,
+                };
+                self.start_or_defer(queued, cx);
+            }
         }
+    }
+
+    /// Starts admitted work at once when it may (nothing waits before it, a slot is free, the
+    /// handler is ready), or queues it.
+    fn start_or_defer(&mut self, queued: Queued, cx: &mut TaskContext<'_>) {
+        let nested = queued.run.nested;
+        let room = nested
+            || (self.handlers.ordinary() < self.config.max_concurrent_handlers
+                && self.write.has_room());
+        if room && self.admission.may_start_now(nested) {
+            match self.poll_service_ready(cx) {
+                Poll::Ready(true) => {
+                    if queued.run.id.is_none() {
+                        self.admission.started_notification();
+                    }
+                    let _polling = self.lifecycle.enter_handlers();
+                    return self.dispatch(queued);
+                }
+                // The connection ends: nothing starts any more.
+                Poll::Ready(false) => return,
+                Poll::Pending => {}
+            }
+        }
+        self.admission.defer(queued);
     }
 
     /// A pull-mode request: answered with the stream's next item once it has one.
@@ -445,13 +499,7 @@ impl<S: Service<Incoming>> Driver<S> {
             tracing::error!(id, "error answer over the peer's frame limit dropped");
         }
     }
-}
 
-impl<S> Driver<S>
-where
-    S: Service<Incoming, Response = Reply>,
-    S::Error: IntoHandlerError,
-{
     /// Starts one admitted request or notification on the handler.
     pub(super) fn dispatch(&mut self, queued: Queued) {
         let Queued {
@@ -497,6 +545,13 @@ where
             }
         }
     }
+}
+
+/// A request or notification as it came, before admission.
+struct Inbound {
+    method: Method,
+    attributes: Attributes,
+    payload: Bytes,
 }
 
 fn remote(error: ErrorBody, codec: crate::codec::Codec) -> RemoteError {

@@ -187,6 +187,16 @@ impl Outbox {
         self.queue.is_empty() && self.nested.is_empty()
     }
 
+    /// Calls or notifications wait for room in the peer's window or the write buffer.
+    pub(crate) fn waiting(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Nested calls wait for room in the write buffer.
+    pub(crate) fn nested_waiting(&self) -> bool {
+        !self.nested.is_empty()
+    }
+
     /// The first waiting nested call, or else the first call or notification if it fits the
     /// peer's window. A call whose caller has gone meanwhile is dropped on the way and handed
     /// to `abandoned`.
