@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use channel_dispatcher::error::code;
 use channel_dispatcher::{
-    request, stream_request, CallError, Channel, Context, Dispatcher, HandlerError, RemoteStream,
-    Router,
+    request, stream_request, CallError, Channel, Context, Dispatcher, HandlerError, ProtocolError,
+    RemoteStream, Router, Termination,
 };
 use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -220,9 +220,14 @@ async fn a_producer_that_ignores_credit_ends_the_connection() {
     let reason = tokio::time::timeout(Duration::from_secs(5), dispatcher.closed())
         .await
         .expect("the connection is still up after 10,000 items over a credit of 8: all buffered");
-    assert!(!reason.is_graceful(), "{reason:?}");
-    let text = error_text(&reason);
-    assert!(text.contains("credit"), "{text}"); // TODO(variant)
+    assert!(
+        matches!(
+            reason,
+            Termination::Protocol(ProtocolError::CreditExceeded { credit: 0, .. })
+        ),
+        "{reason:?}"
+    );
+    assert!(error_text(&reason).contains("credit"), "{reason}");
     let rest = within(numbers.collect::<Vec<_>>()).await;
     assert!(rest.len() <= 8, "{} more items yielded", rest.len());
     assert!(matches!(rest.last(), Some(Err(_))), "{rest:?}");
@@ -376,11 +381,16 @@ async fn text_where_a_frame_length_should_be_ends_the_connection_at_once() {
     let reason = tokio::time::timeout(Duration::from_secs(5), dispatcher.closed())
         .await
         .expect("the connection is still up, reading a 1.2 GB frame that is text");
-    assert!(!reason.is_graceful(), "{reason:?}");
+    let claimed = u32::from_be_bytes(*b"Hell") as usize;
+    match &reason {
+        Termination::Protocol(ProtocolError::FrameTooLarge { len, text, .. }) => {
+            assert_eq!((*len, text.as_deref()), (claimed, Some("Hell")));
+        }
+        other => panic!("expected an over-length frame, got {other:?}"),
+    }
     let text = error_text(&reason);
-    let claimed = u32::from_be_bytes(*b"Hell");
-    assert!(text.contains(&claimed.to_string()), "{text}"); // TODO(variant)
-    assert!(text.contains("text"), "{text}"); // TODO(variant)
+    assert!(text.contains(&claimed.to_string()), "{text}");
+    assert!(text.contains("wrote text"), "{text}");
     let err = within(call).await.unwrap().unwrap_err();
     assert!(matches!(err, CallError::Terminated(_)), "{err:?}");
     drop(peer);
