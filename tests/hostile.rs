@@ -18,7 +18,7 @@ use channel_dispatcher::{
 use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use support::raw::{envelope, frame, RawPeer};
+use support::raw::{envelope, frame, NoAttributes, RawPeer};
 use support::{error_text, within, Echo};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -42,6 +42,11 @@ stream_request!(Fed => u64, "fed");
 #[derive(Serialize, Deserialize)]
 struct Kilobytes;
 stream_request!(Kilobytes => String, "kilobytes");
+
+/// A notification whose handler never finishes.
+#[derive(Serialize, Deserialize)]
+struct Hold;
+channel_dispatcher::notification!(Hold, "hold");
 
 /// How many streams the producer's storage holds.
 #[derive(Serialize, Deserialize)]
@@ -394,4 +399,131 @@ async fn text_where_a_frame_length_should_be_ends_the_connection_at_once() {
     let err = within(call).await.unwrap().unwrap_err();
     assert!(matches!(err, CallError::Terminated(_)), "{err:?}");
     drop(peer);
+}
+
+// issue 8: windowed and pull modes on one stream
+#[tokio::test]
+async fn credit_for_a_pulled_stream_ends_it_with_an_error_at_once() {
+    let (_dispatcher, mut peer) = connect(Probe::default()).await;
+    let stream = open_stream(&mut peer, 1, "numbers", &5u64).await;
+    peer.request(2, "$stream/next", &stream).await;
+    let first = peer.read().await;
+    assert_eq!(
+        (&first[0], &first[1], &first[3]),
+        (&json!(3), &json!(2), &json!([0]))
+    );
+    peer.stream_credit(stream, 10).await;
+    let end = peer.read().await;
+    assert_eq!((&end[0], &end[1]), (&json!(9), &json!(stream)), "{end}");
+    assert_eq!(end[2], code::INVALID_REQUEST, "{end}");
+    assert!(end[3].as_str().unwrap().contains("pull mode"), "{end}");
+    peer.request(3, "$stream/next", &stream).await;
+    let gone = peer.read().await;
+    assert_eq!(
+        (&gone[0], &gone[3]),
+        (&json!(4), &json!(code::INVALID_PARAMS)),
+        "{gone}"
+    );
+}
+
+// issue 8: admission limits are announced; a peer over them is refused, then cut off
+#[tokio::test]
+async fn requests_over_the_announced_limit_are_refused_then_the_flood_is_cut_off() {
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let router =
+        router(Probe::default()).raw("wait", move |incoming: channel_dispatcher::Incoming| {
+            let mut gate = gate.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Ok(channel_dispatcher::Reply::value(incoming.payload().clone()))
+            }
+        });
+    let mut limits = channel_dispatcher::Limits::default();
+    limits.max_pending_requests = 2;
+    let builder = Dispatcher::builder().handler(router).limits(limits);
+    let (dispatcher, mut peer) = RawPeer::connect_with(builder).await;
+    for id in 1..=2 {
+        peer.request(id, "wait", "held").await;
+    }
+    // Over the limit of 2: refused at once, with a reason to retry.
+    peer.request(3, "wait", "one too many").await;
+    let refused = peer.read().await;
+    assert_eq!(
+        (&refused[0], &refused[1], &refused[3]),
+        (&json!(4), &json!(3), &json!(code::OVERLOADED))
+    );
+    assert!(
+        refused[4].as_str().unwrap().contains("pending requests"),
+        "{refused}"
+    );
+    // Answering frees room: the next one is admitted.
+    release.send_replace(true);
+    for _ in 0..2 {
+        assert_eq!(peer.read().await[0], 3);
+    }
+    let _ = release.send_replace(false);
+    // A peer that keeps sending over the limit is cut off, naming the limit.
+    for id in 10..20 {
+        peer.request(id, "wait", "flood").await;
+    }
+    let reason = within(dispatcher.closed()).await;
+    match reason {
+        Termination::Protocol(ProtocolError::AdmissionExceeded { limit, max }) => {
+            assert_eq!(
+                (limit, max),
+                (channel_dispatcher::Limit::PendingRequests, 2)
+            );
+        }
+        other => panic!("expected a cut-off, got {other:?}"),
+    }
+    let fatal = peer.read_until(|e| e[0] == 5).await;
+    assert_eq!(fatal[1], code::OVERLOADED, "{fatal}");
+}
+
+// issue 8: a notification cannot be refused, so one over the window ends the connection
+#[tokio::test]
+async fn notifications_over_the_announced_window_cut_the_peer_off() {
+    let router = router(Probe::default()).notification(|_cx: Context, Hold| async move {
+        std::future::pending::<()>().await;
+        Ok::<_, HandlerError>(())
+    });
+    let mut limits = channel_dispatcher::Limits::default();
+    limits.max_pending_notifications = 3;
+    let builder = Dispatcher::builder()
+        .handler(router)
+        .limits(limits)
+        .max_concurrent_handlers(1);
+    let (dispatcher, mut peer) = RawPeer::connect_with(builder).await;
+    // One runs, three wait: the window is full; the fifth is over it.
+    for _ in 0..5 {
+        peer.send(&(2u8, "hold", NoAttributes::new(), ())).await;
+    }
+    let fatal = peer.read_until(|e| e[0] == 5).await;
+    assert!(
+        fatal[2].as_str().unwrap().contains("notifications"),
+        "{fatal}"
+    );
+    match within(dispatcher.closed()).await {
+        Termination::Protocol(ProtocolError::AdmissionExceeded { limit, max }) => {
+            assert_eq!(
+                (limit, max),
+                (channel_dispatcher::Limit::PendingNotifications, 3)
+            );
+        }
+        other => panic!("expected a cut-off, got {other:?}"),
+    }
+}
+
+// issue 8: a request that claims to be nested in a call that is not pending is refused
+#[tokio::test]
+async fn a_request_nested_in_no_pending_call_is_refused() {
+    let (_dispatcher, mut peer) = connect(Probe::default()).await;
+    peer.send(&(1u8, 5u64, "echo", NoAttributes::new(), 0u64, 999u64, "x"))
+        .await;
+    let answer = peer.read().await;
+    assert_eq!(
+        (&answer[0], &answer[1], &answer[3]),
+        (&json!(4), &json!(5), &json!(code::INVALID_REQUEST))
+    );
+    assert!(answer[4].as_str().unwrap().contains("999"), "{answer}");
 }

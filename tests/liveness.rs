@@ -53,6 +53,11 @@ struct FanOut {
 }
 request!(FanOut => usize, "fan-out");
 
+/// Echoes after a second.
+#[derive(Serialize, Deserialize)]
+struct Delayed(String);
+request!(Delayed => String, "delayed");
+
 /// Sends up to `max` notifications of 64 KiB to the peer, counting each one queued.
 #[derive(Serialize, Deserialize)]
 struct Flood {
@@ -63,6 +68,10 @@ request!(Flood => usize, "flood");
 fn router(queued: Arc<AtomicUsize>) -> Router {
     Router::new()
         .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Delayed(s)| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, HandlerError>(s)
+        })
         .request(|cx: Context, Outer(n)| async move {
             Ok::<_, HandlerError>(cx.request(Inner(n)).await? + 1)
         })
@@ -347,4 +356,35 @@ async fn nested_calls_to_a_peer_that_does_not_read_are_not_kept_after_they_time_
         kept <= 300,
         "{kept} of {CALLS} calls of 16 KiB were kept and sent after they timed out: memory grows"
     );
+}
+
+// issue 8: a peer that never reads is cut off with the typed reason
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_reads_is_cut_off_once_the_hard_cap_is_held_past_the_stall_timeout() {
+    let stall = Duration::from_secs(5);
+    let builder = peer_builder()
+        .write_buffer_limit(KIB)
+        .write_stall_timeout(stall);
+    let (dispatcher, mut peer) = RawPeer::connect_with(builder).await;
+    // 20 handlers start while the write buffer is empty, then answer 20 MiB at once to a peer
+    // that reads none: over the hard cap (4 KiB + its 16 MiB frames), where the answers may
+    // wait no longer than the stall timeout.
+    let payload = "r".repeat(MIB);
+    for id in 1..=20 {
+        peer.request(id, "delayed", &payload).await;
+    }
+    let started = tokio::time::Instant::now();
+    let reason = within(dispatcher.closed()).await;
+    match reason {
+        Termination::Protocol(channel_dispatcher::ProtocolError::NotReading {
+            pending,
+            waited,
+        }) => {
+            assert!(pending > 16 * MIB, "{pending}");
+            assert!(waited >= stall, "{waited:?}");
+        }
+        other => panic!("expected the peer cut off for not reading, got {other:?}"),
+    }
+    assert!(started.elapsed() < stall + LINGER + Duration::from_secs(1));
+    drop(peer);
 }
