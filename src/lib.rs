@@ -88,42 +88,7 @@ pub use tower_service::Service;
 /// Entry points for the fuzz targets (`fuzz/`); not part of the API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
-pub mod fuzzing {
-    use crate::transport::frame::{Frame, FrameReader};
-    use crate::{Codec, Limits};
-
-    /// Cuts `bytes` into frames, as the read loop does; returns how many whole frames.
-    pub fn frames(bytes: &[u8], max_frame: usize) -> usize {
-        let mut reader = FrameReader::new(Box::new(tokio::io::empty()), max_frame);
-        reader.feed(bytes);
-        let mut whole = 0;
-        while let Some(frame) = reader.next_frame() {
-            match frame {
-                Frame::Whole(body) => {
-                    assert!(body.len() <= max_frame);
-                    whole += 1;
-                }
-                Frame::TooLarge { len, .. } => {
-                    assert!(len > max_frame);
-                    break;
-                }
-            }
-        }
-        whole
-    }
-
-    /// Decodes one frame body as an envelope with `codec` and checks it against the default
-    /// limits; `true` when it is a valid envelope.
-    pub fn envelope(codec: Codec, body: &[u8]) -> bool {
-        match codec.decode_envelope(bytes::Bytes::copy_from_slice(body)) {
-            Ok(envelope) => Limits::default().check_envelope(&envelope).is_ok(),
-            Err(e) => {
-                assert!(!e.error.to_string().is_empty());
-                false
-            }
-        }
-    }
-}
+pub mod fuzzing;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

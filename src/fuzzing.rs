@@ -1,0 +1,222 @@
+//! Entry points for the fuzz targets (`fuzz/`) and their proptest twins; not part of the API.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::transport::frame::{Frame, FrameReader};
+use crate::transport::handshake::{Hello, PROTOCOL_VERSION};
+use crate::{
+    request, stream_request, Channel, Codec, Context, Dispatcher, HandlerError, Incoming, Limits,
+    Reply, Router,
+};
+
+/// Cuts `bytes` into frames, as the read loop does; returns how many whole frames.
+pub fn frames(bytes: &[u8], max_frame: usize) -> usize {
+    let mut reader = FrameReader::new(Box::new(tokio::io::empty()), max_frame);
+    reader.feed(bytes);
+    let mut whole = 0;
+    while let Some(frame) = reader.next_frame() {
+        match frame {
+            Frame::Whole(body) => {
+                assert!(body.len() <= max_frame);
+                whole += 1;
+            }
+            Frame::TooLarge { len, .. } => {
+                assert!(len > max_frame);
+                break;
+            }
+        }
+    }
+    whole
+}
+
+/// Decodes one frame body as an envelope with `codec` and checks it against the default
+/// limits; `true` when it is a valid envelope.
+pub fn envelope(codec: Codec, body: &[u8]) -> bool {
+    match codec.decode_envelope(bytes::Bytes::copy_from_slice(body)) {
+        Ok(envelope) => Limits::default().check_envelope(&envelope).is_ok(),
+        Err(e) => {
+            assert!(!e.error.to_string().is_empty());
+            false
+        }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Numbers(u8);
+stream_request!(Numbers => u8, "numbers");
+
+/// Asks the peer back, nested, for `n - 1`, down to 0.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Back(u8);
+request!(Back => u8, "back");
+
+/// The largest frame the fuzzed connection accepts.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Runs a connection (MessagePack, small limits, a router with echo, a nested call back, a
+/// stream and a notification that never ends) against a peer that completes the handshake
+/// and then sends `frames` (each given its length prefix; with `raw`, the bytes as they are),
+/// reads everything, and closes. The connection must end, in time, without a panic.
+pub fn connection(frames: &[Vec<u8>], raw: bool) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    runtime.block_on(run_connection(frames, raw));
+}
+
+async fn run_connection(frames: &[Vec<u8>], raw: bool) {
+    let limits = Limits {
+        max_frame_length: MAX_FRAME,
+        max_attributes: 4,
+        max_attribute_bytes: 256,
+        max_method_length: 32,
+        max_pending_requests: 8,
+        max_nested_requests: 4,
+        max_pending_notifications: 4,
+        max_pending_bytes: 128 * 1024,
+    };
+    let router = Router::new()
+        .raw("echo", |incoming: Incoming| async move {
+            Ok::<_, HandlerError>(Reply::value(incoming.payload().clone()))
+        })
+        .request(|cx: Context, Back(n)| async move {
+            match n {
+                0 => Ok::<_, HandlerError>(0),
+                n => Ok(cx.request(Back(n - 1)).await?.saturating_add(1)),
+            }
+        })
+        .raw("hold", |_incoming: Incoming| async move {
+            std::future::pending::<()>().await;
+            Ok::<_, HandlerError>(Reply::nothing())
+        })
+        .stream(|_cx: Context, Numbers(n)| async move {
+            Ok::<_, HandlerError>(futures_util::stream::iter(0..n).map(Ok))
+        });
+    let (ours, theirs) = tokio::io::duplex(16 * 1024);
+    let (dispatcher, connection) = Dispatcher::builder()
+        .handler(router)
+        .limits(limits)
+        .max_concurrent_handlers(2)
+        .max_in_flight(4)
+        .write_buffer_limit(4096)
+        .stream_window(4)
+        .build(Channel::from_io(ours));
+    // Something of ours in flight for the peer's answers to find.
+    let calls = async {
+        let _ = dispatcher.call_raw("echo", bytes::Bytes::new()).await;
+        let _ = dispatcher.stream(Numbers(3)).collect::<Vec<_>>().await;
+    };
+    let (mut read, mut write) = tokio::io::split(theirs);
+    let peer = async move {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            codec: Codec::MessagePack.name().to_owned(),
+            token: None,
+            limits: Limits::default(),
+        };
+        let mut bytes = Vec::new();
+        for body in [&hello.encode()[..], &[0]] {
+            bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(body);
+        }
+        for frame in frames {
+            if !raw {
+                bytes.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+            }
+            bytes.extend_from_slice(frame);
+        }
+        // The connection may end before it read everything: a failed write is fine.
+        let _ = write.write_all(&bytes).await;
+        let _ = write.shutdown().await;
+        drop(write);
+    };
+    let drain = async move {
+        let mut buf = vec![0; 16 * 1024];
+        while read.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    };
+    let bounded = tokio::time::timeout(Duration::from_secs(600), async {
+        futures_util::future::join4(connection, calls, peer, drain)
+            .await
+            .0
+    });
+    // NB. Driven here, not spawned: a panic in the driver is the fuzzer's crash.
+    let reason = bounded
+        .await
+        .expect("the connection ends after the peer's end of file");
+    drop(reason);
+    assert!(dispatcher.is_closed());
+}
+
+/// The fuzz target's own input format: frames as `len: u8` (255: a `u16` LE follows) and that
+/// many bytes; the first byte's low bit asks for raw bytes (no length prefixes).
+pub fn connection_from_bytes(data: &[u8]) {
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return;
+    };
+    let mut frames = Vec::new();
+    while let Some((&len, tail)) = rest.split_first() {
+        let (len, tail) = match (len, tail) {
+            (255, [low, high, tail @ ..]) => (u16::from_le_bytes([*low, *high]) as usize, tail),
+            (len, tail) => (len as usize, tail),
+        };
+        let len = len.min(tail.len());
+        frames.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    connection(&frames, mode & 1 == 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    /// A field an envelope could have: ids, lengths and credits near the edges, the router's
+    /// methods, attribute maps, payloads.
+    fn field() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            (0u64..5).prop_map(Value::from),
+            Just(json!(u64::MAX)),
+            Just(json!(u32::MAX)),
+            Just(json!(-1)),
+            prop::sample::select(vec!["echo", "back", "hold", "numbers", "$stream/next", "x"])
+                .prop_map(Value::from),
+            Just(json!({})),
+            Just(json!({"trace": "t"})),
+            Just(Value::Null),
+            prop::collection::vec(0u8..4, 0..4).prop_map(|items| json!(items)),
+            ".{0,8}".prop_map(Value::from),
+        ]
+    }
+
+    /// An envelope-shaped frame (a MessagePack array of a kind and fields), or garbage.
+    fn frame() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => (0u64..14, prop::collection::vec(field(), 0..8)).prop_map(|(kind, fields)| {
+                let mut array = vec![json!(kind)];
+                array.extend(fields);
+                rmp_serde::to_vec(&array).expect("a value encodes")
+            }),
+            1 => prop::collection::vec(any::<u8>(), 0..48),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The fuzz target's property in every CI run: whatever the peer sends after a valid
+        /// handshake, the connection ends once the peer closes, without a panic.
+        #[test]
+        fn any_peer_input_ends_the_connection_without_a_panic(
+            frames in prop::collection::vec(frame(), 0..24),
+            raw in prop::bool::weighted(0.1),
+        ) {
+            super::connection(&frames, raw);
+        }
+    }
+}
