@@ -109,6 +109,12 @@ impl<S> Builder<S> {
     /// `tower::Service<Incoming, Response = Reply>` failing with a [`HandlerError`](crate::HandlerError) or a boxed
     /// error (so tower layers such as `Timeout` and `ConcurrencyLimit` wrap it directly).
     /// Default: an empty router (every request is answered "unknown method").
+    ///
+    /// The handler's futures are polled by the connection's own task (no task per message):
+    /// keep them from blocking, and spawn CPU-heavy work. The peer's requests and notifications
+    /// start in the order they arrive, up to
+    /// [`max_concurrent_handlers`](Self::max_concurrent_handlers) at once, and finish in
+    /// whatever order their futures do.
     pub fn handler<T>(self, handler: T) -> Builder<T>
     where
         T: Service<Incoming, Response = Reply>,

@@ -23,6 +23,11 @@ type Route = Box<dyn Fn(Incoming) -> BoxFuture + Send + Sync>;
 ///
 /// Cloning a router is cheap: clones share their routes.
 ///
+/// Handlers run as futures polled by the connection's task, not as tasks of their own: an
+/// `async` handler that awaits is cheap, one that blocks holds the connection up (use
+/// `tokio::task::spawn_blocking`). Messages start in the order they arrive; notifications, like
+/// requests, finish in whatever order their handlers do.
+///
 /// # Examples
 /// ```
 /// use channel_dispatcher::{notification, request, Context, HandlerError, Router};

@@ -25,7 +25,7 @@ use crate::wake::{KeyWaker, WakeQueue};
 
 /// Most items in one batch, whatever the credit.
 pub(crate) const MAX_BATCH: u64 = 1024;
-/// The largest credit a stream holds: grants beyond it saturate here (PROTOCOL.md, section 8).
+/// The largest credit a stream holds: grants beyond it saturate here (PROTOCOL.md, section 9).
 pub(crate) const MAX_CREDIT: u64 = u32::MAX as u64;
 
 /// What a stream produced when polled for a batch.

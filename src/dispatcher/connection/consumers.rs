@@ -1,5 +1,5 @@
 //! The peer's streams this side consumes: where their items go, and the rules a producer must
-//! keep (PROTOCOL.md, section 8): no items beyond the credit granted, positions contiguous
+//! keep (PROTOCOL.md, section 9): no items beyond the credit granted, positions contiguous
 //! from 0, one stream per id.
 
 use std::collections::HashMap;
