@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
@@ -35,6 +36,13 @@ pub(crate) struct Shared {
     pub(crate) outbound: Option<Arc<[Arc<dyn Middleware>]>>,
     /// The default window of remote streams (`Builder::stream_window`).
     pub(crate) stream_window: u64,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // A driver still in its handshake sees that every handle is gone.
+        self.lifecycle.handshaking.wake();
+    }
 }
 
 /// An outbound call or notification, as queued for the driver.
@@ -167,6 +175,8 @@ impl Shared {
 pub(crate) struct Lifecycle {
     /// Set as soon as the connection stops taking calls.
     stopping: AtomicBool,
+    /// The driver before its handshake is done, to wake when the handles stop or go.
+    handshaking: AtomicWaker,
     reason: OnceLock<Termination>,
     state: watch::Sender<State>,
     on_stop: Mutex<Option<Vec<StopCallback>>>,
@@ -222,6 +232,7 @@ impl Lifecycle {
             pending_calls: AtomicUsize::new(0),
             running_handlers: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            handshaking: AtomicWaker::new(),
             reason: OnceLock::new(),
             state: watch::Sender::new(State::Handshaking),
             on_stop: Mutex::new(Some(Vec::new())),
@@ -242,6 +253,15 @@ impl Lifecycle {
     /// Marks the connection stopping (new calls fail at once).
     pub(crate) fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.handshaking.wake();
+    }
+
+    /// Registers the driver that is still handshaking, woken by [`set_stopping`] and by the
+    /// last handle going.
+    ///
+    /// [`set_stopping`]: Self::set_stopping
+    pub(crate) fn register_handshaking(&self, waker: &std::task::Waker) {
+        self.handshaking.register(waker);
     }
 
     /// The limits the peer announced, or ours until it has.

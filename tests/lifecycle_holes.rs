@@ -447,3 +447,34 @@ async fn a_refusal_that_arrives_before_our_verdict_is_written_is_reported_as_a_r
         other => panic!("expected the refusal, got {other:?}"),
     }
 }
+
+// issue 8, item 3: stop() returns whatever the peer does, also before the handshake is done
+#[tokio::test(start_paused = true)]
+async fn stop_during_the_handshake_with_a_silent_peer_returns_at_once() {
+    let (ours, _silent) = tokio::net::UnixStream::pair().unwrap();
+    let client = Dispatcher::builder().spawn(Channel::from(ours));
+    let call = tokio::spawn(client.request(Echo("never".into())).into_future());
+    let started = tokio::time::Instant::now();
+    let reason = within(client.stop()).await;
+    assert!(matches!(reason, Termination::Stopped), "{reason:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "stop() waited {:?} for a handshake that never comes",
+        started.elapsed()
+    );
+    let err = within(call).await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::Terminated(_)), "{err:?}");
+}
+
+// issue 8, item 3: dropping every handle ends the connection, also before the handshake
+#[tokio::test(start_paused = true)]
+async fn dropping_every_handle_during_the_handshake_ends_the_connection() {
+    let (ours, _silent) = tokio::net::UnixStream::pair().unwrap();
+    let client = Dispatcher::builder().spawn(Channel::from(ours));
+    let stopped = on_stop(&client);
+    let started = tokio::time::Instant::now();
+    drop(client);
+    let reason = within(stopped).await.expect("on_stop ran");
+    assert!(matches!(reason, Termination::Dropped), "{reason:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}

@@ -145,7 +145,23 @@ where
         let this = self.get_mut();
         loop {
             match &mut this.state {
-                State::Handshaking { handshake, .. } => {
+                State::Handshaking { handshake, parts } => {
+                    parts.lifecycle.register_handshaking(cx.waker());
+                    // Stopped, or every handle gone, before the peer completed the handshake:
+                    // `stop()` does not wait for a peer that may never answer.
+                    let gone = parts.shared.strong_count() == 0;
+                    if gone || parts.lifecycle.is_stopping() {
+                        let State::Handshaking { parts, .. } =
+                            std::mem::replace(&mut this.state, State::Done)
+                        else {
+                            unreachable!("the state was just matched")
+                        };
+                        let reason = match gone {
+                            true => Termination::Dropped,
+                            false => Termination::Stopped,
+                        };
+                        return Poll::Ready(parts.finish(reason));
+                    }
                     let (reader, writer, result) = std::task::ready!(handshake.as_mut().poll(cx));
                     let State::Handshaking { parts, .. } =
                         std::mem::replace(&mut this.state, State::Done)
