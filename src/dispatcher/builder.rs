@@ -348,6 +348,7 @@ where
             commands: rx,
             shared: dispatcher.downgrade(),
             lifecycle,
+            stop_deadline: None,
         };
         let connection = Connection::new(channel, self.token, parts, span);
         (dispatcher, connection)

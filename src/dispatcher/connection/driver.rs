@@ -80,6 +80,8 @@ pub(super) struct Driver<S: Service<Incoming>> {
     /// Our streams woken and not polled yet.
     woken: Vec<u64>,
     sweep: Option<Pin<Box<Sleep>>>,
+    /// When a stop that began during the handshake must be over.
+    stop_deadline: Option<Pin<Box<Sleep>>>,
     /// Permits to give back at the end of the turn.
     released: Released,
     pub(super) phase: Phase,
@@ -92,6 +94,8 @@ pub(crate) struct Parts<S> {
     pub(crate) commands: mpsc::UnboundedReceiver<Command>,
     pub(crate) shared: Weak<Shared>,
     pub(crate) lifecycle: Arc<Lifecycle>,
+    /// Set when the stop began during the handshake: the drain ends there.
+    pub(crate) stop_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Parts<S> {
@@ -153,6 +157,7 @@ where
             consumers: Consumers::new(codec),
             woken: Vec::new(),
             sweep: None,
+            stop_deadline: parts.stop_deadline,
             released: Released::default(),
             phase: Phase::Open,
         }
@@ -616,8 +621,12 @@ where
         for id in self.admission.take_queued_requests() {
             self.answer_error(id, code::SHUTTING_DOWN, "the peer is shutting down".into());
         }
+        let deadline = self
+            .stop_deadline
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep(self.config.drain_timeout)));
         self.phase = Phase::Draining {
-            deadline: Box::pin(tokio::time::sleep(self.config.drain_timeout)),
+            deadline,
             peer_gone: false,
         };
     }

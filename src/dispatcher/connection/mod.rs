@@ -148,19 +148,26 @@ where
                 State::Handshaking { handshake, parts } => {
                     parts.lifecycle.register_handshaking(cx.waker());
                     // Stopped, or every handle gone, before the peer completed the handshake:
-                    // `stop()` does not wait for a peer that may never answer.
+                    // it has the drain timeout to complete it (then queued messages still go
+                    // out); `stop()` does not wait longer for a peer that may never answer.
                     let gone = parts.shared.strong_count() == 0;
                     if gone || parts.lifecycle.is_stopping() {
-                        let State::Handshaking { parts, .. } =
-                            std::mem::replace(&mut this.state, State::Done)
-                        else {
-                            unreachable!("the state was just matched")
-                        };
-                        let reason = match gone {
-                            true => Termination::Dropped,
-                            false => Termination::Stopped,
-                        };
-                        return Poll::Ready(parts.finish(reason));
+                        let drain = parts.config.drain_timeout;
+                        let deadline = parts
+                            .stop_deadline
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(drain)));
+                        if deadline.as_mut().poll(cx).is_ready() {
+                            let State::Handshaking { parts, .. } =
+                                std::mem::replace(&mut this.state, State::Done)
+                            else {
+                                unreachable!("the state was just matched")
+                            };
+                            let reason = match gone {
+                                true => Termination::Dropped,
+                                false => Termination::Stopped,
+                            };
+                            return Poll::Ready(parts.finish(reason));
+                        }
                     }
                     let (reader, writer, result) = std::task::ready!(handshake.as_mut().poll(cx));
                     let State::Handshaking { parts, .. } =
