@@ -27,6 +27,11 @@ impl WakeQueue {
         std::mem::swap(&mut *keys, into);
     }
 
+    /// Wakes the driver without queueing a key.
+    pub(crate) fn wake_driver(&self) {
+        self.driver.wake();
+    }
+
     fn push(&self, key: u64) {
         self.keys
             .lock()

@@ -12,7 +12,7 @@ use channel_dispatcher::{
 };
 use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use support::within;
+use support::{within, Echo};
 use tokio::sync::mpsc;
 
 /// The numbers `0..n`.
@@ -44,6 +44,16 @@ request!(Stored => usize, "stored");
 #[derive(Serialize, Deserialize)]
 struct Endless;
 stream_request!(Endless => u64, "endless");
+
+/// Never yields; its handler's stream is stored, and removed again by `Unstore`.
+#[derive(Serialize, Deserialize)]
+struct Silent;
+request!(Silent => u64, "silent");
+
+/// Removes stored stream `0` from the producer's storage.
+#[derive(Serialize, Deserialize)]
+struct Unstore(u64);
+request!(Unstore => bool, "unstore");
 
 #[derive(Clone, Default)]
 struct Probe {
@@ -78,6 +88,14 @@ fn router(probe: Probe) -> Router {
         .request(|cx: Context, Store(n)| async move {
             let streams = cx.streams().ok_or_else(|| HandlerError::internal("gone"))?;
             streams.add(stream::iter((0..n).map(Ok::<_, HandlerError>)))
+        })
+        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|cx: Context, Silent| async move {
+            let streams = cx.streams().ok_or_else(|| HandlerError::internal("gone"))?;
+            streams.add(stream::pending::<Result<u64, HandlerError>>())
+        })
+        .request(|cx: Context, Unstore(id)| async move {
+            Ok::<_, HandlerError>(cx.streams().is_some_and(|s| s.remove(id)))
         })
         .request(|cx: Context, Stored| async move {
             Ok::<_, HandlerError>(cx.streams().map_or(0, |s| s.len()))
@@ -311,4 +329,38 @@ async fn window_set_on_a_stream_built_from_an_id_applies() {
         next += 1;
     }
     assert_eq!(next, 50);
+}
+
+// issue 8: a pull left waiting by a stream removed meanwhile is answered, and its place freed
+#[tokio::test(start_paused = true)]
+async fn a_pull_waiting_on_a_stream_the_producer_removes_is_answered() {
+    let (client, _server) = peers_with(Probe::default(), |b| b);
+    let id = client.request(Silent).await.unwrap();
+    let mut pulled = RemoteStream::<u64>::pull(&client, id);
+    let next = tokio::spawn(async move { pulled.next().await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(client.request(Unstore(id)).await.unwrap());
+    let item = within(next).await.unwrap();
+    assert!(matches!(item, Some(Err(CallError::Remote(_)))), "{item:?}");
+}
+
+// issue 8: dropping a stream with a pull waiting frees the pull's place in the peer's window
+#[tokio::test(start_paused = true)]
+async fn dropping_a_pulled_stream_mid_pull_keeps_both_sides_counts_in_step() {
+    let mut limits = channel_dispatcher::Limits::default();
+    limits.max_pending_requests = 1;
+    let (client, _server) = peers_with(Probe::default(), |b| b.limits(limits));
+    for _ in 0..3 {
+        let id = client.request(Silent).await.unwrap();
+        let mut pulled = RemoteStream::<u64>::pull(&client, id);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), pulled.next())
+                .await
+                .is_err()
+        );
+        drop(pulled);
+        // With the pull counted still, this one would be over the limit of 1 and refused.
+        let answer = within(client.request(Echo("after".into()))).await;
+        assert_eq!(answer.unwrap(), "after");
+    }
 }

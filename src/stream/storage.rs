@@ -155,6 +155,20 @@ struct Table {
     entries: HashMap<u64, Entry>,
     next_id: u64,
     closed: bool,
+    /// Pull requests left waiting by streams removed meanwhile (stream, request), for the
+    /// driver to answer.
+    orphaned: Vec<(u64, u64)>,
+}
+
+impl Table {
+    /// Removes stream `id`; a pull request waiting on it is kept to be answered.
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        if let Demand::Pull(Some(request)) = entry.demand {
+            self.orphaned.push((id, request));
+        }
+        Some(entry)
+    }
 }
 
 /// A snapshot of one stored stream.
@@ -210,6 +224,7 @@ impl Streams {
                     entries: HashMap::new(),
                     next_id: 1,
                     closed: false,
+                    orphaned: Vec::new(),
                 }),
                 codec,
                 idle,
@@ -280,8 +295,21 @@ impl Streams {
 
     /// Drops stream `id`; `false` if it was not stored.
     pub fn remove(&self, id: u64) -> bool {
-        let entry = self.table().entries.remove(&id);
+        let (entry, orphaned) = {
+            let mut table = self.table();
+            let entry = table.remove(id);
+            (entry, !table.orphaned.is_empty())
+        };
+        if orphaned {
+            // The driver answers the pull that waited on it.
+            self.inner.woken.wake_driver();
+        }
         entry.is_some()
+    }
+
+    /// The pull requests whose streams were removed while they waited: (stream, request).
+    pub(crate) fn take_orphaned_pulls(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.table().orphaned)
     }
 
     /// How many streams are stored.
@@ -307,7 +335,7 @@ impl Streams {
         entry.last_used = Instant::now();
         match &mut entry.demand {
             Demand::Pull(_) => {
-                table.entries.remove(&id);
+                table.remove(id);
                 return Granted::PullMode;
             }
             Demand::Unclaimed => entry.demand = Demand::Credit(credit.min(MAX_CREDIT)),

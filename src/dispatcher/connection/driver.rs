@@ -414,10 +414,10 @@ where
         if self.is_closing() {
             return false;
         }
+        let mut progress = self.answer_orphaned_pulls();
         if self.woken.is_empty() {
             self.streams.take_woken(cx.waker(), &mut self.woken);
         }
-        let mut progress = false;
         while self.write.has_room() {
             let Some(id) = self.woken.pop() else {
                 break;
@@ -432,6 +432,18 @@ where
             }
         }
         progress
+    }
+
+    /// Answers the pull requests whose streams were removed while they waited (by a handler,
+    /// or by the peer's own cancel or credit): nothing else would.
+    pub(super) fn answer_orphaned_pulls(&mut self) -> bool {
+        let orphaned = self.streams.take_orphaned_pulls();
+        for &(stream, request) in &orphaned {
+            self.admission.pull_done();
+            let message = format!("stream {stream} was released while this pull waited");
+            self.answer_error(request, code::INVALID_PARAMS, message);
+        }
+        !orphaned.is_empty()
     }
 
     fn send_produced(&mut self, produced: Produced) {

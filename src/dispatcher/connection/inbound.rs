@@ -258,12 +258,15 @@ where
                         error: Some(error),
                     };
                     let _ = self.write.write(&end);
+                    self.answer_orphaned_pulls();
                 }
             }
             Envelope::StreamCancel { stream } => {
                 if self.streams.remove(stream) {
                     tracing::debug!(stream, "peer dropped a stream");
                 }
+                // NB. At once: a pull it left waiting still counts against the peer's requests.
+                self.answer_orphaned_pulls();
             }
             Envelope::NotificationCredit { credit } => self.window.credit(credit),
         }
