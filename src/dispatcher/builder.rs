@@ -218,10 +218,12 @@ impl<S> Builder<S> {
     /// transport has taken them. Answers, cancels and credit are still written. Default:
     /// 256 KiB.
     ///
-    /// The buffer's hard cap is 4 times this plus the peer's largest frame: past it for
-    /// [`write_stall_timeout`](Self::write_stall_timeout), the peer is taken to have stopped
-    /// reading and is cut off. So this side's unsent bytes stay within the hard cap, plus the
-    /// answers of handlers already running.
+    /// The buffer's hard cap is 4 times this plus the peer's largest frame: past it no handler
+    /// is polled (no more answers are made), and past it for
+    /// [`write_stall_timeout`](Self::write_stall_timeout) the peer is taken to have stopped
+    /// reading and is cut off. So this side's unsent bytes stay within the hard cap plus one
+    /// frame, and what waits to be sent within [`max_queued_bytes`](Self::max_queued_bytes)
+    /// (twice: handles', handlers') plus the nested calls of running handlers.
     pub fn write_buffer_limit(mut self, bytes: usize) -> Self {
         self.config.write_buffer_limit = bytes.max(1);
         self

@@ -757,10 +757,16 @@ where
 
     // ===== the handlers =====
 
+    /// Polls the woken handlers and writes their answers. Over the write buffer's hard cap it
+    /// polls none: their answers would only pile up for a peer that does not read (it is cut
+    /// off after the stall timeout); a reading peer drains the buffer and wakes them again.
     fn poll_handlers(&mut self, cx: &mut TaskContext<'_>) -> bool {
         let _polling = self.lifecycle.enter_handlers();
         let mut progress = false;
-        while let Poll::Ready(Some(finished)) = self.handlers.poll_finished(cx) {
+        while !self.write.over_cap() {
+            let Poll::Ready(Some(finished)) = self.handlers.poll_finished(cx) else {
+                break;
+            };
             self.on_finished(finished);
             progress = true;
         }

@@ -5,8 +5,9 @@
 //! Two marks on the buffer:
 //! - the soft limit (`Builder::write_buffer_limit`): above it the driver starts no new work of
 //!   its own (new calls, handlers, stream items), but still writes answers, cancels and credit;
-//! - the hard cap (4 times the soft limit plus the peer's largest frame): staying above it for
-//!   the stall timeout means the peer stopped reading, and ends the connection.
+//! - the hard cap (4 times the soft limit plus the peer's largest frame): above it no handler
+//!   is polled (so no more answers are made); staying above it for the stall timeout means the
+//!   peer stopped reading, and ends the connection.
 
 use std::future::Future;
 use std::io;
@@ -71,6 +72,11 @@ impl WriteSide {
     /// `true` while the buffer is under the soft limit: new work may add to it.
     pub(crate) fn has_room(&self) -> bool {
         self.frames.pending() < self.soft
+    }
+
+    /// `true` while the buffer is over its hard cap.
+    pub(crate) fn over_cap(&self) -> bool {
+        self.frames.pending() > self.hard
     }
 
     /// Bytes waiting to be written.
