@@ -2,8 +2,9 @@
 //! queue to the driver ([`Command`]), and the connection's [`Lifecycle`] (how it ended, who to
 //! tell, the peer's limits, the in-flight permits).
 //!
-//! A leaf: it knows envelopes, codecs and errors, nothing of the driver, the handlers or the
-//! call futures, which all build on it.
+//! A leaf: it knows envelopes, codecs, errors and the stream storage, nothing of the driver,
+//! the handlers or the call futures, which all build on it (the caller-side middleware is only
+//! named, as the trait objects it keeps).
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -13,17 +14,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::codec::Codec;
-use crate::dispatcher::RawResponse;
 use crate::envelope::Method;
-use crate::error::{CallError, Termination};
+use crate::error::{CallError, CodecError, RemoteError, Termination};
 use crate::limits::Limits;
 use crate::message::Attributes;
 use crate::middleware::Middleware;
-use crate::stream::{StreamEvent, Streams};
+use crate::stream::storage::Streams;
 
 /// What the handles share; the driver holds it weakly, so dropping every handle stops it.
 pub(crate) struct Shared {
@@ -69,6 +70,34 @@ pub(crate) enum Permit {
     /// One of as many again, for notifications made by handlers. They must not wait for the
     /// handles' permits, which calls waiting on those very handlers may hold.
     Handler,
+}
+
+/// The answer to a call, as it arrived: payload still encoded, attributes the peer sent back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawResponse {
+    /// The encoded payload.
+    pub payload: Bytes,
+    /// Attributes set by the peer's handler or middleware.
+    pub attributes: Attributes,
+    pub(crate) codec: Codec,
+}
+
+impl RawResponse {
+    /// Decodes the payload.
+    ///
+    /// # Errors
+    /// A [`CodecError`] when the payload is not a `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        self.codec.decode(&self.payload)
+    }
+}
+
+/// What the connection task hands a consumer.
+#[derive(Debug)]
+pub(crate) enum StreamEvent {
+    Items { position: u64, payload: Bytes },
+    End(Option<RemoteError>),
+    Terminated(Termination),
 }
 
 /// An answer to a call, as the driver delivers it.

@@ -6,7 +6,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
@@ -16,7 +15,7 @@ use crate::error::{code, CallError, CodecError, HandlerError, RemoteError, Termi
 use crate::handler::{Incoming, Reply, ReplyBody};
 use crate::message::Attributes;
 use crate::middleware::{Endpoint, Next};
-use crate::shared::{Command, Outbound, Permit, RawAnswer, Shared};
+use crate::shared::{Command, Outbound, Permit, RawAnswer, RawResponse, Shared};
 
 type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 
@@ -410,26 +409,6 @@ impl<T> fmt::Debug for Call<T> {
             .field("attributes", &self.attributes)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
-    }
-}
-
-/// The answer to a call, as it arrived: payload still encoded, attributes the peer sent back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RawResponse {
-    /// The encoded payload.
-    pub payload: Bytes,
-    /// Attributes set by the peer's handler or middleware.
-    pub attributes: Attributes,
-    pub(crate) codec: Codec,
-}
-
-impl RawResponse {
-    /// Decodes the payload.
-    ///
-    /// # Errors
-    /// A [`CodecError`] when the payload is not a `T`.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
-        self.codec.decode(&self.payload)
     }
 }
 

@@ -15,9 +15,10 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
+pub use crate::shared::RawResponse;
 pub use builder::{Builder, InboundEnvelope};
 pub(crate) use call::send_notification;
-pub use call::{Call, RawResponse, ResponseFuture};
+pub use call::{Call, ResponseFuture};
 pub use connection::Connection;
 pub(crate) use connection::RequestOver;
 

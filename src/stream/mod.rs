@@ -54,30 +54,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 pub use storage::{StreamStatus, Streams};
 
-use crate::dispatcher::{RawResponse, ResponseFuture};
+use crate::dispatcher::ResponseFuture;
 use crate::error::{CallError, RemoteError, Termination};
-use crate::shared::{Command, Shared};
+use crate::shared::{Command, RawResponse, Shared, StreamEvent};
 
 /// The reserved method of a pull-mode request: its payload is the stream id, its answer the
 /// next item as a one-item sequence (empty at the end) with the position in an attribute.
 pub(crate) const PULL_METHOD: &str = "$stream/next";
 /// The attribute carrying a pulled item's position.
 pub(crate) const POSITION_ATTRIBUTE: &str = "stream-position";
-
-/// What the connection task hands a consumer.
-#[derive(Debug)]
-pub(crate) enum StreamEvent {
-    Items { position: u64, payload: Bytes },
-    End(Option<RemoteError>),
-    Terminated(Termination),
-}
 
 /// A stream of items produced by the peer: a `futures::Stream` of `Result<T, CallError>`.
 ///

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use crate::codec::Codec;
 use crate::error::{code, ProtocolError, RemoteError, Termination};
 use crate::hash::SeededState;
+use crate::shared::StreamEvent;
 use crate::stream::storage::MAX_CREDIT;
-use crate::stream::StreamEvent;
 
 struct Consumer {
     events: mpsc::UnboundedSender<StreamEvent>,

@@ -34,9 +34,10 @@ use crate::error::{code, CallError, IntoHandlerError, ProtocolError, Termination
 use crate::handler::{Incoming, Reply};
 use crate::limits::Limits;
 use crate::message::Attributes;
+use crate::shared::StreamEvent;
 use crate::shared::{Command, Lifecycle, Outbound, ReplySender, Shared};
 use crate::stream::storage::{Produced, MAX_BATCH, MAX_CREDIT};
-use crate::stream::{StreamEvent, Streams, POSITION_ATTRIBUTE};
+use crate::stream::{Streams, POSITION_ATTRIBUTE};
 use crate::transport::frame::FrameReader;
 
 /// Turns of the loop before yielding to other tasks.

@@ -14,13 +14,14 @@ use super::consumers::Delivery;
 use super::driver::{Driver, Phase, TURN};
 use super::handlers::{Finished, HandlerResult, Outcome, Run};
 use crate::context::Context;
-use crate::dispatcher::{InboundEnvelope, RawResponse};
+use crate::dispatcher::InboundEnvelope;
 use crate::envelope::{Envelope, EnvelopeKind, ErrorBody, Method, PartialHeader};
 use crate::error::{
     code, CallError, HandlerError, IntoHandlerError, ProtocolError, RemoteError, Termination,
 };
 use crate::handler::{Failed, Incoming, Reply, ReplyBody};
 use crate::message::Attributes;
+use crate::shared::RawResponse;
 use crate::stream::storage::{panic_message, Granted, PullRefused};
 use crate::stream::PULL_METHOD;
 use crate::transport::frame::Frame;

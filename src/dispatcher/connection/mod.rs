@@ -235,3 +235,80 @@ impl<S: Service<Incoming>> fmt::Debug for Connection<S> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, BytesMut};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::envelope::{Envelope, Method};
+    use crate::message::Attributes;
+    use crate::transport::frame::Frame;
+    use crate::{Dispatcher, HandlerError, Router};
+
+    fn frame(out: &mut BytesMut, body: &[u8]) {
+        out.put_u32(body.len() as u32);
+        out.put_slice(body);
+    }
+
+    /// A peer scripted byte for byte: its hello and accept, then one request; it reads our
+    /// handshake and the answer, then closes.
+    #[tokio::test(start_paused = true)]
+    async fn a_scripted_peer_gets_its_answer_and_its_end_of_file_ends_the_connection() {
+        let codec = Codec::default();
+        let router = Router::new().raw("echo", |incoming: Incoming| async move {
+            Ok::<_, HandlerError>(Reply::value(incoming.payload().clone()))
+        });
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (_dispatcher, connection) = Dispatcher::builder()
+            .handler(router)
+            .build(Channel::from_io(ours));
+        let (read, mut write) = tokio::io::split(theirs);
+
+        let mut script = BytesMut::new();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            codec: codec.name().into(),
+            token: None,
+            limits: Limits::default(),
+        };
+        frame(&mut script, &hello.encode());
+        frame(&mut script, &[0]);
+        let mut body = BytesMut::new();
+        let request = Envelope::Request {
+            id: 5,
+            method: Method::from_static("echo"),
+            attributes: Attributes::new(),
+            timeout_us: 0,
+            parent: 0,
+            payload: codec.encode("hi").unwrap(),
+        };
+        codec.encode_envelope(&request, &mut body);
+        frame(&mut script, &body);
+
+        let peer = async move {
+            write.write_all(&script).await.unwrap();
+            let mut reader = FrameReader::new(Box::new(read), 1 << 20);
+            let mut frames = Vec::new();
+            for _ in 0..3 {
+                match reader.read_frame().await.unwrap() {
+                    Some(Frame::Whole(body)) => frames.push(body),
+                    other => panic!("expected a frame, got {other:?}"),
+                }
+            }
+            let [theirs, verdict, answer] = <[_; 3]>::try_from(frames).unwrap();
+            assert_eq!(Hello::decode(&theirs).unwrap().limits, Limits::default());
+            assert_eq!(verdict[..], [0]);
+            match codec.decode_envelope(answer).unwrap() {
+                Envelope::Response { id: 5, payload, .. } => {
+                    assert_eq!(codec.decode::<String>(&payload).unwrap(), "hi");
+                }
+                other => panic!("expected the answer, got {other:?}"),
+            }
+            write.shutdown().await.unwrap();
+        };
+        let (reason, ()) = futures_util::future::join(connection, peer).await;
+        assert!(matches!(reason, Termination::Closed), "{reason:?}");
+    }
+}

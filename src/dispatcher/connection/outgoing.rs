@@ -317,9 +317,9 @@ impl Released {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatcher::RawResponse;
     use crate::envelope::Method;
     use crate::message::Attributes;
+    use crate::shared::RawResponse;
     use bytes::Bytes;
     use tokio::sync::oneshot;
 
