@@ -427,6 +427,19 @@ where
             id: run.id,
         };
         let handler = &self.config.error_handler;
+        // NB. A handler that failed once its caller's deadline passed failed for that: most
+        // likely a nested call timed out. The caller gets the deadline error, as its own timer
+        // would have told it.
+        let late = run
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline);
+        let outcome = match outcome {
+            Outcome::Done(Err(error)) if late && run.id.is_some() => {
+                tracing::debug!(method = %run.method, %error, "handler failed past its deadline");
+                Outcome::Expired
+            }
+            outcome => outcome,
+        };
         let reply = match outcome {
             Outcome::Done(Ok(reply)) => Ok(reply),
             Outcome::Done(Err(error)) => {
