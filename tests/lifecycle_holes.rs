@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use channel_dispatcher::error::code;
 use channel_dispatcher::middleware::{from_fn, Next};
 use channel_dispatcher::{
     request, stream_request, Builder, Call, CallError, Channel, Context, Dispatcher, ErrorHandler,
@@ -19,6 +20,7 @@ use channel_dispatcher::{
 };
 use futures_util::{stream, FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use support::raw::{frame, hello, RawPeer, VERSION};
 use support::{pair, within, Echo, Hang, Transport};
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +35,11 @@ stream_request!(Doomed => u64, "doomed");
 #[derive(Serialize, Deserialize)]
 struct Silent;
 stream_request!(Silent => u64, "silent");
+
+/// Its handler asks the peer a nested `Hang`, which never answers.
+#[derive(Serialize, Deserialize)]
+struct AskHang;
+request!(AskHang => (), "ask-hang");
 
 /// Its handler stops its own connection, then answers.
 #[derive(Serialize, Deserialize)]
@@ -59,6 +66,10 @@ fn router(probe: Probe) -> Router {
     Router::new()
         .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
         .request(|_cx: Context, Hang| std::future::pending::<Result<(), HandlerError>>())
+        .request(|cx: Context, AskHang| async move {
+            cx.request(Hang).await?;
+            Ok::<_, HandlerError>(())
+        })
         .stream(|_cx: Context, Doomed| async move {
             let panics = stream::poll_fn(|_| -> Poll<Option<Result<u64, HandlerError>>> {
                 panic!("the producer's stream panicked")
@@ -483,4 +494,31 @@ async fn dropping_every_handle_during_the_handshake_ends_the_connection() {
     let reason = within(stopped).await.expect("on_stop ran");
     assert!(matches!(reason, Termination::Dropped), "{reason:?}");
     assert!(started.elapsed() <= drain, "{:?}", started.elapsed());
+}
+
+// issue 8, item 17: a handler failing because its nested call timed out on the inherited
+// deadline answers the deadline error, which its caller reads as its own timeout
+#[tokio::test(start_paused = true)]
+async fn a_handler_whose_nested_call_timed_out_answers_the_deadline_error() {
+    let (_dispatcher, mut peer) = RawPeer::connect_with(with_router(Probe::default())).await;
+    // The raw peer's request with a 100 ms deadline; its handler asks back, nested.
+    peer.send(&(
+        1u8,
+        9u64,
+        "ask-hang",
+        support::raw::NoAttributes::new(),
+        100_000u64,
+        0u64,
+        (),
+    ))
+    .await;
+    let nested = peer.read().await;
+    assert_eq!(
+        (&nested[0], &nested[2], &nested[5]),
+        (&json!(1), &json!("hang"), &json!(9))
+    );
+    // Never answered: the nested call times out with the inherited deadline.
+    let answer = peer.read_until(|e| e[0] != 6).await;
+    assert_eq!((&answer[0], &answer[1]), (&json!(4), &json!(9)), "{answer}");
+    assert_eq!(answer[3], code::DEADLINE_EXCEEDED, "{answer}");
 }
