@@ -388,3 +388,19 @@ async fn a_peer_that_never_reads_is_cut_off_once_the_hard_cap_is_held_past_the_s
     assert!(started.elapsed() < stall + LINGER + Duration::from_secs(1));
     drop(peer);
 }
+
+// issue 8: room that a flush makes is used at once, even when nothing else wakes the driver
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_waiting_for_write_room_starts_once_a_large_answer_is_written() {
+    let (client, _server) = unix_peers(|b| b, |b| b.write_buffer_limit(KIB)).await;
+    // The first answer overfills the server's write buffer (and the socket); the second request
+    // waits for room, which only the last write of that answer makes. (How the writes fall is
+    // up to the socket: a few rounds make the case come up.)
+    for _ in 0..20 {
+        let large = client.request(Echo("l".repeat(MIB))).into_future();
+        let small = client.request(Echo("s".into())).into_future();
+        let (large, small) = within(futures_util::future::join(large, small)).await;
+        assert_eq!(large.unwrap().len(), MIB);
+        assert_eq!(small.unwrap(), "s");
+    }
+}

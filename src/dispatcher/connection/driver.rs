@@ -734,6 +734,7 @@ where
             if let Some(reason) = self.poll_phase(cx) {
                 return Poll::Ready(self.finish(reason));
             }
+            let (had_room, was_over_cap) = (self.write.has_room(), self.write.over_cap());
             match self.write.poll_flush(cx) {
                 Poll::Ready(Err(WriteError::Io(e))) => {
                     let reason = Termination::Transport(Arc::new(e));
@@ -745,6 +746,10 @@ where
                 }
                 _ => {}
             }
+            // NB. Room made by this flush is for the work that waited for it (new calls,
+            // handlers, stream items): nothing else would wake the task for it.
+            progress |=
+                (!had_room && self.write.has_room()) || (was_over_cap && !self.write.over_cap());
             if !progress {
                 self.end_turn();
                 return Poll::Pending;
