@@ -36,7 +36,7 @@ pub struct Limits {
     pub max_attribute_bytes: usize,
     /// The longest method name, in bytes. Default: 256.
     pub max_method_length: usize,
-    /// The most requests of the peer's accepted at once, running or waiting for a handler slot
+    /// The most requests of the peer's accepted at once (at least 1), running or waiting for a handler slot
     /// ([`Builder::max_concurrent_handlers`](crate::Builder::max_concurrent_handlers)), nested
     /// requests aside. Default: 4096.
     pub max_pending_requests: usize,
@@ -158,6 +158,14 @@ impl Limits {
         }
     }
 
+    /// The counts of pending work at least 1 (0 would make every message wait or be refused).
+    pub(crate) fn normalized(mut self) -> Self {
+        self.max_pending_requests = self.max_pending_requests.max(1);
+        self.max_nested_requests = self.max_nested_requests.max(1);
+        self.max_pending_notifications = self.max_pending_notifications.max(1);
+        self
+    }
+
     /// Each field as a `u32` for the handshake (larger values are announced as `u32::MAX`).
     pub(crate) fn announced(&self) -> [u32; 8] {
         [
@@ -187,6 +195,7 @@ impl Limits {
             max_pending_notifications: notifications,
             max_pending_bytes: bytes,
         }
+        .normalized()
     }
 
     /// Checks an encoded frame against a maximum frame length.

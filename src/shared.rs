@@ -441,8 +441,11 @@ impl Permits {
     /// `None` once closed (the connection ended).
     async fn acquire(&self, len: usize) -> Option<u32> {
         let bytes = self.bytes_for(len);
-        self.count.acquire().await.ok()?.forget();
+        // NB. Both are kept only once both are held: a caller that gives up while it waits
+        // for the bytes gives the count back.
+        let count = self.count.acquire().await.ok()?;
         self.bytes.acquire_many(bytes).await.ok()?.forget();
+        count.forget();
         Some(bytes)
     }
 

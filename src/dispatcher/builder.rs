@@ -150,10 +150,11 @@ impl<S> Builder<S> {
     }
 
     /// Limits on what the peer may send (frame length, attributes, method names, pending
-    /// work), announced to it in the handshake. Default: [`Limits::default`].
+    /// work), announced to it in the handshake; counts of pending work of 0 are taken as 1.
+    /// Default: [`Limits::default`].
     pub fn limits(mut self, limits: Limits) -> Self {
         let max_frame_length = limits.max_frame_length;
-        self.config.limits = limits;
+        self.config.limits = limits.normalized();
         self.max_frame_length(max_frame_length)
     }
 

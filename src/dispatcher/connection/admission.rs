@@ -104,7 +104,17 @@ impl Admission {
     pub(crate) fn request(&mut self, run: &Run) -> Verdict {
         if run.nested {
             if self.nested >= self.limits.max_nested_requests {
-                return self.strike(Limit::NestedRequests, self.limits.max_nested_requests);
+                // NB. No strike: a compliant peer may nest deeper than the limit (it cannot
+                // wait for room its own chain holds), and is refused, never cut off.
+                let max = self.limits.max_nested_requests;
+                return Verdict::Refused {
+                    code: code::OVERLOADED,
+                    message: format!(
+                        "too many nested calls: {} are pending, the most this side takes; the \
+                         chain of calls is too deep or too wide",
+                        max
+                    ),
+                };
             }
             self.nested += 1;
             self.strikes = 0;

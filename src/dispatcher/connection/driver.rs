@@ -26,7 +26,7 @@ use tower_service::Service;
 use super::admission::Admission;
 use super::consumers::Consumers;
 use super::handlers::{HandlerResult, Handlers};
-use super::outgoing::{Held, Outbox, Outgoing, PeerWindow, Released};
+use super::outgoing::{Held, Outbox, Outgoing, PeerWindow, Released, Window};
 use super::write::{WriteError, WriteSide};
 use super::Config;
 use crate::envelope::{Envelope, ErrorBody};
@@ -47,6 +47,16 @@ pub(super) const TURN: usize = 256;
 /// How long a closing side waits for the peer's end of file after its own goodbye.
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
+/// Which calls fail as the connection stops or ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failing {
+    /// Our own stop: the calls of handles and the peer is told (cancels); the nested calls of
+    /// handlers that drain stay.
+    Stop,
+    /// Every call: the peer is gone or the connection ends.
+    All,
+}
+
 #[derive(Debug)]
 pub(super) enum Phase {
     Open,
@@ -56,7 +66,8 @@ pub(super) enum Phase {
         peer_gone: bool,
     },
     Closing {
-        linger: Pin<Box<Sleep>>,
+        /// How long to wait for the peer's end of file; `None` for not at all.
+        linger: Option<Pin<Box<Sleep>>>,
         shut: bool,
         read_closed: bool,
     },
@@ -221,13 +232,22 @@ where
                 }
                 // Written at once when nothing of its kind waits before it and there is room.
                 let len = self.config.codec.payload_len(&call.payload);
+                let window = match nested {
+                    true => Window::Nested {
+                        parent: call.parent,
+                    },
+                    false => Window::Request(len),
+                };
                 let room = self.write.has_room()
-                    && match nested {
-                        true => !self.outbox.nested_waiting(),
-                        false => !self.outbox.waiting() && self.window.fits_request(len),
+                    && match window {
+                        Window::Nested { parent } => {
+                            !self.outbox.nested_waiting() && self.window.may_nest(parent)
+                        }
+                        Window::Request(len) => {
+                            !self.outbox.waiting() && self.window.fits_request(len)
+                        }
                     };
                 if room {
-                    let window = (!nested).then_some(len);
                     return self.write_call(id, call, deadline, reply, window);
                 }
                 let command = Command::Call {
@@ -335,7 +355,10 @@ where
                         });
                         continue;
                     }
-                    let window = (call.parent == 0).then(|| codec.payload_len(&call.payload));
+                    let window = match call.parent {
+                        0 => Window::Request(codec.payload_len(&call.payload)),
+                        parent => Window::Nested { parent },
+                    };
                     self.write_call(id, call, deadline, reply, window);
                 }
                 Command::Notify(notification) => self.write_notification(notification),
@@ -353,7 +376,7 @@ where
         call: Outbound,
         deadline: Option<Instant>,
         reply: ReplySender,
-        window: Option<usize>,
+        window: Window,
     ) {
         let (permit, queued) = (call.permit, call.queued);
         self.released.written(permit, queued);
@@ -372,10 +395,9 @@ where
         };
         match self.write.write(&envelope) {
             Ok(()) => {
-                if let Some(len) = window {
-                    self.window.add_request(len);
-                }
-                self.outgoing.insert_request(id, reply, permit, window);
+                self.window.add(window);
+                self.outgoing
+                    .insert_request(id, reply, Held { permit, window });
             }
             Err(error) => {
                 let _ = reply.send(Err(CallError::Limit(error)));
@@ -588,7 +610,10 @@ where
                 }
                 // NB. The linger bounds the close whatever the peer does (it may never read our
                 // goodbye, nor close its side).
-                if (*shut && *read_closed) || linger.as_mut().poll(cx).is_ready() {
+                let lingered = linger
+                    .as_mut()
+                    .map_or(true, |linger| linger.as_mut().poll(cx).is_ready());
+                if (*shut && *read_closed) || lingered {
                     return Some(self.lifecycle.reason_or(Termination::Stopped));
                 }
                 None
@@ -630,7 +655,7 @@ where
         }
         tracing::debug!(%reason, "stopping");
         self.lifecycle.set_reason(reason);
-        self.fail_outgoing(true);
+        self.fail_outgoing(Failing::Stop);
         for id in self.admission.take_queued_requests() {
             self.answer_error(id, code::SHUTTING_DOWN, "the peer is shutting down".into());
         }
@@ -648,7 +673,7 @@ where
     /// useless and those handlers stop; its notifications still get handled (drained).
     pub(super) fn on_goodbye(&mut self) {
         self.lifecycle.set_reason(Termination::PeerStopped);
-        self.fail_outgoing(false);
+        self.fail_outgoing(Failing::All);
         for run in self.handlers.cancel_requests() {
             self.admission.done(&run);
         }
@@ -672,7 +697,7 @@ where
             return;
         }
         tracing::trace!(running = self.handlers.len(), ?last, "closing");
-        self.fail_outgoing(false);
+        self.fail_outgoing(Failing::All);
         self.handlers.abort_all();
         self.admission.clear();
         for command in self.outbox.drain() {
@@ -680,15 +705,12 @@ where
                 tracing::debug!(method = %notification.method, "notification not written before close");
             }
         }
-        let linger = match last {
-            Some(last) => {
-                let _ = self.write.write(&last);
-                LINGER
-            }
-            None => Duration::ZERO,
-        };
+        let linger = last.map(|last| {
+            let _ = self.write.write(&last);
+            Box::pin(tokio::time::sleep(LINGER))
+        });
         self.phase = Phase::Closing {
-            linger: Box::pin(tokio::time::sleep(linger)),
+            linger,
             shut: false,
             read_closed,
         };
@@ -829,32 +851,33 @@ impl<S: Service<Incoming>> Driver<S> {
     /// What an answered or cancelled call held goes back: its permit, its place in the window.
     pub(super) fn release_held(&mut self, held: Held) {
         self.released.answered(held.permit);
-        if let Some(len) = held.window {
-            self.window.remove_request(len);
-        }
+        self.window.remove(held.window);
     }
 
     pub(super) fn terminated(&self) -> CallError {
         CallError::Terminated(self.lifecycle.reason_or(Termination::Stopped))
     }
 
-    /// Fails every call awaiting an answer or waiting to be written, and ends every stream;
-    /// with `cancel`, tells the peer to stop working on the calls.
-    fn fail_outgoing(&mut self, cancel: bool) {
+    /// Fails the calls awaiting an answer or waiting to be written, and ends every stream. At
+    /// our own stop (`Failing::Stop`) the peer is told to stop working on them, and the nested
+    /// calls of the handlers that drain stay; otherwise every call fails.
+    fn fail_outgoing(&mut self, failing: Failing) {
         let reason = self.lifecycle.reason_or(Termination::Stopped);
         self.streams.close();
         self.consumers.terminate_all(&reason);
+        let stop = failing == Failing::Stop;
         for (id, held) in self
             .outgoing
-            .fail_all(|| CallError::Terminated(reason.clone()))
+            .fail(!stop, || CallError::Terminated(reason.clone()))
         {
             self.release_held(held);
-            if cancel {
+            if stop {
                 let _ = self.write.write(&Envelope::Cancel { id });
             }
         }
         let released = &mut self.released;
         self.outbox.fail_calls(
+            !stop,
             || CallError::Terminated(reason.clone()),
             |call| released.message(call),
         );
@@ -865,12 +888,13 @@ impl<S: Service<Incoming>> Driver<S> {
     pub(super) fn finish(&mut self, reason: Termination) -> Termination {
         self.lifecycle.set_reason(reason);
         let reason = self.lifecycle.reason_or(Termination::Stopped);
+        // NB. No timer: this may run outside any runtime (a drop at runtime shutdown).
         self.phase = Phase::Closing {
-            linger: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            linger: None,
             shut: true,
             read_closed: true,
         };
-        self.fail_outgoing(false);
+        self.fail_outgoing(Failing::All);
         self.outbox.drain().for_each(drop);
         self.handlers.abort_all();
         self.admission.clear();

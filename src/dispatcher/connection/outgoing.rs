@@ -18,33 +18,28 @@ pub(crate) struct Outgoing {
 
 struct Pending {
     reply: ReplySender,
-    permit: Permit,
-    /// Payload bytes counted in the peer's window; `None` for a nested call, which the peer
-    /// admits outside it.
-    window: Option<usize>,
+    held: Held,
 }
 
-/// What a finished call held: its permit, and its place in the peer's window.
-#[derive(Debug, PartialEq, Eq)]
+/// Where a call counts in the peer's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Window {
+    /// Among the peer's pending requests, with its payload bytes.
+    Request(usize),
+    /// Among its nested requests, for the handler of the peer's request `parent`.
+    Nested { parent: u64 },
+}
+
+/// What a call holds until it is answered: its permit, and its place in the peer's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Held {
     pub(crate) permit: Permit,
-    pub(crate) window: Option<usize>,
+    pub(crate) window: Window,
 }
 
 impl Outgoing {
-    pub(crate) fn insert_request(
-        &mut self,
-        id: u64,
-        reply: ReplySender,
-        permit: Permit,
-        window: Option<usize>,
-    ) {
-        let pending = Pending {
-            reply,
-            permit,
-            window,
-        };
-        self.pending.insert(id, pending);
+    pub(crate) fn insert_request(&mut self, id: u64, reply: ReplySender, held: Held) {
+        self.pending.insert(id, Pending { reply, held });
     }
 
     /// Delivers an answer; `None` when nobody waits for `id` (late, cancelled or unknown).
@@ -52,19 +47,12 @@ impl Outgoing {
         let pending = self.pending.remove(&id)?;
         // The caller may have dropped its future a moment ago; then nobody reads this.
         let _ = pending.reply.send(answer);
-        Some(Held {
-            permit: pending.permit,
-            window: pending.window,
-        })
+        Some(pending.held)
     }
 
     /// Forgets a call the caller gave up on; `None` if it was not pending.
     pub(crate) fn cancel_request(&mut self, id: u64) -> Option<Held> {
-        let pending = self.pending.remove(&id)?;
-        Some(Held {
-            permit: pending.permit,
-            window: pending.window,
-        })
+        self.pending.remove(&id).map(|pending| pending.held)
     }
 
     /// `true` while call `id` awaits its answer.
@@ -72,17 +60,24 @@ impl Outgoing {
         self.pending.contains_key(&id)
     }
 
-    /// Fails every pending call with `error()`; their ids and what they held.
-    pub(crate) fn fail_all(&mut self, error: impl Fn() -> CallError) -> Vec<(u64, Held)> {
-        self.pending
-            .drain()
-            .map(|(id, pending)| {
+    /// Fails the pending calls with `error()` (the nested ones too with `nested_too`); their
+    /// ids and what they held.
+    pub(crate) fn fail(
+        &mut self,
+        nested_too: bool,
+        error: impl Fn() -> CallError,
+    ) -> Vec<(u64, Held)> {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| nested_too || matches!(p.held.window, Window::Request(_)))
+            .map(|(&id, _)| id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                let pending = self.pending.remove(&id)?;
                 let _ = pending.reply.send(Err(error()));
-                let held = Held {
-                    permit: pending.permit,
-                    window: pending.window,
-                };
-                (id, held)
+                Some((id, pending.held))
             })
             .collect()
     }
@@ -93,28 +88,36 @@ impl Outgoing {
 }
 
 /// How much of our work the peer holds, against the admission limits it announced: requests
-/// until answered or cancelled, notifications until it credits them back (oldest first).
+/// until answered or cancelled, notifications until it credits them back (oldest first), and
+/// nested requests (by the handler that makes them).
 pub(crate) struct PeerWindow {
     max_requests: usize,
     max_notifications: usize,
+    max_nested: usize,
     max_bytes: usize,
     requests: usize,
     request_bytes: usize,
     notifications: VecDeque<usize>,
     notification_bytes: usize,
+    /// Our nested requests pending at the peer, by the peer's request whose handler made them.
+    nested: HashMap<u64, usize, SeededState>,
+    nested_total: usize,
 }
 
 impl PeerWindow {
     pub(crate) fn new(peer: &Limits) -> Self {
+        let peer = peer.normalized();
         Self {
-            // NB. A peer announcing 0 would make every call wait forever: one is always allowed.
-            max_requests: peer.max_pending_requests.max(1),
-            max_notifications: peer.max_pending_notifications.max(1),
+            max_requests: peer.max_pending_requests,
+            max_notifications: peer.max_pending_notifications,
+            max_nested: peer.max_nested_requests,
             max_bytes: peer.max_pending_bytes,
             requests: 0,
             request_bytes: 0,
             notifications: VecDeque::new(),
             notification_bytes: 0,
+            nested: HashMap::default(),
+            nested_total: 0,
         }
     }
 
@@ -132,14 +135,44 @@ impl PeerWindow {
         self.notifications.len() < self.max_notifications && self.fits_bytes(len)
     }
 
-    pub(crate) fn add_request(&mut self, len: usize) {
-        self.requests += 1;
-        self.request_bytes += len;
+    /// Whether a nested call for the handler of `parent` goes now. Over the peer's nested
+    /// limit it waits only when that handler has a nested call pending already (it fans out:
+    /// the wait ends as its own calls are answered). The first nested call of a handler always
+    /// goes, and is refused if the peer has no room: waiting could wait for room its own chain
+    /// of calls holds.
+    pub(crate) fn may_nest(&self, parent: u64) -> bool {
+        self.nested_total < self.max_nested || !self.nested.contains_key(&parent)
     }
 
-    pub(crate) fn remove_request(&mut self, len: usize) {
-        self.requests = self.requests.saturating_sub(1);
-        self.request_bytes = self.request_bytes.saturating_sub(len);
+    pub(crate) fn add(&mut self, window: Window) {
+        match window {
+            Window::Request(len) => {
+                self.requests += 1;
+                self.request_bytes += len;
+            }
+            Window::Nested { parent } => {
+                *self.nested.entry(parent).or_default() += 1;
+                self.nested_total += 1;
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, window: Window) {
+        match window {
+            Window::Request(len) => {
+                self.requests = self.requests.saturating_sub(1);
+                self.request_bytes = self.request_bytes.saturating_sub(len);
+            }
+            Window::Nested { parent } => {
+                if let Some(count) = self.nested.get_mut(&parent) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.nested.remove(&parent);
+                    }
+                    self.nested_total -= 1;
+                }
+            }
+        }
     }
 
     pub(crate) fn add_notification(&mut self, len: usize) {
@@ -160,7 +193,10 @@ impl PeerWindow {
     /// `true` when nothing of ours is held by the peer.
     #[cfg(test)]
     fn is_empty(&self) -> bool {
-        self.requests == 0 && self.notifications.is_empty() && self.request_bytes == 0
+        self.requests == 0
+            && self.notifications.is_empty()
+            && self.request_bytes == 0
+            && self.nested_total == 0
     }
 }
 
@@ -206,10 +242,24 @@ impl Outbox {
         codec: Codec,
         mut abandoned: impl FnMut(&Outbound),
     ) -> Option<Command> {
-        while let Some(command) = self.nested.pop_front() {
-            match command {
-                Command::Call { reply, call, .. } if reply.is_closed() => abandoned(&call),
-                command => return Some(command),
+        // NB. Not first in, first out: a nested call waiting for its siblings must not hold up
+        // another handler's, which may be what they wait for.
+        let mut at = 0;
+        while at < self.nested.len() {
+            let (gone, waits) = match &self.nested[at] {
+                Command::Call { reply, call, .. } => {
+                    (reply.is_closed(), !window.may_nest(call.parent))
+                }
+                _ => (false, false),
+            };
+            if gone {
+                if let Some(Command::Call { call, .. }) = self.nested.remove(at) {
+                    abandoned(&call);
+                }
+            } else if waits {
+                at += 1;
+            } else {
+                return self.nested.remove(at);
             }
         }
         loop {
@@ -244,23 +294,28 @@ impl Outbox {
         }
     }
 
-    /// Fails every waiting call (the connection stops); notifications stay to be written.
+    /// Fails the waiting calls (the connection stops), the nested ones too with `nested_too`;
+    /// notifications stay to be written.
     pub(crate) fn fail_calls(
         &mut self,
+        nested_too: bool,
         error: impl Fn() -> CallError,
         mut released: impl FnMut(&Outbound),
     ) {
-        let waiting = std::mem::take(&mut self.nested)
-            .into_iter()
-            .chain(std::mem::take(&mut self.queue));
-        for command in waiting {
-            match command {
-                Command::Call { call, reply, .. } => {
-                    let _ = reply.send(Err(error()));
-                    released(&call);
+        let mut fail = |queue: &mut VecDeque<Command>| {
+            for command in std::mem::take(queue) {
+                match command {
+                    Command::Call { call, reply, .. } => {
+                        let _ = reply.send(Err(error()));
+                        released(&call);
+                    }
+                    other => queue.push_back(other),
                 }
-                other => self.queue.push_back(other),
             }
+        };
+        fail(&mut self.queue);
+        if nested_too {
+            fail(&mut self.nested);
         }
     }
 
@@ -366,15 +421,13 @@ mod tests {
     fn an_answer_is_delivered_once_and_gives_back_what_the_call_held() {
         let mut outgoing = Outgoing::default();
         let (tx, mut rx) = oneshot::channel();
-        outgoing.insert_request(7, tx, Permit::Handle, Some(10));
+        let held = Held {
+            permit: Permit::Handle,
+            window: Window::Request(10),
+        };
+        outgoing.insert_request(7, tx, held);
         let held = outgoing.complete_request(7, answer()).expect("pending");
-        assert_eq!(
-            held,
-            Held {
-                permit: Permit::Handle,
-                window: Some(10)
-            }
-        );
+        assert_eq!(held.window, Window::Request(10));
         assert!(rx.try_recv().is_ok());
         assert!(
             outgoing.complete_request(7, answer()).is_none(),
@@ -384,12 +437,33 @@ mod tests {
     }
 
     #[test]
-    fn fail_all_fails_every_call_with_the_reason() {
+    fn failing_calls_at_a_stop_keeps_the_nested_ones() {
         let mut outgoing = Outgoing::default();
         let (tx, mut rx) = oneshot::channel();
-        outgoing.insert_request(1, tx, Permit::None, None);
-        let failed = outgoing.fail_all(|| CallError::Terminated(crate::Termination::Stopped));
-        assert_eq!(failed.len(), 1);
+        let nested = Held {
+            permit: Permit::None,
+            window: Window::Nested { parent: 3 },
+        };
+        outgoing.insert_request(1, tx, nested);
+        let (tx, mut ordinary) = oneshot::channel();
+        let held = Held {
+            permit: Permit::Handle,
+            window: Window::Request(0),
+        };
+        outgoing.insert_request(2, tx, held);
+        let stopped = || CallError::Terminated(crate::Termination::Stopped);
+        let failed = outgoing.fail(false, stopped);
+        assert_eq!(
+            failed.len(),
+            1,
+            "a nested call stays for its draining handler"
+        );
+        assert!(matches!(
+            ordinary.try_recv(),
+            Ok(Err(CallError::Terminated(_)))
+        ));
+        assert!(outgoing.contains(1));
+        assert_eq!(outgoing.fail(true, stopped).len(), 1);
         assert!(matches!(rx.try_recv(), Ok(Err(CallError::Terminated(_)))));
         assert!(!outgoing.contains(1));
     }
@@ -398,13 +472,13 @@ mod tests {
     fn the_window_holds_back_work_over_the_peers_limits() {
         let mut window = window(2, 1, 100);
         assert!(window.fits_request(1000), "one message alone always fits");
-        window.add_request(60);
+        window.add(Window::Request(60));
         assert!(!window.fits_request(50), "over the bytes");
         assert!(window.fits_request(40));
-        window.add_request(40);
+        window.add(Window::Request(40));
         assert!(!window.fits_request(0), "over the count");
-        window.remove_request(60);
-        window.remove_request(40);
+        window.remove(Window::Request(60));
+        window.remove(Window::Request(40));
         window.add_notification(10);
         assert!(!window.fits_notification(1), "one notification at most");
         window.credit(u64::MAX);
@@ -433,10 +507,27 @@ mod tests {
     }
 
     #[test]
-    fn nested_calls_do_not_wait_for_the_window() {
+    fn a_handler_fanning_out_nested_calls_waits_for_its_own_but_not_another_handlers() {
+        let mut window = PeerWindow::new(&Limits {
+            max_nested_requests: 1,
+            ..Limits::default()
+        });
+        assert!(window.may_nest(7));
+        window.add(Window::Nested { parent: 7 });
+        assert!(!window.may_nest(7), "its second one waits for its first");
+        assert!(
+            window.may_nest(8),
+            "another handler's first one goes (and may be refused)"
+        );
+        window.remove(Window::Nested { parent: 7 });
+        assert!(window.may_nest(7) && window.is_empty());
+    }
+
+    #[test]
+    fn nested_calls_do_not_wait_for_the_request_window() {
         let codec = Codec::default();
         let mut full = window(1, 1, 1 << 20);
-        full.add_request(1);
+        full.add(Window::Request(1));
         let mut outbox = Outbox::default();
         let (ordinary, _rx) = call(1, 5);
         let (nested, _nested_rx) = call(2, 5);
@@ -450,6 +541,7 @@ mod tests {
         );
         let mut failed = 0;
         outbox.fail_calls(
+            true,
             || CallError::Terminated(crate::Termination::Stopped),
             |_| failed += 1,
         );

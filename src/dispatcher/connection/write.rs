@@ -7,7 +7,8 @@
 //!   its own (new calls, handlers, stream items), but still writes answers, cancels and credit;
 //! - the hard cap (4 times the soft limit plus the peer's largest frame): above it no handler
 //!   is polled (so no more answers are made); staying above it for the stall timeout means the
-//!   peer stopped reading, and ends the connection.
+//!   peer stopped reading, and ends the connection, as does going over twice the cap (only the
+//!   peer's own flood of bad requests, answered while it reads nothing, gets there).
 
 use std::future::Future;
 use std::io;
@@ -101,7 +102,11 @@ impl WriteSide {
             let now = Instant::now();
             (now, Box::pin(tokio::time::sleep(timeout)))
         });
-        if timer.as_mut().poll(cx).is_ready() {
+        // NB. Over the cap nothing new is made but answers to what the peer sends (refusals,
+        // errors): a peer that makes those pile up past a second cap while it reads nothing is
+        // cut off at once.
+        let flooding = self.frames.pending() > self.hard.saturating_mul(2);
+        if flooding || timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(WriteError::Stalled(ProtocolError::NotReading {
                 pending: self.frames.pending(),
                 waited: since.elapsed(),
