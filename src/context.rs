@@ -3,6 +3,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::IntoFuture;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -14,8 +15,9 @@ use crate::codec::Codec;
 use crate::dispatcher::{send_notification, Call, Dispatcher, RequestOver};
 use crate::envelope::Method;
 use crate::error::{CallError, CodecError, Termination};
-use crate::message::{Attributes, Notification, Request};
+use crate::message::{Attributes, Notification, Request, StreamRequest};
 use crate::shared::{Permit, Shared};
+use crate::stream::RemoteStream;
 use crate::stream::Streams;
 
 /// What a handler knows about the message it handles, and its way back to the peer.
@@ -111,11 +113,17 @@ impl Context {
     /// is at most the time left.
     ///
     /// While this handler runs, the peer admits the nested request outside its handler limit
-    /// ([`Limits::max_nested_requests`](crate::Limits::max_nested_requests)), so a chain of
-    /// calls back and forth completes however busy both sides are: every level of nesting
-    /// takes one of the receiving side's `max_nested_requests` while it runs, and a nested
-    /// request beyond them is refused at once ([`code::OVERLOADED`](crate::error::code::OVERLOADED)),
-    /// never left waiting.
+    /// and its request window ([`Limits::max_nested_requests`](crate::Limits::max_nested_requests)),
+    /// and it takes none of this side's in-flight permits, so a chain of calls back and forth
+    /// completes however busy both sides are. Each level of nesting takes one of the receiving
+    /// side's `max_nested_requests` while it runs. A handler's nested calls beyond them wait
+    /// for its earlier ones (fanning out never fails); a chain deeper than them is refused at
+    /// its deepest call ([`code::OVERLOADED`](crate::error::code::OVERLOADED)), never left
+    /// waiting.
+    ///
+    /// Make calls from a handler through its context: a call through
+    /// [`dispatcher()`](Self::dispatcher) is an ordinary one, which waits for permits and room
+    /// that the very call waiting for this handler may hold.
     pub fn request<R: Request>(&self, request: R) -> Call<R::Response> {
         let call = match self.dispatcher() {
             Some(dispatcher) => dispatcher.request(request),
@@ -128,6 +136,27 @@ impl Context {
         };
         call.nested(self.id.unwrap_or(0))
             .timeout_at_most(self.remaining())
+    }
+
+    /// Opens a remote stream from the peer, as [`Dispatcher::stream`] does, nested in this
+    /// message's request like [`request`](Self::request): the opening call and every pull of
+    /// the stream.
+    pub fn stream<R: StreamRequest>(&self, request: R) -> RemoteStream<R::Item> {
+        let Some(shared) = self.shared.upgrade() else {
+            return RemoteStream::failed(CallError::Terminated(Termination::Dropped));
+        };
+        let parent = self.id.unwrap_or(0);
+        let answer = Call::new(
+            Ok(Arc::clone(&shared)),
+            Method::from_static(R::METHOD),
+            self.codec.encode(&request),
+            |codec, raw| codec.decode::<u64>(&raw.payload).map_err(CallError::Decode),
+        )
+        .nested(parent)
+        .timeout_at_most(self.remaining())
+        .into_future();
+        let window = shared.stream_window;
+        RemoteStream::opening(shared, answer, window, parent)
     }
 
     /// Sends a notification to the peer. It takes none of the handles' in-flight permits

@@ -110,7 +110,12 @@ impl Dispatcher {
             decode_typed::<u64>,
         )
         .into_future();
-        RemoteStream::opening(Arc::clone(&self.shared), answer, self.shared.stream_window)
+        RemoteStream::opening(
+            Arc::clone(&self.shared),
+            answer,
+            self.shared.stream_window,
+            0,
+        )
     }
 
     /// Sends an untyped request: a method name and a payload already encoded with the

@@ -88,6 +88,8 @@ pub struct RemoteStream<T> {
     next_position: u64,
     /// Position of the last item yielded (the seed's `getPosition`).
     position: Option<u64>,
+    /// The peer's request whose handler consumes this stream (0 for none): pulls are nested.
+    parent: u64,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -116,15 +118,29 @@ enum State {
 }
 
 impl<T: DeserializeOwned> RemoteStream<T> {
-    pub(crate) fn opening(shared: Arc<Shared>, answer: ResponseFuture<u64>, window: u64) -> Self {
-        Self::with_state(
+    /// The stream whose opening call is `answer`; `parent` is the peer's request whose
+    /// handler opens it (0 for none): its pull requests are nested in that request too.
+    pub(crate) fn opening(
+        shared: Arc<Shared>,
+        answer: ResponseFuture<u64>,
+        window: u64,
+        parent: u64,
+    ) -> Self {
+        let mut stream = Self::with_state(
             Some(shared),
             State::Opening {
                 answer,
                 pull: false,
             },
             window,
-        )
+        );
+        stream.parent = parent;
+        stream
+    }
+
+    /// A stream that yields `error`, then ends.
+    pub(crate) fn failed(error: CallError) -> Self {
+        Self::with_state(None, State::Failing(Some(error)), 1)
     }
 
     fn with_state(shared: Option<Arc<Shared>>, state: State, window: u64) -> Self {
@@ -136,6 +152,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
             buffer: VecDeque::new(),
             next_position: 0,
             position: None,
+            parent: 0,
             _item: PhantomData,
         }
     }
@@ -306,9 +323,13 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                     };
                     let pending = next.get_or_insert_with(|| {
                         let payload = shared.codec.encode(&id).unwrap_or_default();
-                        crate::Dispatcher::from_shared(Arc::clone(shared))
-                            .call_raw(PULL_METHOD, payload)
-                            .into_future()
+                        let pull = crate::Dispatcher::from_shared(Arc::clone(shared))
+                            .call_raw(PULL_METHOD, payload);
+                        match this.parent {
+                            0 => pull,
+                            parent => pull.nested(parent),
+                        }
+                        .into_future()
                     });
                     let answer = std::task::ready!(Pin::new(pending).poll(cx));
                     *next = None;

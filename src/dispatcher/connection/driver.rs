@@ -175,6 +175,22 @@ where
         }
     }
 
+    /// Whether admitted work may take a handler slot: one is free, or every one is held by a
+    /// handler waiting for the peer (a nested call of it is pending there), which may wait for
+    /// this very work. A chain through the peer then never stalls on the slots it holds; it
+    /// takes one more slot, no more, while all of them wait.
+    pub(super) fn slot_free(&self) -> bool {
+        let ordinary = self.handlers.ordinary();
+        ordinary < self.config.max_concurrent_handlers || {
+            let waiting = self
+                .window
+                .nesting_parents()
+                .filter(|&parent| self.handlers.is_running_ordinary(parent))
+                .count();
+            waiting >= ordinary
+        }
+    }
+
     pub(super) fn is_open(&self) -> bool {
         matches!(self.phase, Phase::Open)
     }
@@ -812,8 +828,7 @@ where
                 Poll::Ready(false) => return true,
                 Poll::Pending => break,
             }
-            let room = self.handlers.ordinary() < self.config.max_concurrent_handlers
-                && self.write.has_room();
+            let room = self.slot_free() && self.write.has_room();
             let Some(queued) = self.admission.next(room) else {
                 break;
             };

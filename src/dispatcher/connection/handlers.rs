@@ -261,6 +261,17 @@ impl<F> Handlers<F> {
         self.requests.contains_key(&id)
     }
 
+    /// `true` when request `id` runs and counts against the handler limit (not nested).
+    pub(crate) fn is_running_ordinary(&self, id: u64) -> bool {
+        self.requests.get(&id).is_some_and(|&index| {
+            self.slots[index]
+                .run
+                .as_ref()
+                .as_pin_ref()
+                .is_some_and(|run| !run.project_ref().run.nested)
+        })
+    }
+
     fn end_generation(&self, index: usize) {
         let slot = &self.slots[index].waker;
         slot.generation.fetch_add(1, Ordering::SeqCst);

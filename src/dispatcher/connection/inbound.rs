@@ -369,9 +369,7 @@ where
     /// handler is ready), or queues it.
     fn start_or_defer(&mut self, queued: Queued, cx: &mut TaskContext<'_>) {
         let nested = queued.run.nested;
-        let room = nested
-            || (self.handlers.ordinary() < self.config.max_concurrent_handlers
-                && self.write.has_room());
+        let room = nested || (self.slot_free() && self.write.has_room());
         if room && self.admission.may_start_now(nested) {
             match self.poll_service_ready(cx) {
                 Poll::Ready(true) => {

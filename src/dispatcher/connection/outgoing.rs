@@ -175,6 +175,11 @@ impl PeerWindow {
         }
     }
 
+    /// The peer's requests whose handlers of ours have nested calls pending at the peer.
+    pub(crate) fn nesting_parents(&self) -> impl Iterator<Item = u64> + '_ {
+        self.nested.keys().copied()
+    }
+
     pub(crate) fn add_notification(&mut self, len: usize) {
         self.notifications.push_back(len);
         self.notification_bytes += len;
@@ -200,19 +205,30 @@ impl PeerWindow {
     }
 }
 
-/// Calls and notifications waiting, in the order they were made, to be written: for room in
-/// the write buffer and in the peer's window. Nested calls wait apart, for room in the write
-/// buffer only: the peer admits them outside its window, and calls waiting for the window may
-/// be waiting for them.
+/// Calls and notifications waiting to be written: for room in the write buffer and in the
+/// peer's window. Each kind waits in the order it was made; the two kinds wait apart (a
+/// notification the peer has room for does not wait behind a call it has no room for), and
+/// go in the order they were made when both have room. Nested calls wait apart too, for room
+/// in the write buffer and among the peer's nested requests only: calls waiting for the
+/// window may be waiting for them.
 #[derive(Default)]
 pub(crate) struct Outbox {
-    queue: VecDeque<Command>,
+    calls: VecDeque<(u64, Command)>,
+    notifications: VecDeque<(u64, Outbound)>,
     nested: VecDeque<Command>,
+    /// The order in which calls and notifications were queued.
+    next: u64,
 }
 
 impl Outbox {
+    /// Queues a call (`Command::Call`) or a notification (`Command::Notify`).
     pub(crate) fn push(&mut self, command: Command) {
-        self.queue.push_back(command);
+        let seq = self.next;
+        self.next += 1;
+        match command {
+            Command::Notify(notification) => self.notifications.push_back((seq, notification)),
+            call => self.calls.push_back((seq, call)),
+        }
     }
 
     pub(crate) fn push_nested(&mut self, command: Command) {
@@ -220,22 +236,22 @@ impl Outbox {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.nested.is_empty()
+        !self.waiting() && self.nested.is_empty()
     }
 
     /// Calls or notifications wait for room in the peer's window or the write buffer.
     pub(crate) fn waiting(&self) -> bool {
-        !self.queue.is_empty()
+        !self.calls.is_empty() || !self.notifications.is_empty()
     }
 
-    /// Nested calls wait for room in the write buffer.
+    /// Nested calls wait for room.
     pub(crate) fn nested_waiting(&self) -> bool {
         !self.nested.is_empty()
     }
 
-    /// The first waiting nested call, or else the first call or notification if it fits the
-    /// peer's window. A call whose caller has gone meanwhile is dropped on the way and handed
-    /// to `abandoned`.
+    /// A waiting nested call that may go, or else the first call or notification the peer's
+    /// window has room for (the older one if both). A call whose caller has gone meanwhile is
+    /// dropped on the way and handed to `abandoned`.
     pub(crate) fn pop_ready(
         &mut self,
         window: &PeerWindow,
@@ -262,36 +278,53 @@ impl Outbox {
                 return self.nested.remove(at);
             }
         }
-        loop {
-            let fits = match self.queue.front()? {
-                Command::Call { reply, call, .. } if reply.is_closed() => {
+        let call = loop {
+            match self.calls.front() {
+                Some((_, Command::Call { reply, call, .. })) if reply.is_closed() => {
                     abandoned(call);
-                    self.queue.pop_front();
-                    continue;
+                    self.calls.pop_front();
                 }
-                Command::Call { call, .. } => window.fits_request(codec.payload_len(&call.payload)),
-                Command::Notify(notification) => {
-                    window.fits_notification(codec.payload_len(&notification.payload))
+                Some((seq, Command::Call { call, .. }))
+                    if window.fits_request(codec.payload_len(&call.payload)) =>
+                {
+                    break Some(*seq)
                 }
-                // Only calls and notifications are queued here.
-                _ => true,
-            };
-            return if fits { self.queue.pop_front() } else { None };
+                _ => break None,
+            }
+        };
+        let notification = match self.notifications.front() {
+            Some((seq, notification))
+                if window.fits_notification(codec.payload_len(&notification.payload)) =>
+            {
+                Some(*seq)
+            }
+            _ => None,
+        };
+        match (call, notification) {
+            (Some(call), Some(notification)) if notification < call => self.pop_notification(),
+            (Some(_), _) => self.calls.pop_front().map(|(_, call)| call),
+            (None, Some(_)) => self.pop_notification(),
+            (None, None) => None,
         }
+    }
+
+    fn pop_notification(&mut self) -> Option<Command> {
+        let (_, notification) = self.notifications.pop_front()?;
+        Some(Command::Notify(notification))
     }
 
     /// Drops the calls whose callers have gone (timed out, dropped), handing them to
     /// `abandoned`: they are never written.
     pub(crate) fn prune(&mut self, mut abandoned: impl FnMut(&Outbound)) {
-        for queue in [&mut self.nested, &mut self.queue] {
-            queue.retain(|command| match command {
-                Command::Call { reply, call, .. } if reply.is_closed() => {
-                    abandoned(call);
-                    false
-                }
-                _ => true,
-            });
-        }
+        let mut gone = |command: &Command| match command {
+            Command::Call { reply, call, .. } if reply.is_closed() => {
+                abandoned(call);
+                false
+            }
+            _ => true,
+        };
+        self.nested.retain(&mut gone);
+        self.calls.retain(|(_, command)| gone(command));
     }
 
     /// Fails the waiting calls (the connection stops), the nested ones too with `nested_too`;
@@ -302,26 +335,26 @@ impl Outbox {
         error: impl Fn() -> CallError,
         mut released: impl FnMut(&Outbound),
     ) {
-        let mut fail = |queue: &mut VecDeque<Command>| {
-            for command in std::mem::take(queue) {
-                match command {
-                    Command::Call { call, reply, .. } => {
-                        let _ = reply.send(Err(error()));
-                        released(&call);
-                    }
-                    other => queue.push_back(other),
-                }
-            }
+        let nested = match nested_too {
+            true => std::mem::take(&mut self.nested),
+            false => VecDeque::new(),
         };
-        fail(&mut self.queue);
-        if nested_too {
-            fail(&mut self.nested);
+        let calls = std::mem::take(&mut self.calls).into_iter().map(|(_, c)| c);
+        for command in calls.chain(nested) {
+            if let Command::Call { call, reply, .. } = command {
+                let _ = reply.send(Err(error()));
+                released(&call);
+            }
         }
     }
 
     /// Takes everything still waiting.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Command> + '_ {
-        self.nested.drain(..).chain(self.queue.drain(..))
+        let notifications = self.notifications.drain(..);
+        self.nested
+            .drain(..)
+            .chain(self.calls.drain(..).map(|(_, call)| call))
+            .chain(notifications.map(|(_, notification)| Command::Notify(notification)))
     }
 }
 
@@ -546,6 +579,25 @@ mod tests {
             |_| failed += 1,
         );
         assert_eq!(failed, 1);
+    }
+
+    #[test]
+    fn a_notification_with_room_does_not_wait_behind_a_call_without() {
+        let codec = Codec::default();
+        let mut full = window(1, 4, 1 << 20);
+        full.add(Window::Request(1));
+        let mut outbox = Outbox::default();
+        let (call, _rx) = call(1, 5);
+        outbox.push(call);
+        outbox.push(Command::Notify(outbound(3)));
+        let next = outbox.pop_ready(&full, codec, |_| {});
+        assert!(matches!(next, Some(Command::Notify(_))), "{next:?}");
+        assert!(outbox.pop_ready(&full, codec, |_| {}).is_none());
+        full.remove(Window::Request(1));
+        assert!(matches!(
+            outbox.pop_ready(&full, codec, |_| {}),
+            Some(Command::Call { id: 1, .. })
+        ));
     }
 
     #[test]
