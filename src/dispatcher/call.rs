@@ -384,6 +384,15 @@ async fn queue_notification(
     if permit == Permit::Handle && shared.lifecycle.is_stopping() {
         return Err(shared.terminated());
     }
+    if shared.lifecycle.announced_peer_limits().is_none() {
+        // Checked against the peer's limits, which the handshake tells: nothing answers a
+        // notification the peer refuses.
+        shared
+            .lifecycle
+            .handshake_done()
+            .await
+            .map_err(CallError::Terminated)?;
+    }
     shared.check_limits(&method, &attributes, &payload)?;
     let queued = shared.admit(permit, payload.len()).await?;
     let notification = Outbound {

@@ -130,12 +130,14 @@ impl Dispatcher {
     }
 
     /// Sends a notification, never answered. It returns once the notification is queued:
-    /// at once, unless [`Builder::max_in_flight`] messages are queued or awaiting answers
-    /// already, in which case it waits for room (backpressure).
+    /// at once, unless the handshake is not done yet (the notification is checked against the
+    /// limits the peer announces there), or [`Builder::max_in_flight`] messages (or
+    /// [`Builder::max_queued_bytes`]) are queued or awaiting answers already, in which case it
+    /// waits for room (backpressure).
     ///
     /// # Errors
-    /// [`CallError::Terminated`] once the connection is stopping; [`CallError::Encode`] or
-    /// [`CallError::Limit`] for a message that cannot be sent.
+    /// [`CallError::Terminated`] once the connection is stopping (or ended in its handshake);
+    /// [`CallError::Encode`] or [`CallError::Limit`] for a message that cannot be sent.
     pub async fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
         self.notify_with(notification, Attributes::new()).await
     }

@@ -84,6 +84,8 @@ pub(super) struct Driver<S: Service<Incoming>> {
     pub(super) lifecycle: Arc<Lifecycle>,
     pub(super) outgoing: Outgoing,
     pub(super) window: PeerWindow,
+    /// What the peer announced it accepts.
+    pub(super) peer_limits: Limits,
     outbox: Outbox,
     pub(super) admission: Admission,
     pub(super) handlers: Handlers<HandlerResult<S::Future>>,
@@ -163,6 +165,7 @@ where
             lifecycle: parts.lifecycle,
             outgoing: Outgoing::default(),
             window: PeerWindow::new(peer),
+            peer_limits: *peer,
             outbox: Outbox::default(),
             admission: Admission::new(limits),
             handlers: Handlers::new(),
@@ -396,6 +399,15 @@ where
     ) {
         let (permit, queued) = (call.permit, call.queued);
         self.released.written(permit, queued);
+        // NB. A call made before the handshake was checked against our own limits only (a
+        // notification waits for the handshake before it is checked and queued).
+        let checked = self
+            .peer_limits
+            .check_parts(Some(call.method.as_str()), &call.attributes);
+        if let Err(error) = checked {
+            let _ = reply.send(Err(CallError::Limit(error)));
+            return self.released.answered(permit);
+        }
         // The peer is told the time left now, so the time the call waited here counts.
         let timeout_us = deadline.map_or(0, |deadline| {
             let left = deadline.saturating_duration_since(Instant::now());
