@@ -6,7 +6,7 @@
 //! stream, and nothing is produced that the connection cannot send yet.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -25,6 +25,8 @@ use crate::wake::{KeyWaker, WakeQueue};
 
 /// Most items in one batch, whatever the credit.
 pub(crate) const MAX_BATCH: u64 = 1024;
+/// How many of the streams released for idleness a storage remembers.
+const SWEPT_REMEMBERED: usize = 1024;
 /// The largest credit a stream holds: grants beyond it saturate here (PROTOCOL.md, section 9).
 pub(crate) const MAX_CREDIT: u64 = u32::MAX as u64;
 
@@ -158,6 +160,9 @@ struct Table {
     /// Pull requests left waiting by streams removed meanwhile (stream, request), for the
     /// driver to answer.
     orphaned: Vec<(u64, u64)>,
+    /// The streams released last for their idle time (a bounded few): a pull of one is told
+    /// so, rather than that the stream is unknown.
+    swept: VecDeque<u64>,
 }
 
 impl Table {
@@ -203,6 +208,8 @@ pub(crate) enum Produced {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PullRefused {
     Unknown,
+    /// Released for its idle time.
+    Released,
     Windowed,
     AlreadyPending,
 }
@@ -225,6 +232,7 @@ impl Streams {
                     next_id: 1,
                     closed: false,
                     orphaned: Vec::new(),
+                    swept: VecDeque::new(),
                 }),
                 codec,
                 idle,
@@ -348,6 +356,12 @@ impl Streams {
     /// A pull request `request` for the next item of stream `id`.
     pub(crate) fn pull(&self, id: u64, request: u64) -> Result<(), PullRefused> {
         let mut table = self.table();
+        if !table.entries.contains_key(&id) {
+            return Err(match table.swept.contains(&id) {
+                true => PullRefused::Released,
+                false => PullRefused::Unknown,
+            });
+        }
         let entry = table.entries.get_mut(&id).ok_or(PullRefused::Unknown)?;
         entry.last_used = Instant::now();
         match entry.demand {
@@ -471,6 +485,12 @@ impl Streams {
             }
             keep
         });
+        for &id in &released {
+            if table.swept.len() == SWEPT_REMEMBERED {
+                table.swept.pop_front();
+            }
+            table.swept.push_back(id);
+        }
         drop(table);
         drop(dropped);
         released

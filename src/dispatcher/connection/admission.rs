@@ -47,6 +47,8 @@ pub(crate) struct Admission {
     nested_queue: VecDeque<Queued>,
     /// The ids of the requests in the queues.
     queued_ids: HashSet<u64, SeededState>,
+    /// The ids of the pull requests waiting for a stream's item.
+    pulls: HashSet<u64, SeededState>,
     /// The peer's requests pending here (running, queued, or pulls waiting for an item).
     requests: usize,
     /// The peer's nested requests pending here (running or queued).
@@ -68,6 +70,7 @@ impl Admission {
             queue: VecDeque::new(),
             nested_queue: VecDeque::new(),
             queued_ids: HashSet::default(),
+            pulls: HashSet::default(),
             requests: 0,
             nested: 0,
             notifications: 0,
@@ -177,12 +180,13 @@ impl Admission {
         }
     }
 
-    /// Admits a pull request of a remote stream (answered by the stream, not a handler).
-    pub(crate) fn pull(&mut self) -> Verdict {
+    /// Admits pull request `id` of a remote stream (answered by the stream, not a handler).
+    pub(crate) fn pull(&mut self, id: u64) -> Verdict {
         if self.requests >= self.limits.max_pending_requests {
             return self.strike(Limit::PendingRequests, self.limits.max_pending_requests);
         }
         self.requests += 1;
+        self.pulls.insert(id);
         self.strikes = 0;
         Verdict::Admitted
     }
@@ -227,9 +231,18 @@ impl Admission {
         }
     }
 
-    /// A pull request is answered.
-    pub(crate) fn pull_done(&mut self) {
-        self.requests = self.requests.saturating_sub(1);
+    /// Pull request `id` is answered (or cancelled); `false` if it was not pending.
+    pub(crate) fn pull_done(&mut self, id: u64) -> bool {
+        let pending = self.pulls.remove(&id);
+        if pending {
+            self.requests = self.requests.saturating_sub(1);
+        }
+        pending
+    }
+
+    /// `true` while pull request `id` waits for its stream.
+    pub(crate) fn is_pull(&self, id: u64) -> bool {
+        self.pulls.contains(&id)
     }
 
     /// Drops a queued request the peer cancelled; `true` if it was queued.
@@ -252,9 +265,9 @@ impl Admission {
         }
     }
 
-    /// `true` when request `id` waits in the queue.
+    /// `true` when request `id` waits in the queue, or is a pull waiting for its stream.
     pub(crate) fn is_queued(&self, id: u64) -> bool {
-        self.queued_ids.contains(&id)
+        self.queued_ids.contains(&id) || self.pulls.contains(&id)
     }
 
     /// Notifications started since the last call: the credit to send back.
@@ -285,6 +298,7 @@ impl Admission {
         self.queue.clear();
         self.nested_queue.clear();
         self.queued_ids.clear();
+        self.pulls.clear();
         self.notifications = 0;
     }
 

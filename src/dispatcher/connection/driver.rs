@@ -490,7 +490,7 @@ where
     pub(super) fn answer_orphaned_pulls(&mut self) -> bool {
         let orphaned = self.streams.take_orphaned_pulls();
         for &(stream, request) in &orphaned {
-            self.admission.pull_done();
+            self.admission.pull_done(request);
             let message = format!("stream {stream} was released while this pull waited");
             self.answer_error(request, code::INVALID_PARAMS, message);
         }
@@ -516,7 +516,7 @@ where
                 pull: Some(id),
                 ..
             } => {
-                self.admission.pull_done();
+                self.admission.pull_done(id);
                 let attributes: Attributes = [(POSITION_ATTRIBUTE, position.to_string())]
                     .into_iter()
                     .collect();
@@ -543,7 +543,7 @@ where
                 pull: Some(id),
                 ..
             } => {
-                self.admission.pull_done();
+                self.admission.pull_done(id);
                 match error {
                     None => Envelope::Response {
                         id,

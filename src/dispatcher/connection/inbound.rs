@@ -218,8 +218,9 @@ where
                 if let Some(run) = self.handlers.cancel_request(id) {
                     tracing::debug!(id, "peer cancelled a request");
                     self.admission.done(&run);
-                } else if !self.admission.cancel(id) && self.streams.cancel_pull(id) {
-                    self.admission.pull_done();
+                } else if !self.admission.cancel(id) && self.admission.is_pull(id) {
+                    self.streams.cancel_pull(id);
+                    self.admission.pull_done(id);
                 }
             }
             Envelope::Fatal { code, message } => {
@@ -392,7 +393,7 @@ where
         let Ok(stream) = self.config.codec.decode::<u64>(payload) else {
             return self.answer_error(id, code::INVALID_PARAMS, "no such stream".into());
         };
-        match self.admission.pull() {
+        match self.admission.pull(id) {
             Verdict::Admitted => {}
             Verdict::Refused { code, message } => return self.answer_error(id, code, message),
             Verdict::CutOff(error) => return self.violation(error),
@@ -400,6 +401,11 @@ where
         let refusal = match self.streams.pull(stream, id) {
             Ok(()) => return,
             Err(PullRefused::Unknown) => (code::INVALID_PARAMS, format!("no stream {stream}")),
+            Err(PullRefused::Released) => {
+                let idle = self.streams.idle_timeout();
+                let message = format!("stream {stream} released: not consumed for {idle:?}");
+                (code::STREAM_RELEASED, message)
+            }
             Err(PullRefused::Windowed) => (
                 code::INVALID_REQUEST,
                 format!(
@@ -412,7 +418,7 @@ where
                 format!("a pull of stream {stream} is pending already: pull one item at a time"),
             ),
         };
-        self.admission.pull_done();
+        self.admission.pull_done(id);
         self.answer_error(id, refusal.0, refusal.1);
     }
 
