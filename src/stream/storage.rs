@@ -44,7 +44,8 @@ pub(crate) enum Batch {
 
 /// A typed stream behind a type-erased face: polls up to `max` ready items and encodes them.
 pub(crate) trait ErasedStream: Send {
-    fn poll_batch(&mut self, cx: &mut Context<'_>, max: u64) -> Poll<Batch>;
+    /// Polls up to `max` items (fewer if their encoding would exceed `max_bytes`).
+    fn poll_batch(&mut self, cx: &mut Context<'_>, max: u64, max_bytes: usize) -> Poll<Batch>;
 }
 
 struct Typed<S, T> {
@@ -61,12 +62,15 @@ where
     S: Stream<Item = Result<T, HandlerError>> + Send,
     T: Serialize + Send,
 {
-    fn poll_batch(&mut self, cx: &mut Context<'_>, max: u64) -> Poll<Batch> {
-        if let Some(after) = self.after.take() {
-            return Poll::Ready(after);
-        }
+    fn poll_batch(&mut self, cx: &mut Context<'_>, max: u64, max_bytes: usize) -> Poll<Batch> {
         let max = max.clamp(1, MAX_BATCH) as usize;
-        while self.items.len() < max {
+        // What ended the stream is told once the items before it are out.
+        if self.items.is_empty() {
+            if let Some(after) = self.after.take() {
+                return Poll::Ready(after);
+            }
+        }
+        while self.after.is_none() && self.items.len() < max {
             // A panic ends the stream with an error, after the items it made before.
             let polled = catch_unwind(AssertUnwindSafe(|| self.stream.as_mut().poll_next(cx)));
             let next = match polled {
@@ -84,26 +88,41 @@ where
                 return Poll::Ready(next);
             }
             self.after = Some(next);
-            break;
         }
-        let payload = match self.codec.encode(&self.items) {
-            Ok(payload) => payload,
-            Err(e) => {
-                self.items.clear();
-                return Poll::Ready(Batch::Failed(HandlerError::internal(format!(
-                    "could not encode a stream item: {e}"
-                ))));
+        // The longest run of items that fits the consumer's frames; the rest go next time.
+        let mut count = self.items.len().min(max);
+        loop {
+            let payload = match self.codec.encode(&self.items[..count]) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    self.items.clear();
+                    let message = format!("could not encode a stream item: {e}");
+                    return Poll::Ready(Batch::Failed(HandlerError::internal(message)));
+                }
+            };
+            if payload.len() <= max_bytes {
+                self.items.drain(..count);
+                let position = self.position;
+                self.position = self.position.saturating_add(count as u64);
+                return Poll::Ready(Batch::Items {
+                    position,
+                    count: count as u64,
+                    payload,
+                });
             }
-        };
-        let count = self.items.len() as u64;
-        self.items.clear();
-        let position = self.position;
-        self.position = self.position.saturating_add(count);
-        Poll::Ready(Batch::Items {
-            position,
-            count,
-            payload,
-        })
+            if count == 1 {
+                self.items.clear();
+                self.after = None;
+                let message = format!(
+                    "a stream item of {} bytes does not fit the consumer's frames of {max_bytes}",
+                    payload.len()
+                );
+                let error = HandlerError::new(code::FRAME_TOO_LARGE, message);
+                return Poll::Ready(Batch::Failed(error));
+            }
+            // As many as would fit at this size per item, and fewer each time it still does not.
+            count = (count * max_bytes / payload.len()).clamp(1, count - 1);
+        }
     }
 }
 
@@ -395,9 +414,10 @@ impl Streams {
         self.inner.woken.take(into);
     }
 
-    /// Polls stream `id` if its consumer wants items; `max` caps the batch (the write side's
-    /// room). `None` when it wants nothing or has nothing ready (it wakes the driver later).
-    pub(crate) fn poll_stream(&self, id: u64, max: u64) -> Option<Produced> {
+    /// Polls stream `id` if its consumer wants items; `max` caps the batch's items, `max_bytes`
+    /// its encoding. `None` when it wants nothing or has nothing ready (it wakes the driver
+    /// later).
+    pub(crate) fn poll_stream(&self, id: u64, max: u64, max_bytes: usize) -> Option<Produced> {
         let (mut source, want, waker) = {
             let mut table = self.table();
             let entry = table.entries.get_mut(&id)?;
@@ -412,7 +432,7 @@ impl Streams {
         };
         let waker = Waker::from(waker);
         let polled = catch_unwind(AssertUnwindSafe(|| {
-            source.poll_batch(&mut Context::from_waker(&waker), want)
+            source.poll_batch(&mut Context::from_waker(&waker), want, max_bytes)
         }));
         let mut table = self.table();
         // A handler may have removed it meanwhile: then the source is simply dropped.
@@ -545,23 +565,23 @@ mod tests {
             .add(stream::iter((0..10u32).map(Ok::<_, HandlerError>)))
             .unwrap();
         assert!(
-            streams.poll_stream(id, MAX_BATCH).is_none(),
+            streams.poll_stream(id, MAX_BATCH, usize::MAX).is_none(),
             "no credit yet"
         );
         assert_eq!(streams.grant(id, 3), Granted::Windowed);
         assert_eq!(
-            items(streams.poll_stream(id, MAX_BATCH)),
+            items(streams.poll_stream(id, MAX_BATCH, usize::MAX)),
             (0, vec![0, 1, 2], None)
         );
         assert!(
-            streams.poll_stream(id, MAX_BATCH).is_none(),
+            streams.poll_stream(id, MAX_BATCH, usize::MAX).is_none(),
             "credit used up"
         );
         streams.grant(id, u64::MAX);
         streams.grant(id, u64::MAX);
         assert_eq!(streams.get(id).unwrap().credit, MAX_CREDIT);
         assert_eq!(
-            items(streams.poll_stream(id, 2)).1,
+            items(streams.poll_stream(id, 2, usize::MAX)).1,
             [3, 4],
             "the write side's cap"
         );
@@ -576,7 +596,7 @@ mod tests {
         assert_eq!(streams.pull(pulled, 41), Ok(()));
         assert_eq!(streams.pull(pulled, 42), Err(PullRefused::AlreadyPending));
         assert_eq!(
-            items(streams.poll_stream(pulled, MAX_BATCH)),
+            items(streams.poll_stream(pulled, MAX_BATCH, usize::MAX)),
             (0, vec![0], Some(41))
         );
         assert_eq!(streams.grant(pulled, 5), Granted::PullMode);
@@ -602,14 +622,43 @@ mod tests {
             }))
             .unwrap();
         streams.grant(id, 10);
-        assert_eq!(items(streams.poll_stream(id, MAX_BATCH)).1, [1, 2]);
-        match streams.poll_stream(id, MAX_BATCH) {
+        assert_eq!(
+            items(streams.poll_stream(id, MAX_BATCH, usize::MAX)).1,
+            [1, 2]
+        );
+        match streams.poll_stream(id, MAX_BATCH, usize::MAX) {
             Some(Produced::End {
                 error: Some(error), ..
             }) => assert!(error.is_panic(), "{error}"),
             other => panic!("expected the end, got {other:?}"),
         }
         assert!(streams.is_empty());
+    }
+
+    #[tokio::test]
+    async fn batches_are_cut_to_the_consumers_frames_and_an_item_too_large_fails() {
+        let streams = storage(8);
+        let items = (0..10u32).map(|n| Ok::<_, HandlerError>(vec![n as u8; 100]));
+        let id = streams.add(stream::iter(items)).unwrap();
+        streams.grant(id, 10);
+        let sizes: Vec<usize> = std::iter::from_fn(|| match streams.poll_stream(id, 10, 350) {
+            Some(Produced::Items { payload, .. }) => Some(payload.len()),
+            _ => None,
+        })
+        .collect();
+        assert!(sizes.iter().all(|&len| len <= 350), "{sizes:?}");
+        assert!(sizes.len() >= 4, "cut into several batches: {sizes:?}");
+
+        let big = streams
+            .add(stream::iter([Ok::<_, HandlerError>(vec![0u8; 1000])]))
+            .unwrap();
+        streams.grant(big, 1);
+        match streams.poll_stream(big, 1, 350) {
+            Some(Produced::End {
+                error: Some(error), ..
+            }) => assert_eq!(error.code(), code::FRAME_TOO_LARGE),
+            other => panic!("expected an error end, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -44,6 +44,9 @@ use crate::transport::frame::FrameReader;
 const BUDGET: usize = 32;
 /// Frames read, and commands taken, in one turn.
 pub(super) const TURN: usize = 256;
+/// Bytes a stream batch's envelope takes besides the items (kind, ids, position, attributes),
+/// kept free when batches are cut to the peer's frames.
+const ENVELOPE_MARGIN: usize = 128;
 /// How long a closing side waits for the peer's end of file after its own goodbye.
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
@@ -475,7 +478,11 @@ where
             };
             let produced = {
                 let _polling = self.lifecycle.enter_handlers();
-                self.streams.poll_stream(id, MAX_BATCH)
+                let max_bytes = self
+                    .peer_limits
+                    .max_frame_length
+                    .saturating_sub(ENVELOPE_MARGIN);
+                self.streams.poll_stream(id, MAX_BATCH, max_bytes)
             };
             if let Some(produced) = produced {
                 self.send_produced(produced);
