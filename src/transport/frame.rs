@@ -75,7 +75,15 @@ impl FrameReader {
             return None;
         }
         self.buf.advance(PREFIX);
-        Some(Frame::Whole(self.buf.split_to(len).freeze()))
+        let body = self.buf.split_to(len).freeze();
+        if len > READ_CHUNK {
+            // NB. What follows a large frame would share its allocation: every small frame
+            // cut from it (a queued request, an attribute) would keep the whole of it alive.
+            let mut rest = BytesMut::with_capacity(READ_CHUNK.max(self.buf.len()));
+            rest.extend_from_slice(&self.buf);
+            self.buf = rest;
+        }
+        Some(Frame::Whole(body))
     }
 
     /// Appends bytes to the buffer, as a read would (for the fuzz targets).
