@@ -208,7 +208,11 @@ impl<S> Builder<S> {
     /// Handlers are futures polled by the connection's own task, not tasks of their own:
     /// a handler that blocks or burns CPU holds up the connection (spawn such work, or use
     /// `spawn_blocking`). Requests and notifications start in the order they arrived, and
-    /// finish in whatever order their handlers do. Default: 1024.
+    /// finish in whatever order their handlers do.
+    ///
+    /// A handler waiting for a nested call of its own to the peer still takes its slot; but
+    /// when every slot is held that way, the next admitted message starts beyond the limit
+    /// (the peer may need it to answer those very calls). Default: 1024.
     pub fn max_concurrent_handlers(mut self, limit: usize) -> Self {
         self.config.max_concurrent_handlers = limit.max(1);
         self
