@@ -38,13 +38,13 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             parent,
             payload,
         } => {
-            let _ = enc::write_array_len(&mut w, 7);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *id);
-            let _ = enc::write_str(&mut w, method.as_str());
+            array_len(&mut w, 7);
+            uint(&mut w, kind);
+            uint(&mut w, *id);
+            str(&mut w, method.as_str());
             write_attributes(&mut w, attributes);
-            let _ = enc::write_uint(&mut w, *timeout_us);
-            let _ = enc::write_uint(&mut w, *parent);
+            uint(&mut w, *timeout_us);
+            uint(&mut w, *parent);
             w.get_mut().put_slice(payload_or_unit(CODEC, payload));
         }
         Envelope::Notification {
@@ -52,9 +52,9 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             attributes,
             payload,
         } => {
-            let _ = enc::write_array_len(&mut w, 4);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_str(&mut w, method.as_str());
+            array_len(&mut w, 4);
+            uint(&mut w, kind);
+            str(&mut w, method.as_str());
             write_attributes(&mut w, attributes);
             w.get_mut().put_slice(payload_or_unit(CODEC, payload));
         }
@@ -63,9 +63,9 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             attributes,
             payload,
         } => {
-            let _ = enc::write_array_len(&mut w, 4);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *id);
+            array_len(&mut w, 4);
+            uint(&mut w, kind);
+            uint(&mut w, *id);
             write_attributes(&mut w, attributes);
             w.get_mut().put_slice(payload_or_unit(CODEC, payload));
         }
@@ -74,75 +74,117 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             attributes,
             error,
         } => {
-            let _ = enc::write_array_len(&mut w, if error.data.is_some() { 6 } else { 5 });
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *id);
+            array_len(&mut w, if error.data.is_some() { 6 } else { 5 });
+            uint(&mut w, kind);
+            uint(&mut w, *id);
             write_attributes(&mut w, attributes);
             let _ = enc::write_sint(&mut w, error.code);
-            let _ = enc::write_str(&mut w, &error.message);
+            str(&mut w, &error.message);
             if let Some(data) = &error.data {
                 w.get_mut().put_slice(payload_or_unit(CODEC, data));
             }
         }
         Envelope::Fatal { code, message } => {
-            let _ = enc::write_array_len(&mut w, 3);
-            let _ = enc::write_uint(&mut w, kind);
+            array_len(&mut w, 3);
+            uint(&mut w, kind);
             let _ = enc::write_sint(&mut w, *code);
-            let _ = enc::write_str(&mut w, message);
+            str(&mut w, message);
         }
         Envelope::Cancel { id } => {
-            let _ = enc::write_array_len(&mut w, 2);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *id);
+            array_len(&mut w, 2);
+            uint(&mut w, kind);
+            uint(&mut w, *id);
         }
         Envelope::Goodbye => {
-            let _ = enc::write_array_len(&mut w, 1);
-            let _ = enc::write_uint(&mut w, kind);
+            array_len(&mut w, 1);
+            uint(&mut w, kind);
         }
         Envelope::StreamItems {
             stream,
             position,
             payload,
         } => {
-            let _ = enc::write_array_len(&mut w, 4);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *stream);
-            let _ = enc::write_uint(&mut w, *position);
+            array_len(&mut w, 4);
+            uint(&mut w, kind);
+            uint(&mut w, *stream);
+            uint(&mut w, *position);
             w.get_mut().put_slice(payload_or_unit(CODEC, payload));
         }
         Envelope::StreamEnd { stream, error } => {
-            let _ = enc::write_array_len(&mut w, if error.is_some() { 4 } else { 2 });
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *stream);
+            array_len(&mut w, if error.is_some() { 4 } else { 2 });
+            uint(&mut w, kind);
+            uint(&mut w, *stream);
             if let Some(error) = error {
                 let _ = enc::write_sint(&mut w, error.code);
-                let _ = enc::write_str(&mut w, &error.message);
+                str(&mut w, &error.message);
             }
         }
         Envelope::StreamCredit { stream, credit } => {
-            let _ = enc::write_array_len(&mut w, 3);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *stream);
-            let _ = enc::write_uint(&mut w, *credit);
+            array_len(&mut w, 3);
+            uint(&mut w, kind);
+            uint(&mut w, *stream);
+            uint(&mut w, *credit);
         }
         Envelope::StreamCancel { stream } => {
-            let _ = enc::write_array_len(&mut w, 2);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *stream);
+            array_len(&mut w, 2);
+            uint(&mut w, kind);
+            uint(&mut w, *stream);
         }
         Envelope::NotificationCredit { credit } => {
-            let _ = enc::write_array_len(&mut w, 2);
-            let _ = enc::write_uint(&mut w, kind);
-            let _ = enc::write_uint(&mut w, *credit);
+            array_len(&mut w, 2);
+            uint(&mut w, kind);
+            uint(&mut w, *credit);
         }
     }
 }
 
-fn write_attributes<W: std::io::Write>(w: &mut W, attributes: &Attributes) {
-    let _ = enc::write_map_len(w, attributes.len() as u32);
+fn write_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
+    match attributes.len() {
+        // NB. The common case (no attributes) is one byte: a fixmap of 0.
+        len @ 0..=15 => w.get_mut().put_u8(0x80 | len as u8),
+        len => {
+            let _ = enc::write_map_len(w, len as u32);
+        }
+    }
     for (name, value) in attributes.iter() {
-        let _ = enc::write_str(w, name);
-        let _ = enc::write_str(w, value);
+        str(w, name);
+        str(w, value);
+    }
+}
+
+type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
+
+// The shortest MessagePack forms, written straight into the buffer (rmp's writers go through
+// `io::Write`, which costs more than the bytes): the same bytes rmp would write.
+
+fn uint(w: &mut Writer<'_>, value: u64) {
+    match value {
+        0..=0x7f => w.get_mut().put_u8(value as u8),
+        _ => {
+            let _ = enc::write_uint(w, value);
+        }
+    }
+}
+
+fn array_len(w: &mut Writer<'_>, len: u32) {
+    match len {
+        0..=15 => w.get_mut().put_u8(0x90 | len as u8),
+        _ => {
+            let _ = enc::write_array_len(w, len);
+        }
+    }
+}
+
+fn str(w: &mut Writer<'_>, s: &str) {
+    match s.len() {
+        len @ 0..=31 => {
+            let buf = w.get_mut();
+            buf.put_u8(0xa0 | len as u8);
+            buf.put_slice(s.as_bytes());
+        }
+        _ => {
+            let _ = enc::write_str(w, s);
+        }
     }
 }
 
