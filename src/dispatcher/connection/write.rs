@@ -150,17 +150,18 @@ mod tests {
         assert!(write.pending() > 0 && write.has_room());
     }
 
+    /// A write side over a transport that takes 64 bytes and no more, with a hard cap of
+    /// 4 x 256 + 1024 bytes and a stall timeout of 30 s.
+    fn stuck() -> (WriteSide, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let frames = FrameWriter::new(Box::new(ours));
+        let write = WriteSide::new(frames, Codec::default(), 1024, 256, Duration::from_secs(30));
+        (write, theirs)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_never_reads_is_noticed_after_the_stall_timeout() {
-        // A transport that takes nothing: the buffer never drains.
-        let (ours, _theirs) = tokio::io::duplex(64);
-        let mut write = WriteSide::new(
-            FrameWriter::new(Box::new(ours)),
-            Codec::default(),
-            1024,
-            256,
-            Duration::from_secs(30),
-        );
+        let (mut write, _theirs) = stuck();
         for _ in 0..6 {
             write.write(&notification(500)).unwrap();
         }
@@ -176,15 +177,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_full_buffer_under_the_hard_cap_just_waits() {
-        let (ours, _theirs) = tokio::io::duplex(64);
-        let mut write = WriteSide::new(
-            FrameWriter::new(Box::new(ours)),
-            Codec::default(),
-            1024,
-            256,
-            Duration::from_secs(30),
+    async fn past_twice_the_hard_cap_the_peer_is_cut_off_at_once() {
+        let (mut write, _theirs) = stuck();
+        for _ in 0..10 {
+            write.write(&notification(500)).unwrap();
+        }
+        let started = Instant::now();
+        let flushed = std::future::poll_fn(|cx| write.poll_flush(cx)).await;
+        assert!(
+            matches!(flushed, Err(WriteError::Stalled(_))),
+            "{flushed:?}"
         );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_buffer_under_the_hard_cap_just_waits() {
+        let (mut write, _theirs) = stuck();
         write.write(&notification(500)).unwrap();
         assert!(!write.has_room());
         let flushed = tokio::time::timeout(
