@@ -32,7 +32,8 @@ pub mod code {
     pub const DEADLINE_EXCEEDED: i64 = -32003;
     /// A remote stream was released by its producer: not consumed for its idle time.
     pub const STREAM_RELEASED: i64 = -32004;
-    /// The receiver has too much work in flight (for example pull requests); retry later.
+    /// The receiver holds too much of the sender's work (over its announced limits, a chain of
+    /// nested calls too deep, or too many stored streams); retry later.
     pub const OVERLOADED: i64 = -32005;
 }
 
@@ -289,8 +290,8 @@ pub enum CallError {
     /// The answer arrived but is not the expected response type.
     #[error("could not decode the response")]
     Decode(#[source] CodecError),
-    /// The message is over one of the [`Limits`](crate::Limits) (or, for an answer, over
-    /// this side's maximum frame length); nothing was sent.
+    /// The message is over one of the peer's [`Limits`](crate::Limits) (or, for an answer the
+    /// peer could not decode within our limits, over ours); nothing was sent.
     #[error("message over a limit")]
     Limit(#[from] crate::LimitExceeded),
 }

@@ -140,10 +140,11 @@ impl<S> Builder<S> {
         self
     }
 
-    /// The largest frame this side accepts, told to the peer in the handshake. A larger frame
-    /// is discarded without being buffered; a request in it is answered with
-    /// [`code::FRAME_TOO_LARGE`](crate::error::code::FRAME_TOO_LARGE). Default: 16 MiB.
-    /// (The same as setting [`Limits::max_frame_length`].)
+    /// The largest frame this side accepts, told to the peer in the handshake (a compliant
+    /// peer fails a larger message before sending it). A larger length prefix ends the
+    /// connection with [`ProtocolError::FrameTooLarge`](crate::ProtocolError::FrameTooLarge);
+    /// nothing is allocated for it. Default: 16 MiB. (The same as setting
+    /// [`Limits::max_frame_length`].)
     pub fn max_frame_length(mut self, bytes: usize) -> Self {
         self.config.limits.max_frame_length = bytes.min(u32::MAX as usize);
         self
