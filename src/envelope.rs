@@ -23,7 +23,7 @@ pub enum EnvelopeKind {
     Fatal = 5,
     /// The caller gave up on a request.
     Cancel = 6,
-    /// A graceful goodbye: the sender stops.
+    /// A graceful goodbye, with why: the sender stops.
     Goodbye = 7,
     /// A batch of items of a remote stream (producer to consumer).
     StreamItems = 8,
@@ -144,7 +144,10 @@ pub(crate) enum Envelope {
     Cancel {
         id: u64,
     },
-    Goodbye,
+    /// Why the sender stops (for the peer's `Termination`), possibly empty.
+    Goodbye {
+        reason: String,
+    },
     /// `payload` is the codec's encoding of the batch as a sequence (`Vec<T>`).
     StreamItems {
         stream: u64,
@@ -176,7 +179,7 @@ impl Envelope {
             Self::Error { .. } => EnvelopeKind::Error,
             Self::Fatal { .. } => EnvelopeKind::Fatal,
             Self::Cancel { .. } => EnvelopeKind::Cancel,
-            Self::Goodbye => EnvelopeKind::Goodbye,
+            Self::Goodbye { .. } => EnvelopeKind::Goodbye,
             Self::StreamItems { .. } => EnvelopeKind::StreamItems,
             Self::StreamEnd { .. } => EnvelopeKind::StreamEnd,
             Self::StreamCredit { .. } => EnvelopeKind::StreamCredit,

@@ -67,6 +67,34 @@ pub struct RemoteError {
 }
 
 impl RemoteError {
+    /// An error answer with a code and a message, as a peer would send it: for tests of code
+    /// that handles [`CallError::Remote`], and for outbound middleware.
+    ///
+    /// # Examples
+    /// ```
+    /// use channel_dispatcher::{CallError, Codec, RemoteError};
+    ///
+    /// let error = CallError::Remote(RemoteError::new(404, "no such user", Codec::default()));
+    /// assert_eq!(error.as_remote().map(|e| e.code), Some(404));
+    /// ```
+    pub fn new(code: i64, message: impl Into<String>, codec: Codec) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            data: None,
+            codec,
+        }
+    }
+
+    /// Attaches structured data, encoded with `codec` (the one given to [`new`](Self::new)).
+    ///
+    /// # Errors
+    /// A [`CodecError`] when serde refuses the value.
+    pub fn with_data<T: serde::Serialize>(mut self, data: &T) -> Result<Self, CodecError> {
+        self.data = Some(self.codec.encode(data)?);
+        Ok(self)
+    }
+
     /// Decodes the optional structured data attached to the error.
     ///
     /// # Errors
@@ -93,27 +121,33 @@ impl std::error::Error for RemoteError {}
 #[non_exhaustive]
 pub enum Termination {
     /// This side called `stop()`.
-    #[error("dispatcher stopped")]
+    #[error("the connection was stopped: stop() was called on this side")]
     Stopped,
     /// Every `Dispatcher` handle was dropped.
-    #[error("every dispatcher handle was dropped")]
+    #[error("every Dispatcher handle was dropped, which stops the connection: keep one for as long as it should run")]
     Dropped,
     /// The peer said goodbye (it stopped gracefully).
-    #[error("peer stopped (goodbye received)")]
-    PeerStopped,
+    #[error("the peer stopped the connection{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    PeerStopped {
+        /// Why, as the peer said in its goodbye ("the peer called stop()", "the peer dropped
+        /// its last handle"; empty if it gave none).
+        reason: String,
+    },
     /// The transport reached end of file without a goodbye: the peer closed or died.
-    #[error("connection closed by the peer without goodbye")]
+    #[error(
+        "the peer closed the connection without a goodbye: it exited, crashed or lost the link"
+    )]
     Closed,
     /// Reading or writing the transport failed.
-    #[error("transport error")]
-    Transport(#[source] Arc<io::Error>),
+    #[error("reading or writing the channel failed: {0}")]
+    Transport(Arc<io::Error>),
     /// The peer broke the protocol in a way that ends the connection (for example a frame cut
     /// off by end of file).
-    #[error("protocol violation")]
-    Protocol(#[source] ProtocolError),
+    #[error("the peer broke the protocol: {0}")]
+    Protocol(ProtocolError),
     /// The handshake failed; no envelope was exchanged.
-    #[error("handshake failed")]
-    Handshake(#[source] HandshakeError),
+    #[error("the handshake failed: {0}")]
+    Handshake(HandshakeError),
     /// The peer sent a fatal error, which ends both sides.
     #[error("peer sent fatal error {code}: {message}")]
     PeerFatal {
@@ -142,7 +176,10 @@ impl Termination {
     /// `true` when the connection ended because one side asked it to (stop, drop, goodbye),
     /// rather than through an error.
     pub fn is_graceful(&self) -> bool {
-        matches!(self, Self::Stopped | Self::Dropped | Self::PeerStopped)
+        matches!(
+            self,
+            Self::Stopped | Self::Dropped | Self::PeerStopped { .. }
+        )
     }
 }
 
@@ -254,13 +291,23 @@ pub enum HandshakeError {
         /// The reason the peer gave.
         reason: String,
     },
+    /// This side's token is longer than the handshake carries (65,535 bytes); nothing was
+    /// sent. Use a shorter token.
+    #[error("the token is {len} bytes long, more than the 65535 the handshake carries: use a shorter token")]
+    TokenTooLong {
+        /// The token's length in bytes.
+        len: usize,
+    },
     /// The peer did not complete the handshake in time.
     #[error("the peer did not complete the handshake within {0:?}")]
     Timeout(Duration),
     /// The transport closed or failed during the handshake.
-    #[error("transport failed during the handshake")]
-    Transport(#[source] Arc<io::Error>),
+    #[error("the channel failed during the handshake: {0}")]
+    Transport(Arc<io::Error>),
 }
+
+/// The result of a call: `Result<T, CallError>`.
+pub type Result<T, E = CallError> = std::result::Result<T, E>;
 
 /// Why a call (request or notification) failed.
 #[derive(Debug, thiserror::Error)]
@@ -270,14 +317,14 @@ pub enum CallError {
     #[error(transparent)]
     Remote(RemoteError),
     /// The connection ended before an answer arrived, or was already over when the call was made.
-    #[error("connection terminated: {0}")]
-    Terminated(#[source] Termination),
+    #[error("the connection ended before an answer: {0}")]
+    Terminated(Termination),
     /// No answer arrived within the call's timeout; a cancel was sent to the peer.
-    #[error("no answer within {0:?}")]
+    #[error("no answer within {0:?}, the call's timeout: the peer was told to stop; retry, or allow more time")]
     Timeout(Duration),
     /// The message could not be encoded; nothing was sent.
-    #[error("could not encode the message")]
-    Encode(#[source] CodecError),
+    #[error("could not encode the message (nothing was sent): {0}")]
+    Encode(CodecError),
     /// An outbound middleware ([`Builder::outbound`](crate::Builder::outbound)) refused the
     /// call; nothing was sent.
     #[error("refused by outbound middleware ({code}): {message}")]
@@ -288,12 +335,20 @@ pub enum CallError {
         message: String,
     },
     /// The answer arrived but is not the expected response type.
-    #[error("could not decode the response")]
-    Decode(#[source] CodecError),
+    #[error(
+        "the answer is not the expected response type (do both sides use the same types?): {0}"
+    )]
+    Decode(CodecError),
     /// The message is over one of the peer's [`Limits`](crate::Limits) (or, for an answer the
     /// peer could not decode within our limits, over ours); nothing was sent.
-    #[error("message over a limit")]
-    Limit(#[from] crate::LimitExceeded),
+    #[error("the message is over the peer's limits (nothing was sent): {0}")]
+    Limit(crate::LimitExceeded),
+}
+
+impl From<crate::LimitExceeded> for CallError {
+    fn from(error: crate::LimitExceeded) -> Self {
+        Self::Limit(error)
+    }
 }
 
 impl CallError {
@@ -525,3 +580,92 @@ impl fmt::Display for BoxedHandlerError {
 }
 
 impl std::error::Error for BoxedHandlerError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{Limit, LimitExceeded};
+
+    /// An error's message and its sources', in order.
+    fn report(error: &dyn std::error::Error) -> Vec<String> {
+        let mut lines = vec![error.to_string()];
+        let mut source = error.source();
+        while let Some(cause) = source {
+            lines.push(cause.to_string());
+            source = cause.source();
+        }
+        lines
+    }
+
+    #[test]
+    fn every_error_says_what_happened_on_its_first_line_and_nothing_twice() {
+        let io = || Arc::new(io::Error::new(io::ErrorKind::BrokenPipe, "broken pipe"));
+        let codec = || CodecError::new("msgpack", "invalid type: string, expected u32");
+        let mismatch = HandshakeError::CodecMismatch {
+            ours: "json".into(),
+            theirs: "msgpack".into(),
+        };
+        let limit = LimitExceeded {
+            limit: Limit::MethodLength,
+            value: 300,
+            max: 256,
+        };
+        let cases: Vec<(Box<dyn std::error::Error>, &str)> = vec![
+            (Box::new(Termination::Stopped), "stop()"),
+            (Box::new(Termination::Dropped), "keep one"),
+            (
+                Box::new(Termination::PeerStopped {
+                    reason: "the peer called stop()".into(),
+                }),
+                "stopped the connection: the peer called stop()",
+            ),
+            (Box::new(Termination::Closed), "without a goodbye"),
+            (Box::new(Termination::Transport(io())), "broken pipe"),
+            (
+                Box::new(Termination::Handshake(mismatch.clone())),
+                "this side uses json, the peer uses msgpack",
+            ),
+            (
+                Box::new(Termination::Protocol(ProtocolError::CreditExceeded {
+                    stream: 1,
+                    credit: 2,
+                    received: 3,
+                })),
+                "credit",
+            ),
+            (Box::new(Termination::Aborted), "dropped"),
+            (
+                Box::new(CallError::Terminated(Termination::Handshake(mismatch))),
+                "the peer uses msgpack",
+            ),
+            (
+                Box::new(CallError::Timeout(Duration::from_secs(1))),
+                "allow more time",
+            ),
+            (Box::new(CallError::Encode(codec())), "expected u32"),
+            (Box::new(CallError::Decode(codec())), "same types"),
+            (Box::new(CallError::Limit(limit)), "over the limit of 256"),
+            (Box::new(HandshakeError::Transport(io())), "broken pipe"),
+            (
+                Box::new(HandshakeError::TokenTooLong { len: 70_000 }),
+                "shorter token",
+            ),
+        ];
+        for (error, says) in cases {
+            let lines = report(&*error);
+            assert!(
+                lines[0].contains(says),
+                "{:?} does not say {says:?}",
+                lines[0]
+            );
+            for (i, line) in lines.iter().enumerate().skip(1) {
+                assert!(
+                    !lines[..i]
+                        .iter()
+                        .any(|earlier| earlier.contains(line.as_str())),
+                    "printed twice in {lines:?}"
+                );
+            }
+        }
+    }
+}

@@ -77,9 +77,11 @@ pub use dispatcher::{
 pub use envelope::EnvelopeKind;
 pub use error::{
     CallError, CodecError, HandlerError, HandshakeError, IntoHandlerError, ProtocolError,
-    RemoteError, Termination,
+    RemoteError, Result, Termination,
 };
-pub use handler::{DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router};
+pub use handler::{
+    DefaultErrorHandler, ErrorHandler, Failed, Incoming, Reply, Router, StrictErrorHandler,
+};
 pub use limits::{Limit, LimitExceeded, Limits};
 pub use message::{Accepted, Attributes, Notification, Request, StreamRequest, Success};
 pub use stream::{RemoteStream, Streams};

@@ -309,6 +309,11 @@ impl Lifecycle {
         self.reason_or(Termination::Stopped)
     }
 
+    /// `true` once the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.state.borrow() == State::Closed
+    }
+
     /// Waits for the end of the handshake: `Err` when the connection ended instead.
     pub(crate) async fn handshake_done(&self) -> Result<(), Termination> {
         let mut rx = self.state.subscribe();

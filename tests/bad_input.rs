@@ -174,7 +174,7 @@ async fn answer_to_an_id_nobody_waits_for_is_dropped_quietly() {
     assert_eq!(peer.read().await, json!([3, 15, {}, "next"]));
     peer.respond(call_id, "mine").await;
     assert_eq!(within(call).await.unwrap().unwrap(), "mine");
-    assert!(!dispatcher.is_closed());
+    assert!(!dispatcher.is_stopping());
 }
 
 #[tokio::test]
@@ -191,7 +191,7 @@ async fn dropped_call_sends_a_cancel_and_its_late_answer_is_dropped_quietly() {
     peer.respond(id, "too late").await;
     peer.request(21, "echo", "still here").await;
     assert_eq!(peer.read().await, json!([3, 21, {}, "still here"]));
-    assert!(!dispatcher.is_closed());
+    assert!(!dispatcher.is_stopping());
 }
 
 #[tokio::test]

@@ -51,7 +51,7 @@ async fn child() -> ExitCode {
         .handler(router("child"))
         .spawn(Channel::stdio());
     match dispatcher.closed().await {
-        Termination::PeerStopped => ExitCode::SUCCESS,
+        Termination::PeerStopped { .. } => ExitCode::SUCCESS,
         other => {
             eprintln!("child: connection ended badly: {other}");
             ExitCode::FAILURE

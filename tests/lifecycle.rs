@@ -100,7 +100,7 @@ async fn stop_fails_pending_calls_and_runs_on_stop_once(transport: Transport) {
     );
     assert!(matches!(
         within(two.closed()).await,
-        Termination::PeerStopped
+        Termination::PeerStopped { .. }
     ));
 
     // Stopping again, or a call after stop, changes nothing and fails at once.
@@ -127,7 +127,7 @@ async fn stop_fails_pending_calls_and_runs_on_stop_once(transport: Transport) {
     let late_stop = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&late_stop);
     two.on_stop(move |reason| {
-        assert!(matches!(reason, Termination::PeerStopped));
+        assert!(matches!(reason, Termination::PeerStopped { .. }));
         counter.fetch_add(1, Ordering::SeqCst);
     });
     assert_eq!(late_stop.load(Ordering::SeqCst), 1);
@@ -151,12 +151,12 @@ async fn peer_goodbye_fails_our_pending_calls(transport: Transport) {
     assert!(matches!(within(two.stop()).await, Termination::Stopped));
     let err = within(pending).await.unwrap().unwrap_err();
     assert!(
-        matches!(err, CallError::Terminated(Termination::PeerStopped)),
+        matches!(err, CallError::Terminated(Termination::PeerStopped { .. })),
         "{err:?}"
     );
     assert!(matches!(
         within(one.closed()).await,
-        Termination::PeerStopped
+        Termination::PeerStopped { .. }
     ));
 }
 
@@ -169,7 +169,7 @@ async fn dropping_every_handle_stops_the_connection(transport: Transport) {
     drop(one);
     assert!(matches!(
         within(two.closed()).await,
-        Termination::PeerStopped
+        Termination::PeerStopped { .. }
     ));
     // The dropped side's connection ends too, and says why.
     within(async {
@@ -207,7 +207,7 @@ async fn stop_lets_running_handlers_answer(transport: Transport) {
         async move { server.stop().await }
     });
     within(async {
-        while !server.is_closed() {
+        while !server.is_stopping() {
             tokio::task::yield_now().await;
         }
     })

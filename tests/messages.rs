@@ -149,7 +149,7 @@ async fn error_response_answers_one_call_and_keeps_the_connection(transport: Tra
         within(one.request(Echo("still up".into()))).await.unwrap(),
         "still up"
     );
-    assert!(!two.is_closed());
+    assert!(!two.is_stopping());
 }
 
 async fn unknown_method_is_an_error_response_and_the_connection_stays(transport: Transport) {
@@ -199,8 +199,26 @@ async fn fatal_response_terminates_both_sides_with_its_message(transport: Transp
     }
 }
 
-async fn failed_notification_handler_is_fatal_as_in_the_seed(transport: Transport) {
-    let (one, two, _) = peers(transport).await;
+async fn failed_notification_handler_is_logged_and_the_connection_carries_on(transport: Transport) {
+    let (one, two, notified) = peers(transport).await;
+    one.notify(Explode).await.unwrap();
+    one.notify(Count(2)).await.unwrap();
+    assert_eq!(within(one.request(Echo("up".into()))).await.unwrap(), "up");
+    assert!(!one.is_stopping() && !two.is_stopping());
+    within(one.stop()).await;
+    within(two.closed()).await;
+    assert_eq!(notified.load(Ordering::SeqCst), 2);
+}
+
+async fn failed_notification_handler_is_fatal_with_the_strict_error_handler(transport: Transport) {
+    let (a, b) = pair(transport).await;
+    let one = Dispatcher::builder()
+        .handler(router("a", Arc::default()))
+        .spawn(a);
+    let two = Dispatcher::builder()
+        .handler(router("b", Arc::default()))
+        .error_handler(channel_dispatcher::StrictErrorHandler)
+        .spawn(b);
     one.notify(Explode).await.unwrap();
     assert!(matches!(
         within(two.closed()).await,
@@ -290,7 +308,8 @@ over_every_transport!(
     unknown_method_is_an_error_response_and_the_connection_stays,
     panicking_handler_answers_an_error,
     fatal_response_terminates_both_sides_with_its_message,
-    failed_notification_handler_is_fatal_as_in_the_seed,
+    failed_notification_handler_is_logged_and_the_connection_carries_on,
+    failed_notification_handler_is_fatal_with_the_strict_error_handler,
     unknown_notification_is_logged_not_fatal,
     notification_is_never_answered,
     attributes_travel_both_ways,

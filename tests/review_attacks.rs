@@ -340,7 +340,7 @@ async fn own_admission_limits_of_zero_are_read_as_one_on_both_sides() {
     client.notify(Note("one".into())).await.unwrap();
     let got = within(noted.recv()).await;
     assert_eq!(got.as_deref(), Some("one"));
-    assert!(!server.is_closed() && !client.is_closed());
+    assert!(!server.is_stopping() && !client.is_stopping());
 }
 
 // Regression (found in review). Attacks nested admission: the sender (driver.rs `on_command`, outgoing.rs) never holds
@@ -360,7 +360,7 @@ async fn nested_calls_beyond_the_peers_nested_limit_never_cut_a_compliant_peer_o
     let answer = within(client.request(FanOut(3))).await;
     settle().await;
     assert!(
-        !client.is_closed() && !server.is_closed(),
+        !client.is_stopping() && !server.is_stopping(),
         "the connection was cut off: {answer:?}; client: {:?}",
         tokio::time::timeout(Duration::from_millis(1), client.closed()).await
     );
@@ -476,7 +476,7 @@ async fn a_compliant_mixed_load_is_never_refused_by_tiny_admission_limits() {
         0,
         "compliant calls were refused -32005"
     );
-    assert!(!client.is_closed() && !server.is_closed());
+    assert!(!client.is_stopping() && !server.is_stopping());
     let after = within(client.request(Echo("after".into()))).await;
     assert_eq!(after.unwrap(), "after");
 }

@@ -308,7 +308,7 @@ async fn stop_disposes_local_streams_and_ends_remote_ones_with_terminated() {
     within(drops.recv()).await.unwrap();
     let rest = within(endless.collect::<Vec<_>>()).await;
     match rest.last() {
-        Some(Err(CallError::Terminated(Termination::PeerStopped))) => {}
+        Some(Err(CallError::Terminated(Termination::PeerStopped { .. }))) => {}
         other => panic!("expected the stream to end terminated, got {other:?}"),
     }
 }

@@ -72,7 +72,9 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
         Envelope::Cancel { id } => {
             out.next().uint(*id);
         }
-        Envelope::Goodbye => {}
+        Envelope::Goodbye { reason } => {
+            out.next().json(reason);
+        }
         Envelope::StreamItems {
             stream,
             position,
@@ -271,8 +273,8 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             Envelope::Cancel { id: uint(1)? }
         }
         EnvelopeKind::Goodbye => {
-            expect(kind, 1)?;
-            Envelope::Goodbye
+            expect(kind, 2)?;
+            Envelope::Goodbye { reason: string(1)? }
         }
         EnvelopeKind::StreamItems => {
             expect(kind, 4)?;

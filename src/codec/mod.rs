@@ -363,7 +363,7 @@ mod tests {
                 }),
             (any::<i64>(), ".{0,24}").prop_map(|(code, message)| Envelope::Fatal { code, message }),
             any::<u64>().prop_map(|id| Envelope::Cancel { id }),
-            Just(Envelope::Goodbye),
+            ".{0,24}".prop_map(|reason| Envelope::Goodbye { reason }),
             (
                 any::<u64>(),
                 any::<u64>(),

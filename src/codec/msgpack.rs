@@ -7,7 +7,7 @@
 //! error          [4, id, attributes, code, message]  or  [4, id, attributes, code, message, data]
 //! fatal          [5, code, message]
 //! cancel         [6, id]
-//! goodbye        [7]
+//! goodbye        [7, reason]
 //! stream items   [8, stream, position, payload]      payload: an array of items
 //! stream end     [9, stream]  or  [9, stream, code, message]
 //! stream credit  [10, stream, credit]
@@ -95,9 +95,10 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             uint(&mut w, kind);
             uint(&mut w, *id);
         }
-        Envelope::Goodbye => {
-            array_len(&mut w, 1);
+        Envelope::Goodbye { reason } => {
+            array_len(&mut w, 2);
             uint(&mut w, kind);
+            str(&mut w, reason);
         }
         Envelope::StreamItems {
             stream,
@@ -302,9 +303,10 @@ impl Reader<'_> {
                 Envelope::Cancel { id }
             }
             EnvelopeKind::Goodbye => {
-                expect(1)?;
+                expect(2)?;
+                let reason = self.string()?;
                 self.end()?;
-                Envelope::Goodbye
+                Envelope::Goodbye { reason }
             }
             EnvelopeKind::StreamItems => {
                 expect(4)?;

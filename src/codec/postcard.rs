@@ -9,7 +9,7 @@
 //!                4 | id | attributes | code | message | 1 | data...  (with data)
 //! fatal          5 | code | message
 //! cancel         6 | id
-//! goodbye        7
+//! goodbye        7 | reason
 //! stream items   8 | stream | position | payload...   (payload: the items as one sequence)
 //! stream end     9 | stream | 0                       (no error)
 //!                9 | stream | 1 | code | message
@@ -73,7 +73,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
         }
         Envelope::Fatal { code, message } => put(dst, &(code, message)),
         Envelope::Cancel { id } => put(dst, id),
-        Envelope::Goodbye => {}
+        Envelope::Goodbye { reason } => put(dst, reason),
         Envelope::StreamItems {
             stream,
             position,
@@ -182,7 +182,11 @@ fn decode_inner(frame: &Bytes, header: &mut PartialHeader) -> Result<Envelope, S
             rest = r;
             Envelope::Cancel { id }
         }
-        EnvelopeKind::Goodbye => Envelope::Goodbye,
+        EnvelopeKind::Goodbye => {
+            let (reason, r) = take::<String>(rest)?;
+            rest = r;
+            Envelope::Goodbye { reason }
+        }
         EnvelopeKind::StreamItems => {
             let ((stream, position), r): ((u64, u64), _) = take(rest)?;
             rest = &[];

@@ -219,8 +219,14 @@ impl Dispatcher {
         self.shared.lifecycle.closed().await
     }
 
-    /// `true` once the connection has stopped taking calls (stopping or ended).
+    /// `true` once the connection has ended (what [`closed`](Self::closed) waits for).
     pub fn is_closed(&self) -> bool {
+        self.shared.lifecycle.is_closed()
+    }
+
+    /// `true` once the connection takes no new calls: it is stopping (draining its handlers,
+    /// saying goodbye) or has ended.
+    pub fn is_stopping(&self) -> bool {
         self.shared.lifecycle.is_stopping()
     }
 
@@ -260,6 +266,7 @@ impl fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dispatcher")
             .field("codec", &self.shared.codec)
+            .field("stopping", &self.is_stopping())
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }

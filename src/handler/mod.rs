@@ -213,9 +213,10 @@ pub struct Failed<'a> {
 
 /// Decides what a handler failure becomes (the seed's `ErrorHandler`).
 ///
-/// The default, [`DefaultErrorHandler`], keeps the seed's rule. Implement it to map errors
-/// differently, to hide messages from the peer, or to report panics. Set it with
-/// [`Builder::error_handler`](crate::Builder::error_handler).
+/// The default, [`DefaultErrorHandler`], answers a failed request with an error and logs a
+/// failed notification; [`StrictErrorHandler`] ends the connection on a failed notification.
+/// Implement it to map errors differently, to hide messages from the peer, or to report
+/// panics. Set it with [`Builder::error_handler`](crate::Builder::error_handler).
 ///
 /// # Examples
 /// ```
@@ -248,11 +249,12 @@ pub trait ErrorHandler: Send + Sync + 'static {
     }
 }
 
-/// The seed's rule: a failed request gets an error response; a failed notification, having no
-/// one to answer, ends the connection with a fatal error.
+/// The default: a failed request gets an error response; a failed notification, having no
+/// one to answer, is logged (with its method and the error's chain) and the connection carries
+/// on. A handler that returns a fatal [`Reply`] still ends the connection.
 ///
-/// One refinement: a notification for an unknown method, or one whose payload does not decode,
-/// is logged and dropped rather than fatal, so a peer's typo cannot end the connection.
+/// For the stricter rule of the PHP original, where a failed notification ends the
+/// connection, use [`StrictErrorHandler`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DefaultErrorHandler;
 
@@ -263,15 +265,35 @@ impl ErrorHandler for DefaultErrorHandler {
                 tracing::debug!(method = failed.method, id, %error, "request failed");
                 Reply::from_error(error)
             }
-            None if error.is_unknown_method() || error.is_invalid_payload() => {
-                tracing::warn!(method = failed.method, %error, "notification dropped");
+            None => {
+                tracing::warn!(method = failed.method, %error, "notification handler failed");
                 Reply::nothing()
             }
-            None => {
-                tracing::error!(method = failed.method, %error, "notification handler failed");
-                Reply::fatal(error.code, error.message)
-            }
         }
+    }
+}
+
+/// The PHP original's rule: a failed request gets an error response; a failed notification
+/// ends the connection with a fatal error on both sides (its code and message are the
+/// handler's). A notification for an unknown method, or one whose payload does not decode, is
+/// still only logged, so a peer's typo cannot end the connection.
+///
+/// # Examples
+/// ```
+/// use channel_dispatcher::{Dispatcher, StrictErrorHandler};
+///
+/// let builder = Dispatcher::builder().error_handler(StrictErrorHandler);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StrictErrorHandler;
+
+impl ErrorHandler for StrictErrorHandler {
+    fn handle_error(&self, failed: Failed<'_>, error: HandlerError) -> Reply {
+        if failed.id.is_some() || error.is_unknown_method() || error.is_invalid_payload() {
+            return DefaultErrorHandler.handle_error(failed, error);
+        }
+        tracing::error!(method = failed.method, %error, "notification handler failed: ending");
+        Reply::fatal(error.code, error.message)
     }
 }
 

@@ -19,6 +19,8 @@ use crate::limits::Limits;
 
 pub(crate) const MAGIC: &[u8; 4] = b"CHDP";
 pub(crate) const PROTOCOL_VERSION: u16 = 2;
+/// The longest token a hello carries (its length is a `u16`).
+const MAX_TOKEN: usize = u16::MAX as usize;
 /// Handshake frames are small; a larger first frame is not from a peer of ours.
 const MAX_HANDSHAKE_FRAME: usize = 64 * 1024;
 /// How long a refusing side waits for the peer's own verdict before it closes, so that the peer
@@ -110,6 +112,14 @@ pub(crate) async fn handshake(
     max_frame: usize,
 ) -> Result<Hello, HandshakeError> {
     let io = |e: std::io::Error| HandshakeError::Transport(Arc::new(e));
+    if let Some(len) = ours
+        .token
+        .as_ref()
+        .map(String::len)
+        .filter(|&len| len > MAX_TOKEN)
+    {
+        return Err(HandshakeError::TokenTooLong { len });
+    }
     writer.put_frame(&ours.encode());
     let sent = writer.drain().await;
 

@@ -127,6 +127,16 @@ impl<S> Parts<S> {
     }
 }
 
+/// What our goodbye tells the peer about why we stop, from its point of view.
+fn goodbye_reason(reason: &Termination) -> String {
+    match reason {
+        Termination::Stopped => "the peer called stop()".into(),
+        Termination::Dropped => "the peer dropped its last Dispatcher handle".into(),
+        Termination::PeerStopped { .. } => "the peer answered our goodbye".into(),
+        other => format!("the peer stopped: {other}"),
+    }
+}
+
 /// Fails every command still queued for a driver that will not take it.
 fn fail_queued(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &Termination) {
     commands.close();
@@ -678,7 +688,8 @@ where
                 );
             }
             let peer_gone = *peer_gone;
-            self.close(Some(Envelope::Goodbye), peer_gone);
+            let reason = goodbye_reason(&self.lifecycle.reason_or(Termination::Stopped));
+            self.close(Some(Envelope::Goodbye { reason }), peer_gone);
         }
     }
 
@@ -706,8 +717,9 @@ where
 
     /// The peer said goodbye: it has failed the calls it made, so our answers to them are
     /// useless and those handlers stop; its notifications still get handled (drained).
-    pub(super) fn on_goodbye(&mut self) {
-        self.lifecycle.set_reason(Termination::PeerStopped);
+    pub(super) fn on_goodbye(&mut self, reason: String) {
+        self.lifecycle
+            .set_reason(Termination::PeerStopped { reason });
         self.fail_outgoing(Failing::All);
         for run in self.handlers.cancel_requests() {
             self.admission.done(&run);
@@ -936,7 +948,7 @@ impl<S: Service<Incoming>> Driver<S> {
         if reason.is_graceful() {
             tracing::debug!(%reason, "connection closed");
         } else {
-            tracing::warn!(%reason, error = ?std::error::Error::source(&reason), "connection closed");
+            tracing::warn!(%reason, "connection closed");
         }
         self.end_turn();
         self.lifecycle.finish();

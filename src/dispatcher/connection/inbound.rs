@@ -153,7 +153,7 @@ where
         }
         if let Phase::Closing { read_closed, .. } = &mut self.phase {
             // Goodbye or fatal already sent: only the peer's end matters now.
-            if matches!(envelope, Envelope::Goodbye | Envelope::Fatal { .. }) {
+            if matches!(envelope, Envelope::Goodbye { .. } | Envelope::Fatal { .. }) {
                 *read_closed = true;
             }
             return;
@@ -230,7 +230,7 @@ where
                 // Nothing more is read or written: the peer is gone after a fatal.
                 self.close(None, true);
             }
-            Envelope::Goodbye => self.on_goodbye(),
+            Envelope::Goodbye { reason } => self.on_goodbye(reason),
             Envelope::StreamItems {
                 stream,
                 position,
