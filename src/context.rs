@@ -22,7 +22,7 @@ use crate::stream::Streams;
 
 /// What a handler knows about the message it handles, and its way back to the peer.
 ///
-/// It holds the dispatcher weakly (the seed's `WeakReference`): a handler never keeps a
+/// It holds the dispatcher weakly: a handler never keeps a
 /// connection alive. Nested calls through it go to the peer that sent the message, and may be
 /// made while the peer waits for this handler's answer.
 ///
@@ -256,7 +256,7 @@ impl Context {
         }
     }
 
-    /// The connection's stream storage (the seed's iterator storage), to offer the peer a
+    /// The connection's stream storage, to offer the peer a
     /// stream by id; `None` once the dispatcher is gone.
     pub fn streams(&self) -> Option<Streams> {
         self.shared
@@ -345,8 +345,8 @@ impl fmt::Debug for Extensions {
     }
 }
 
-/// Prepares the [`Context`] of every inbound message before the handler sees it (the seed's
-/// `ContextFactory`): attach shared state, derive values from attributes.
+/// Prepares the [`Context`] of every inbound message before the handler sees it: attach
+/// shared state, derive values from attributes.
 ///
 /// Any `Fn(&mut Context)` is one.
 ///

@@ -48,6 +48,25 @@
 //! - `json`: the JSON codec.
 //! - `postcard`: the postcard codec.
 //!
+//! # Coming from flyokai/amp-channel-dispatcher
+//!
+//! This crate re-creates the PHP library
+//! [flyokai/amp-channel-dispatcher](https://github.com/flyokai/amp-channel-dispatcher) on tokio
+//! and serde. Its concepts map as follows:
+//!
+//! | PHP | here |
+//! | --- | --- |
+//! | `Dispatcher` (`run`, `sendRequest`, `stop`, `onStop`) | [`Dispatcher`] ([`Builder::spawn`], [`Dispatcher::request`], [`Dispatcher::stop`], [`Dispatcher::on_stop`]) |
+//! | `Request` / `MeekRequest` | [`Request`] / [`Notification`] ([`request!`], [`notification!`]) |
+//! | `SuccessResponse`, `AcceptedResponse` | [`Success`], [`Accepted`] |
+//! | `ErrorResponse`, `FatalErrorResponse` | [`Reply::error`], [`Reply::fatal`]; the caller sees [`CallError::Remote`] |
+//! | `RequestHandler`, `Middleware`, `stackMiddleware` | [`Router`], [`middleware::Middleware`], [`middleware::stack_middleware`] |
+//! | `ErrorHandler`, `DefaultErrorHandler` | [`ErrorHandler`]; the PHP default is [`StrictErrorHandler`] (ours, [`DefaultErrorHandler`], logs a failed notification instead of ending the connection) |
+//! | `Context`, `ContextFactory`, `WeakReference` | [`Context`] (holds the dispatcher weakly), [`ContextFactory`] |
+//! | `RemoteIterator`, `IteratorStorage`, `getPosition` | [`RemoteStream`] (windowed by default; [`RemoteStream::pull_mode`] is the PHP behaviour), [`Streams`], [`RemoteStream::position`] |
+//! | read-loop callback | [`Builder::on_inbound`] |
+//! | `serialize()` over an amphp `Channel` | a [`Codec`] over a [`Channel`] (the PHP wire itself is not spoken yet) |
+//!
 //! # Minimum supported Rust version
 //! Rust 1.80; raising it is a minor-version change.
 #![cfg_attr(docsrs, feature(doc_cfg))]

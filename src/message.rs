@@ -31,7 +31,7 @@ pub trait Request: Serialize + DeserializeOwned + Send + 'static {
     const METHOD: &'static str;
 }
 
-/// A notification: fire and forget, never answered (the seed's `MeekRequest`).
+/// A notification: fire and forget, never answered.
 ///
 /// Declare one in a line with [`notification!`](crate::notification!).
 pub trait Notification: Serialize + DeserializeOwned + Send + 'static {
@@ -116,11 +116,11 @@ macro_rules! notification {
     };
 }
 
-/// The generic success response (the seed's `SuccessResponse`): "done, nothing to return".
+/// The generic success response: "done, nothing to return".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Success;
 
-/// The acknowledgement response (the seed's `AcceptedResponse`): "received, work goes on".
+/// The acknowledgement response: "received, work goes on".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted;
 

@@ -1,12 +1,11 @@
-//! Middleware: code that runs around the handler (the seed's `Middleware` and
-//! `stackMiddleware`), as an async trait, as closures ([`from_fn`]), and as tower layers.
+//! Middleware: code that runs around the handler, as an async trait, as closures ([`from_fn`]), and as tower layers.
 //!
 //! A [`Middleware`] gets each [`Incoming`] message and the [`Next`] step of the pipeline. It may
 //! read and set attributes before calling `next`, answer by itself without calling it (an auth
 //! check), change the [`Reply`] after it, or time it. Notifications pass through the same
 //! pipeline ([`Incoming::is_notification`]); whatever is returned for them is not sent.
 //!
-//! [`stack_middleware`] composes a handler with middlewares in the seed's order: the first one
+//! [`stack_middleware`] composes a handler with middlewares in order: the first one
 //! is the outermost. The result is a `tower::Service`, so tower layers (`TimeoutLayer`,
 //! `ConcurrencyLimitLayer`, ...) wrap it like any other service, and any tower service can be the
 //! handler inside it.
@@ -158,7 +157,7 @@ impl<F> fmt::Debug for FromFn<F> {
     }
 }
 
-/// Composes `handler` with `middlewares`, the first one outermost (the seed's
+/// Composes `handler` with `middlewares`, the first one outermost (the PHP original's
 /// `stackMiddleware($handler, $m1, $m2)`: m1, then m2, then the handler).
 ///
 /// `handler` is any cloneable tower service of [`Incoming`] (a [`Router`](crate::Router), a

@@ -10,7 +10,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use channel_dispatcher::error::code;
 use channel_dispatcher::{
-    notification, request, Accepted, Attributes, CallError, Codec, Context, Dispatcher,
+    notification, request, Accepted, Attributes, CallError, Channel, Codec, Context, Dispatcher,
     EnvelopeKind, ErrorHandler, Failed, HandlerError, Incoming, Reply, Router, Service, Success,
     Termination,
 };
@@ -515,4 +515,56 @@ async fn handled_requests_get_a_tracing_span_with_method_and_id() {
         output.contains("handle{method=echo id=1}: ") && output.contains("handling"),
         "{output}"
     );
+}
+
+/// The same request as two versions of a program declare it: fields in another order, and a
+/// field more on the newer side.
+mod versions {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct SubOld {
+        pub(super) a: i64,
+        pub(super) b: i64,
+    }
+    channel_dispatcher::request!(SubOld => i64, "sub");
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct SubNew {
+        pub(super) b: i64,
+        pub(super) a: i64,
+        #[serde(default)]
+        pub(super) scale: Option<i64>,
+    }
+    channel_dispatcher::request!(SubNew => i64, "sub");
+}
+
+// issue 9, item 1
+#[tokio::test]
+async fn peers_with_other_versions_of_a_struct_talk_by_field_name() {
+    use versions::{SubNew, SubOld};
+    let old = Router::new()
+        .request(|_cx: Context, SubOld { a, b }| async move { Ok::<_, HandlerError>(a - b) });
+    let new = Router::new().request(|_cx: Context, sub: SubNew| async move {
+        Ok::<_, HandlerError>((sub.a - sub.b) * sub.scale.unwrap_or(1))
+    });
+    let (a, b) = Channel::pair();
+    let older = Dispatcher::builder()
+        .codec(Codec::MessagePack)
+        .handler(old)
+        .spawn(a);
+    let newer = Dispatcher::builder()
+        .codec(Codec::MessagePack)
+        .handler(new)
+        .spawn(b);
+    // The newer side sends its fields in its own order, and one the older side does not know.
+    let sub = SubNew {
+        b: 3,
+        a: 12,
+        scale: Some(5),
+    };
+    assert_eq!(within(newer.request(sub)).await.unwrap(), 9, "not -9");
+    // The older side sends no `scale`: the newer side takes the default.
+    let sub = SubOld { a: 12, b: 3 };
+    assert_eq!(within(older.request(sub)).await.unwrap(), 9);
 }

@@ -1,13 +1,14 @@
 //! Codecs: how values and whole envelopes become frame bodies.
 //!
 //! A codec encodes and decodes *whole envelopes*, not only payloads, so a codec with a
-//! different envelope shape (such as the PHP seed's own wire format, where the method is a
+//! different envelope shape (such as the PHP original's own wire format, where the method is a
 //! class name) can be added here without touching the dispatcher. Every codec keeps the user
 //! payload as the last part of the frame, so decoding slices it out without copying.
 //!
 //! | codec | feature | self-describing | notes |
 //! | --- | --- | --- | --- |
-//! | [`Codec::MessagePack`] | `msgpack` (default) | yes | compact and fast; the default |
+//! | [`Codec::MessagePack`] | `msgpack` (default) | yes | compact and fast, structs by field name; the default |
+//! | [`Codec::MessagePackCompact`] | `msgpack` | yes | structs as arrays: smaller, both sides must declare fields alike |
 //! | [`Codec::Json`] | `json` | yes | readable on the wire; for debugging and other languages |
 //! | [`Codec::Postcard`] | `postcard` | no | smallest frames; both sides need the same Rust types |
 
@@ -60,14 +61,26 @@ compile_error!("channel-dispatcher needs at least one codec feature: msgpack, js
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Codec {
-    /// MessagePack, with structs as arrays (`rmp-serde` defaults).
+    /// MessagePack, with structs as maps of field names to values, as JSON has them: a peer
+    /// that declares the fields in another order, or one field more (with
+    /// `#[serde(default)]`), reads them right. Structs encoded as arrays are read too.
     #[cfg(feature = "msgpack")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "msgpack")))]
     MessagePack,
+    /// MessagePack with structs as arrays of their values, in declaration order: smaller and
+    /// faster, but both sides must declare every struct's fields alike. It is the same codec
+    /// on the wire (`msgpack` in the handshake): it reads structs encoded as maps too, so it
+    /// talks to [`Codec::MessagePack`].
+    #[cfg(feature = "msgpack")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "msgpack")))]
+    MessagePackCompact,
     /// JSON.
     #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     Json,
     /// postcard: compact, not self-describing.
     #[cfg(feature = "postcard")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postcard")))]
     Postcard,
 }
 
@@ -88,7 +101,7 @@ impl Codec {
     pub fn name(self) -> &'static str {
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => "msgpack",
+            Self::MessagePack | Self::MessagePackCompact => "msgpack",
             #[cfg(feature = "json")]
             Self::Json => "json",
             #[cfg(feature = "postcard")]
@@ -130,6 +143,10 @@ impl Codec {
         match self {
             #[cfg(feature = "msgpack")]
             Self::MessagePack => value
+                .serialize(&mut rmp_serde::Serializer::new(writer).with_struct_map())
+                .map_err(|e| CodecError::new(name, e)),
+            #[cfg(feature = "msgpack")]
+            Self::MessagePackCompact => value
                 .serialize(&mut rmp_serde::Serializer::new(writer))
                 .map_err(|e| CodecError::new(name, e)),
             #[cfg(feature = "json")]
@@ -153,7 +170,7 @@ impl Codec {
         let bytes = if bytes.is_empty() { self.unit() } else { bytes };
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => {
+            Self::MessagePack | Self::MessagePackCompact => {
                 let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
                 de.set_max_depth(MAX_DEPTH);
                 T::deserialize(&mut de).map_err(|e| CodecError::new(name, e))
@@ -178,9 +195,11 @@ impl Codec {
         let name = self.name();
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => rmp::decode::read_array_len(&mut &bytes[..])
-                .map(|len| len as usize)
-                .map_err(|e| CodecError::new(name, format_args!("not a sequence: {e}"))),
+            Self::MessagePack | Self::MessagePackCompact => {
+                rmp::decode::read_array_len(&mut &bytes[..])
+                    .map(|len| len as usize)
+                    .map_err(|e| CodecError::new(name, format_args!("not a sequence: {e}")))
+            }
             #[cfg(feature = "json")]
             Self::Json => {
                 let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -208,7 +227,7 @@ impl Codec {
     pub(crate) fn unit(self) -> &'static [u8] {
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => &[0xc0],
+            Self::MessagePack | Self::MessagePackCompact => &[0xc0],
             #[cfg(feature = "json")]
             Self::Json => b"null",
             #[cfg(feature = "postcard")]
@@ -220,7 +239,7 @@ impl Codec {
     pub(crate) fn encode_envelope(self, envelope: &Envelope, dst: &mut BytesMut) {
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => msgpack::encode(envelope, dst),
+            Self::MessagePack | Self::MessagePackCompact => msgpack::encode(envelope, dst),
             #[cfg(feature = "json")]
             Self::Json => json::encode(envelope, dst),
             #[cfg(feature = "postcard")]
@@ -232,7 +251,7 @@ impl Codec {
     pub(crate) fn decode_envelope(self, frame: Bytes) -> Result<Envelope, EnvelopeError> {
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack => msgpack::decode(frame),
+            Self::MessagePack | Self::MessagePackCompact => msgpack::decode(frame),
             #[cfg(feature = "json")]
             Self::Json => json::decode(frame),
             #[cfg(feature = "postcard")]
@@ -245,6 +264,8 @@ impl Codec {
         &[
             #[cfg(feature = "msgpack")]
             Self::MessagePack,
+            #[cfg(feature = "msgpack")]
+            Self::MessagePackCompact,
             #[cfg(feature = "json")]
             Self::Json,
             #[cfg(feature = "postcard")]
@@ -433,6 +454,41 @@ mod tests {
             flipped[at] ^= byte;
             let _ = codec.decode_envelope(Bytes::from(flipped));
         }
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn messagepack_structs_go_by_field_name_and_both_forms_are_read() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Writer {
+            a: i32,
+            b: i32,
+        }
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Reader {
+            b: i32,
+            a: i32,
+            #[serde(default)]
+            c: i32,
+        }
+        let value = Writer { a: 1, b: 2 };
+        let maps = Codec::MessagePack.encode(&value).unwrap();
+        assert_eq!(maps[0], 0x82, "a map of two fields");
+        let read: Reader = Codec::MessagePack.decode(&maps).unwrap();
+        assert_eq!(
+            (read.a, read.b, read.c),
+            (1, 2, 0),
+            "by name, whatever the order"
+        );
+        let arrays = Codec::MessagePackCompact.encode(&value).unwrap();
+        assert_eq!(arrays[0], 0x92, "an array of two values");
+        assert!(arrays.len() < maps.len());
+        for codec in [Codec::MessagePack, Codec::MessagePackCompact] {
+            for bytes in [&maps, &arrays] {
+                assert_eq!(codec.decode::<Writer>(bytes).unwrap(), value, "{codec:?}");
+            }
+        }
+        assert_eq!(Codec::MessagePackCompact.name(), Codec::MessagePack.name());
     }
 
     #[test]

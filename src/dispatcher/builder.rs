@@ -303,7 +303,7 @@ impl<S> Builder<S> {
         self
     }
 
-    /// Sees every inbound envelope, before it is handled (the seed's read-loop callback).
+    /// Sees every inbound envelope, before it is handled: for metrics, logs, debugging.
     /// It runs on the connection task: keep it short.
     pub fn on_inbound(
         mut self,

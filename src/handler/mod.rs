@@ -115,7 +115,7 @@ impl Reply {
         Self::with_body(ReplyBody::Value(payload))
     }
 
-    /// An error answer (the seed's `ErrorResponse`): the caller gets
+    /// An error answer: the caller gets
     /// [`CallError::Remote`](crate::CallError::Remote); the connection stays up.
     pub fn error(code: i64, message: impl Into<String>) -> Self {
         Self::with_body(ReplyBody::Error(ErrorBody {
@@ -125,7 +125,7 @@ impl Reply {
         }))
     }
 
-    /// A fatal error (the seed's `FatalErrorResponse`): sent to the peer, then the connection
+    /// A fatal error: sent to the peer, then the connection
     /// ends on both sides with this message.
     pub fn fatal(code: i64, message: impl Into<String>) -> Self {
         Self::with_body(ReplyBody::Fatal {
@@ -211,7 +211,7 @@ pub struct Failed<'a> {
     pub id: Option<u64>,
 }
 
-/// Decides what a handler failure becomes (the seed's `ErrorHandler`).
+/// Decides what a handler failure becomes.
 ///
 /// The default, [`DefaultErrorHandler`], answers a failed request with an error and logs a
 /// failed notification; [`StrictErrorHandler`] ends the connection on a failed notification.

@@ -1,4 +1,5 @@
-//! Remote streams: the seed's remote iterators, without a round trip per item.
+//! Remote streams: a large result consumed lazily, as a `futures::Stream`, without a round
+//! trip per item.
 //!
 //! The producer keeps a stream in its connection's [`Streams`] storage and answers its id; the
 //! consumer wraps the id in a [`RemoteStream`], an ordinary `futures::Stream` that can move
@@ -8,7 +9,8 @@
 //!   sends up to that many without waiting, batched into as few frames as possible; the consumer
 //!   renews credit as it consumes. A slow consumer makes the producer wait, so at most a window
 //!   of items is ever buffered.
-//! - **pull** (the seed's): one request per item, answered with the item and its position.
+//! - **pull**: one request per item, answered with the item and its position (the PHP
+//!   original's remote iterators work this way).
 //!
 //! A typed streaming request does the open in one step: declare it with
 //! [`stream_request!`](crate::stream_request!), serve it with
@@ -86,7 +88,7 @@ pub struct RemoteStream<T> {
     buffer: VecDeque<T>,
     /// Position of the next item in `buffer`.
     next_position: u64,
-    /// Position of the last item yielded (the seed's `getPosition`).
+    /// Position of the last item yielded.
     position: Option<u64>,
     /// The peer's request whose handler consumes this stream (0 for none): pulls are nested.
     parent: u64,
@@ -164,7 +166,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
         Self::with_state(Some(shared), State::Unopened { id, pull: false }, window)
     }
 
-    /// The stream `id` that the peer stored, pulled one request per item (the seed's
+    /// The stream `id` that the peer stored, pulled one request per item (as the PHP original's
     /// `RemoteIterator`).
     pub fn pull(dispatcher: &crate::Dispatcher, id: u64) -> Self {
         let shared = Arc::clone(dispatcher.shared());
@@ -190,7 +192,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
         self
     }
 
-    /// The position of the last item yielded, from 0 (the seed's `getPosition`).
+    /// The position of the last item yielded, from 0.
     pub fn position(&self) -> Option<u64> {
         self.position
     }

@@ -1,4 +1,4 @@
-//! The producer side: the connection's stream storage (the seed's `IteratorStorage`) and the
+//! The producer side: the connection's stream storage and the
 //! type-erased streams in it.
 //!
 //! The driver polls stored streams itself, in place, when the consumer wants items (credit in
@@ -153,7 +153,7 @@ struct Entry {
     waker: Arc<KeyWaker>,
 }
 
-/// The streams this side offers the peer, by id (the seed's `IteratorStorage`). Reach it from
+/// The streams this side offers the peer, by id. Reach it from
 /// a handler with [`Context::streams`](crate::Context::streams).
 ///
 /// A stream stays here until the consumer drops it, it ends, it sits unused for the idle time
