@@ -1,4 +1,4 @@
-//! The seed's parent/child pingpong: this program spawns itself as a child process, and the
+//! A parent/child pingpong: this program spawns itself as a child process, and the
 //! two talk over the child's stdin/stdout. Requests go both ways, including a nested call: the
 //! parent asks the child to `describe` something, and the child asks the parent to `lookup`
 //! a detail before it answers.

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::codec::Codec;
+use crate::transport::ChildExited;
 
 /// Error codes carried by error envelopes; the values follow JSON-RPC 2.0 where one fits.
 ///
@@ -156,6 +157,15 @@ pub enum Termination {
         /// The fatal error's message.
         message: String,
     },
+    /// The child process of a [`Channel::spawn_child`](crate::Channel::spawn_child) channel
+    /// exited (or was killed) without a goodbye; its standard error may say why.
+    #[error(
+        "the child process exited ({status}) without a goodbye: its standard error may say why"
+    )]
+    ChildExited {
+        /// Its exit status (`signal: 9 (SIGKILL)` when killed on Unix).
+        status: std::process::ExitStatus,
+    },
     /// The connection's driver went away before the connection ended: the [`Connection`]
     /// future was dropped (its task aborted, its runtime shut down) or it panicked.
     ///
@@ -173,6 +183,18 @@ pub enum Termination {
 }
 
 impl Termination {
+    /// A failed read or write of the transport; a child's pipe failing because the child
+    /// exited becomes [`Termination::ChildExited`].
+    pub(crate) fn transport(error: io::Error) -> Self {
+        let exited = error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<ChildExited>());
+        match exited {
+            Some(ChildExited(status)) => Self::ChildExited { status: *status },
+            None => Self::Transport(Arc::new(error)),
+        }
+    }
+
     /// `true` when the connection ended because one side asked it to (stop, drop, goodbye),
     /// rather than through an error.
     pub fn is_graceful(&self) -> bool {
@@ -651,6 +673,18 @@ mod tests {
                 "shorter token",
             ),
         ];
+        #[cfg(unix)]
+        let cases = {
+            use std::os::unix::process::ExitStatusExt;
+            let status = std::process::ExitStatus::from_raw(1 << 8);
+            let exited = io::Error::new(io::ErrorKind::BrokenPipe, ChildExited(status));
+            let mut cases = cases;
+            cases.push((
+                Box::new(Termination::transport(exited)),
+                "the child process exited (exit status: 1) without a goodbye",
+            ));
+            cases
+        };
         for (error, says) in cases {
             let lines = report(&*error);
             assert!(

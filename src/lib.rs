@@ -115,4 +115,4 @@ pub mod fuzzing;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
-pub use transport::Channel;
+pub use transport::{Channel, ChildProcess};

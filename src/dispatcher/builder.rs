@@ -322,6 +322,8 @@ where
 {
     /// Builds the dispatcher and its [`Connection`], which the caller drives (await it or
     /// spawn it). Calls made before the handshake completes wait for it.
+    #[must_use = "the connection does nothing until it is awaited or spawned, and dropping the \
+                  Dispatcher stops it"]
     pub fn build(self, channel: Channel) -> (Dispatcher, Connection<S>) {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -364,8 +366,30 @@ where
 
     /// Builds the dispatcher and spawns its connection on the current tokio runtime.
     ///
+    /// The connection lives as long as a [`Dispatcher`] handle (or a call, stream or handler
+    /// of it) does: dropping the last one says goodbye to the peer ("the peer dropped its last
+    /// Dispatcher handle") and ends it. So keep the result, also on a side that only serves:
+    ///
+    /// ```compile_fail
+    /// #![deny(unused_must_use)]
+    /// # use channel_dispatcher::{Channel, Dispatcher};
+    /// # async fn serve(channel: Channel) {
+    /// Dispatcher::builder().spawn(channel); // error: stopped at once
+    /// # }
+    /// ```
+    ///
+    /// ```
+    /// # use channel_dispatcher::{Channel, Dispatcher};
+    /// # async fn serve(channel: Channel) {
+    /// let dispatcher = Dispatcher::builder().spawn(channel);
+    /// dispatcher.closed().await; // serve until the peer stops
+    /// # }
+    /// ```
+    ///
     /// # Panics
     /// Outside a tokio runtime.
+    #[must_use = "dropping the Dispatcher stops the connection at once; keep it, for example \
+                  with `dispatcher.closed().await`"]
     pub fn spawn(self, channel: Channel) -> Dispatcher {
         let (dispatcher, connection) = self.build(channel);
         let span = connection.span().clone();
@@ -375,9 +399,14 @@ where
 
     /// Builds the dispatcher, spawns its connection and waits for the handshake.
     ///
+    /// The connection serves the peer from the moment its handshake is done, so the peer's
+    /// first requests may reach the handlers before this returns: set up whatever the handlers
+    /// need before calling it. Everything this side sends is sent after the handshake.
+    ///
     /// # Errors
     /// The [`Termination`](crate::Termination) if the connection ended before or during the
     /// handshake, typically [`Termination::Handshake`](crate::Termination::Handshake).
+    #[must_use = "dropping the Dispatcher stops the connection at once"]
     pub async fn connect(self, channel: Channel) -> Result<Dispatcher, crate::Termination> {
         let dispatcher = self.spawn(channel);
         dispatcher.shared.lifecycle.handshake_done().await?;

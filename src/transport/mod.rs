@@ -1,6 +1,7 @@
 //! Transports: where frames travel. A [`Channel`] is any byte stream pair; framing and the
 //! handshake are the same on all of them.
 
+mod child;
 pub(crate) mod frame;
 pub(crate) mod handshake;
 
@@ -10,7 +11,10 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+
+pub(crate) use child::ChildExited;
+pub use child::ChildProcess;
 
 use frame::{BoxRead, BoxWrite};
 
@@ -113,24 +117,43 @@ impl Channel {
     /// child's standard error is inherited, so its logs reach ours. The child builds its side
     /// with [`Channel::stdio`].
     ///
-    /// The returned [`Child`] is killed when dropped (`kill_on_drop`); keep it for as long as
-    /// the connection runs, and `wait` on it after `stop()`.
+    /// The connection owns the child (see [`ChildProcess`]): dropping the handle does not kill
+    /// it; keep it to `wait` for the exit status after `stop()`. A child that exits without a
+    /// goodbye ends the connection with
+    /// [`Termination::ChildExited`](crate::Termination::ChildExited), with its status.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use channel_dispatcher::{Channel, Dispatcher};
+    /// use tokio::process::Command;
+    ///
+    /// let (channel, mut child) = Channel::spawn_child(Command::new("my-worker").arg("--serve"))?;
+    /// let worker = Dispatcher::builder().connect(channel).await?;
+    /// // ... calls to the worker ...
+    /// worker.stop().await;
+    /// println!("the worker exited with {}", child.wait().await?);
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// The `io::Error` from spawning the command.
-    pub fn spawn_child(command: &mut Command) -> io::Result<(Self, Child)> {
-        let mut child = command
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn_child(command: &mut Command) -> io::Result<(Self, ChildProcess)> {
+        let child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()?;
-        let missing = || io::Error::other("child standard input/output not piped");
-        let stdin = child.stdin.take().ok_or_else(missing)?;
-        let stdout = child.stdout.take().ok_or_else(missing)?;
+        let (reader, writer, process) = child::watch(child)?;
         Ok((
-            Self::labelled(Box::new(stdout), Box::new(stdin), "child"),
-            child,
+            Self::labelled(Box::new(reader), Box::new(writer), "child"),
+            process,
         ))
     }
 

@@ -806,8 +806,7 @@ where
             let (had_room, was_over_cap) = (self.write.has_room(), self.write.over_cap());
             match self.write.poll_flush(cx) {
                 Poll::Ready(Err(WriteError::Io(e))) => {
-                    let reason = Termination::Transport(Arc::new(e));
-                    return Poll::Ready(self.finish(reason));
+                    return Poll::Ready(self.finish(Termination::transport(e)));
                 }
                 Poll::Ready(Err(WriteError::Stalled(e))) => {
                     tracing::warn!(error = %e, "the peer does not read: cutting it off");

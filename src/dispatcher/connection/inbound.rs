@@ -62,7 +62,7 @@ where
                         *read_closed = true;
                         return Ok(true);
                     }
-                    return Err(Termination::Transport(std::sync::Arc::new(e)));
+                    return Err(Termination::transport(e));
                 }
                 Poll::Pending => return Ok(progress),
             }
