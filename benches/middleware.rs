@@ -10,7 +10,7 @@ use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use channel_dispatcher::middleware::{from_fn, stack_middleware, Middleware, Next};
-use channel_dispatcher::{request, Channel, Context, Dispatcher, HandlerError, Incoming, Router};
+use channel_dispatcher::{request, Channel, Context, Dispatcher, Incoming, Router};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
@@ -23,7 +23,7 @@ const CALLS: usize = 100_000;
 const WINDOW: usize = 64;
 
 fn router() -> Router {
-    Router::new().request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+    Router::new().request(|_cx: Context, Echo(s)| async move { Ok(s) })
 }
 
 async fn run(middlewares: usize) -> Duration {

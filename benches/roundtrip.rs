@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channel_dispatcher::{request, Channel, Context, Dispatcher, HandlerError, Router};
+use channel_dispatcher::{request, Channel, Context, Dispatcher, Router};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -28,7 +28,7 @@ struct Echo(String);
 request!(Echo => String, "echo");
 
 fn echo_router() -> Router {
-    Router::new().request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+    Router::new().request(|_cx: Context, Echo(s)| async move { Ok(s) })
 }
 
 // ===== raw baseline: a length-prefixed echo, with the same write coalescing =====

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, HandlerError, Router};
+use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, Router};
 use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -25,7 +25,7 @@ stream_request!(Items => String, "items");
 async fn dispatchers(window: u64) -> (Dispatcher, Dispatcher) {
     let (a, b) = UnixStream::pair().unwrap();
     let router = Router::new().stream(|_cx: Context, Items(n)| async move {
-        Ok::<_, HandlerError>(stream::iter((0..n).map(|_| Ok(ITEM.to_string()))))
+        Ok(stream::iter((0..n).map(|_| Ok(ITEM.to_string()))))
     });
     let server = Dispatcher::builder()
         .handler(router)

@@ -11,9 +11,7 @@ use std::time::Instant;
 
 use channel_dispatcher::error::code;
 use channel_dispatcher::middleware::{from_fn, stack_middleware, Middleware, Next};
-use channel_dispatcher::{
-    request, Channel, Context, Dispatcher, HandlerError, Incoming, Reply, Router,
-};
+use channel_dispatcher::{request, Channel, Context, Dispatcher, Incoming, Reply, Router};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -54,9 +52,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Ok(reply.with_attribute("took", took))
     });
 
-    let router = Router::new().request(|_cx: Context, Greet(name)| async move {
-        Ok::<_, HandlerError>(format!("hello, {name}"))
-    });
+    let router = Router::new()
+        .request(|_cx: Context, Greet(name)| async move { Ok(format!("hello, {name}")) });
     let handler = stack_middleware(
         router,
         [logger.boxed(), auth.clone().boxed(), timer.boxed()],
@@ -79,9 +76,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // The caller side: every outgoing request gets the token from a middleware.
     let (a, b) = Channel::pair();
     let handler = stack_middleware(
-        Router::new().request(|_cx: Context, Greet(name)| async move {
-            Ok::<_, HandlerError>(format!("hello, {name}"))
-        }),
+        Router::new()
+            .request(|_cx: Context, Greet(name)| async move { Ok(format!("hello, {name}")) }),
         [auth.boxed()],
     );
     let _server = Dispatcher::builder().handler(handler).spawn(b);

@@ -10,9 +10,7 @@
 use std::error::Error;
 use std::time::Instant;
 
-use channel_dispatcher::{
-    notification, request, Channel, Context, Dispatcher, HandlerError, Router,
-};
+use channel_dispatcher::{notification, request, Channel, Context, Dispatcher, Router};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
@@ -62,11 +60,11 @@ async fn parent() -> Result<(), Box<dyn Error>> {
     let router = Router::new()
         .request(|_cx: Context, Sum(values)| async move {
             println!("[parent] child asks for the sum of {values:?}");
-            Ok::<_, HandlerError>(values.iter().sum::<i64>())
+            Ok(values.iter().sum::<i64>())
         })
         .request(|_cx: Context, Lookup(key)| async move {
             println!("[parent] child looks up {key:?} (while the parent waits for the child)");
-            Ok::<_, HandlerError>(format!("{key} is a fruit"))
+            Ok(format!("{key} is a fruit"))
         })
         .notification(|_cx: Context, Log(line)| async move {
             println!("[parent] child logs: {line}");
@@ -108,14 +106,14 @@ async fn child() -> Result<(), Box<dyn Error>> {
     // Standard output carries the channel: the child speaks through the parent, or stderr.
     let router = Router::new()
         .request(|_cx: Context, Ping { n }| async move {
-            Ok::<_, HandlerError>(Pong {
+            Ok(Pong {
                 n: n * 10,
                 pid: std::process::id(),
             })
         })
         .request(|cx: Context, Describe(thing)| async move {
             let detail = cx.request(Lookup(thing.clone())).await?;
-            Ok::<_, HandlerError>(format!("{thing}: {detail}"))
+            Ok(format!("{thing}: {detail}"))
         });
     let dispatcher = Dispatcher::builder()
         .handler(router)

@@ -8,7 +8,7 @@
 use std::error::Error;
 use std::time::Instant;
 
-use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, HandlerError, Router};
+use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, Router};
 use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +34,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 name: format!("row-{id}"),
             })
         });
-        Ok::<_, HandlerError>(stream::iter(rows))
+        Ok(stream::iter(rows))
     });
     let (a, b) = Channel::pair();
     let _server = Dispatcher::builder().handler(router).spawn(b);

@@ -28,7 +28,7 @@ use crate::stream::Streams;
 ///
 /// # Examples
 /// ```
-/// use channel_dispatcher::{request, Context, HandlerError, Router};
+/// use channel_dispatcher::{request, Context, Router};
 /// # use serde::{Deserialize, Serialize};
 /// # #[derive(Serialize, Deserialize)] struct Outer(u32);
 /// # #[derive(Serialize, Deserialize)] struct Inner(u32);
@@ -38,7 +38,7 @@ use crate::stream::Streams;
 /// // Answer `Outer` by asking the peer an `Inner` question first.
 /// let router = Router::new().request(|cx: Context, Outer(n)| async move {
 ///     let m = cx.request(Inner(n)).await?;
-///     Ok::<_, HandlerError>(m * 2)
+///     Ok(m * 2)
 /// });
 /// ```
 #[derive(Clone)]
@@ -231,7 +231,7 @@ impl Context {
     ///
     /// # Examples
     /// ```
-    /// use channel_dispatcher::{request, Context, HandlerError, Router};
+    /// use channel_dispatcher::{request, Context, Router};
     /// # use serde::{Deserialize, Serialize};
     /// # #[derive(Serialize, Deserialize)] struct Crunch;
     /// # request!(Crunch => u64, "crunch");
@@ -246,7 +246,7 @@ impl Context {
     ///             }
     ///         }
     ///     });
-    ///     Ok::<_, HandlerError>(work.await.ok().flatten().unwrap_or_default())
+    ///     Ok(work.await.ok().flatten().unwrap_or_default())
     /// });
     /// ```
     pub async fn cancelled(&self) {

@@ -8,8 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::transport::frame::{Frame, FrameReader};
 use crate::transport::handshake::{Hello, PROTOCOL_VERSION};
 use crate::{
-    request, stream_request, Channel, Codec, Context, Dispatcher, HandlerError, Incoming, Limits,
-    Reply, Router,
+    request, stream_request, Channel, Codec, Context, Dispatcher, Incoming, Limits, Reply, Router,
 };
 
 /// Cuts `bytes` into frames, as the read loop does; returns how many whole frames.
@@ -82,21 +81,21 @@ async fn run_connection(frames: &[Vec<u8>], raw: bool) {
     };
     let router = Router::new()
         .raw("echo", |incoming: Incoming| async move {
-            Ok::<_, HandlerError>(Reply::value(incoming.payload().clone()))
+            Ok(Reply::value(incoming.payload().clone()))
         })
         .request(|cx: Context, Back(n)| async move {
             match n {
-                0 => Ok::<_, HandlerError>(0),
+                0 => Ok(0),
                 n => Ok(cx.request(Back(n - 1)).await?.saturating_add(1)),
             }
         })
         .raw("hold", |_incoming: Incoming| async move {
             std::future::pending::<()>().await;
-            Ok::<_, HandlerError>(Reply::nothing())
+            Ok(Reply::nothing())
         })
-        .stream(|_cx: Context, Numbers(n)| async move {
-            Ok::<_, HandlerError>(futures_util::stream::iter(0..n).map(Ok))
-        });
+        .stream(
+            |_cx: Context, Numbers(n)| async move { Ok(futures_util::stream::iter(0..n).map(Ok)) },
+        );
     let (ours, theirs) = tokio::io::duplex(16 * 1024);
     let (dispatcher, connection) = Dispatcher::builder()
         .handler(router)

@@ -20,7 +20,7 @@
 //!
 //! # Quick start
 //! ```
-//! use channel_dispatcher::{request, Channel, Context, Dispatcher, HandlerError, Router};
+//! use channel_dispatcher::{request, Channel, Context, Dispatcher, Router};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Serialize, Deserialize)]
@@ -31,7 +31,7 @@
 //! # async fn main() -> Result<(), channel_dispatcher::CallError> {
 //! let (left, right) = Channel::pair();
 //! let router = Router::new().request(|_cx: Context, add: Add| async move {
-//!     Ok::<_, HandlerError>(add.a + add.b)
+//!     Ok(add.a + add.b)
 //! });
 //! let server = Dispatcher::builder().handler(router).spawn(right);
 //! let client = Dispatcher::builder().spawn(left);

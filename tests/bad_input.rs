@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use channel_dispatcher::error::code;
 use channel_dispatcher::{
-    CallError, Channel, Context, Dispatcher, HandlerError, HandshakeError, ProtocolError, Router,
-    Termination,
+    CallError, Channel, Context, Dispatcher, HandshakeError, ProtocolError, Router, Termination,
 };
 use serde_json::{json, Value};
 use support::raw::{hello, NoAttributes, RawPeer, VERSION};
@@ -19,7 +18,7 @@ use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
 fn echo_router() -> Router {
-    Router::new().request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+    Router::new().request(|_cx: Context, Echo(s)| async move { Ok(s) })
 }
 
 /// A call from the dispatcher to the raw peer, left in flight while the test misbehaves.

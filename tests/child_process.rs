@@ -48,14 +48,14 @@ fn router(name: &'static str) -> Router {
                 cx.request(Depth(n - 1)).await?
             };
             trail.push(format!("{name}{n}"));
-            Ok::<_, HandlerError>(trail)
+            Ok(trail)
         })
-        .request(|_cx: Context, Pid| async { Ok::<_, HandlerError>(std::process::id()) })
+        .request(|_cx: Context, Pid| async { Ok(std::process::id()) })
         .request(|_cx: Context, Hang| std::future::pending::<Result<(), HandlerError>>())
         .request(|_cx: Context, Exit(code)| async move {
             std::process::exit(code.into());
             #[allow(unreachable_code)]
-            Ok::<_, HandlerError>(())
+            Ok(())
         })
 }
 

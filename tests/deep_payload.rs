@@ -4,7 +4,7 @@
 mod support;
 
 use channel_dispatcher::error::code;
-use channel_dispatcher::{request, Context, HandlerError, Router};
+use channel_dispatcher::{request, Context, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use support::raw::RawPeer;
@@ -16,8 +16,8 @@ request!(Deep => (), "deep");
 
 fn router() -> Router {
     Router::new()
-        .request(|_cx: Context, Deep(_)| async move { Ok::<_, HandlerError>(()) })
-        .request(|_cx: Context, support::Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Deep(_)| async move { Ok(()) })
+        .request(|_cx: Context, support::Echo(s)| async move { Ok(s) })
 }
 
 /// `depth` one-element MessagePack arrays, one inside the other, around a nil.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use channel_dispatcher::{
-    request, Attributes, CallError, Channel, Context, Dispatcher, HandlerError, Limit,
-    LimitExceeded, Limits, Router, Termination,
+    request, Attributes, CallError, Channel, Context, Dispatcher, Limit, LimitExceeded, Limits,
+    Router, Termination,
 };
 use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -85,7 +85,7 @@ fn router(probe: Probe) -> Router {
     let slow = probe.clone();
     let gated = probe.clone();
     Router::new()
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
         .request(move |cx: Context, Slow| {
             let probe = slow.clone();
             async move {
@@ -98,15 +98,13 @@ fn router(probe: Probe) -> Router {
                 });
                 let _ = probe.started.send("slow");
                 std::future::pending::<()>().await;
-                Ok::<_, HandlerError>(())
+                Ok(())
             }
         })
         .request(|cx: Context, Remaining| async move {
-            Ok::<_, HandlerError>(cx.remaining().map(|d| d.as_millis() as u64))
+            Ok(cx.remaining().map(|d| d.as_millis() as u64))
         })
-        .request(|cx: Context, AskRemaining| async move {
-            Ok::<_, HandlerError>(cx.request(Remaining).await?)
-        })
+        .request(|cx: Context, AskRemaining| async move { Ok(cx.request(Remaining).await?) })
         .request(move |_cx: Context, Gated(n)| {
             let probe = gated.clone();
             async move {
@@ -114,7 +112,7 @@ fn router(probe: Probe) -> Router {
                 let _ = probe.started.send("gated");
                 let mut gate = probe.gate.clone();
                 let _ = gate.wait_for(|open| *open).await;
-                Ok::<_, HandlerError>(n)
+                Ok(n)
             }
         })
 }
@@ -424,7 +422,7 @@ fn tagged_router() -> Router {
         for _ in 0..n % 3 {
             tokio::task::yield_now().await;
         }
-        Ok::<_, HandlerError>(n)
+        Ok(n)
     })
 }
 

@@ -68,15 +68,13 @@ fn router(probe: Probe) -> Router {
     let fed = probe.clone();
     let kilobytes = probe;
     Router::new()
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
-        .stream(|_cx: Context, Numbers(n)| async move {
-            Ok::<_, HandlerError>(stream::iter((0..n).map(Ok)))
-        })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
+        .stream(|_cx: Context, Numbers(n)| async move { Ok(stream::iter((0..n).map(Ok))) })
         .stream(move |_cx: Context, Fed| {
             let items = fed.feed.lock().unwrap().take();
             async move {
                 let items = items.ok_or_else(|| HandlerError::internal("one fed stream only"))?;
-                Ok::<_, HandlerError>(stream::unfold(items, |mut items| async move {
+                Ok(stream::unfold(items, |mut items| async move {
                     let item = items.recv().await?;
                     Some((Ok(item), items))
                 }))
@@ -85,15 +83,13 @@ fn router(probe: Probe) -> Router {
         .stream(move |_cx: Context, Kilobytes| {
             let produced = Arc::clone(&kilobytes.produced);
             async move {
-                Ok::<_, HandlerError>(stream::iter(0..PRODUCER_CAP).map(move |i| {
+                Ok(stream::iter(0..PRODUCER_CAP).map(move |i| {
                     produced.fetch_add(1, Ordering::SeqCst);
                     Ok(format!("{i:>1000}"))
                 }))
             }
         })
-        .request(|cx: Context, Stored| async move {
-            Ok::<_, HandlerError>(cx.streams().map_or(0, |s| s.len()))
-        })
+        .request(|cx: Context, Stored| async move { Ok(cx.streams().map_or(0, |s| s.len())) })
 }
 
 async fn connect(probe: Probe) -> (Dispatcher, RawPeer) {
@@ -485,7 +481,7 @@ async fn requests_over_the_announced_limit_are_refused_then_the_flood_is_cut_off
 async fn notifications_over_the_announced_window_cut_the_peer_off() {
     let router = router(Probe::default()).notification(|_cx: Context, Hold| async move {
         std::future::pending::<()>().await;
-        Ok::<_, HandlerError>(())
+        Ok(())
     });
     let mut limits = channel_dispatcher::Limits::default();
     limits.max_pending_notifications = 3;

@@ -15,11 +15,11 @@ use support::{pair, within, Count, Echo, Hang, Square, Transport};
 
 fn router(counter: Arc<AtomicUsize>) -> Router {
     Router::new()
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
         .request(|_cx: Context, Square(n)| async move {
             // Answers come back out of order: later requests often finish first.
             tokio::time::sleep(Duration::from_micros((997 * n) % 2000)).await;
-            Ok::<_, HandlerError>(n * n)
+            Ok(n * n)
         })
         .request(|_cx: Context, Hang| std::future::pending::<Result<(), HandlerError>>())
         .notification(move |_cx: Context, Count(n)| {
@@ -194,7 +194,7 @@ async fn stop_lets_running_handlers_answer(transport: Transport) {
         async move {
             let _ = started_tx.send(());
             let _ = gate.wait_for(|open| *open).await;
-            Ok::<_, HandlerError>(s)
+            Ok(s)
         }
     });
     let server = Dispatcher::builder().handler(slow).spawn(b);

@@ -64,24 +64,24 @@ impl Drop for DropSignal {
 
 fn router(probe: Probe) -> Router {
     Router::new()
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
         .request(|_cx: Context, Hang| std::future::pending::<Result<(), HandlerError>>())
         .request(|cx: Context, AskHang| async move {
             cx.request(Hang).await?;
-            Ok::<_, HandlerError>(())
+            Ok(())
         })
         .stream(|_cx: Context, Doomed| async move {
             let panics = stream::poll_fn(|_| -> Poll<Option<Result<u64, HandlerError>>> {
                 panic!("the producer's stream panicked")
             });
-            Ok::<_, HandlerError>(stream::iter((0..3).map(Ok)).chain(panics))
+            Ok(stream::iter((0..3).map(Ok)).chain(panics))
         })
         .stream(move |_cx: Context, Silent| {
             let probe = probe.clone();
             async move {
                 let guard = DropSignal(probe.dropped);
                 let polled = probe.polled;
-                Ok::<_, HandlerError>(stream::poll_fn(move |_| {
+                Ok(stream::poll_fn(move |_| {
                     let _keep = &guard;
                     if let Some(polled) = &polled {
                         let _ = polled.send(());
@@ -95,7 +95,7 @@ fn router(probe: Probe) -> Router {
                 .dispatcher()
                 .ok_or_else(|| HandlerError::internal("no dispatcher"))?;
             dispatcher.stop().await;
-            Ok::<_, HandlerError>("stopping".to_string())
+            Ok("stopping".to_string())
         })
 }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use channel_dispatcher::{
-    notification, request, Attributes, Builder, CallError, Codec, Context, Dispatcher,
-    HandlerError, Router, Termination,
+    notification, request, Attributes, Builder, CallError, Codec, Context, Dispatcher, Router,
+    Termination,
 };
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -67,18 +67,16 @@ request!(Flood => usize, "flood");
 
 fn router(queued: Arc<AtomicUsize>) -> Router {
     Router::new()
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
         .request(|_cx: Context, Delayed(s)| async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            Ok::<_, HandlerError>(s)
+            Ok(s)
         })
-        .request(|cx: Context, Outer(n)| async move {
-            Ok::<_, HandlerError>(cx.request(Inner(n)).await? + 1)
-        })
-        .request(|_cx: Context, Inner(n)| async move { Ok::<_, HandlerError>(n * 2) })
+        .request(|cx: Context, Outer(n)| async move { Ok(cx.request(Inner(n)).await? + 1) })
+        .request(|_cx: Context, Inner(n)| async move { Ok(n * 2) })
         .request(|cx: Context, Chain { depth, pad }| async move {
             if depth <= 1 {
-                return Ok::<_, HandlerError>(1);
+                return Ok(1);
             }
             let depth = depth - 1;
             Ok(cx.request(Chain { depth, pad }).await? + 1)
@@ -95,7 +93,7 @@ fn router(queued: Arc<AtomicUsize>) -> Router {
                 .iter()
                 .filter(|answer| matches!(answer, Err(CallError::Timeout(_))))
                 .count();
-            Ok::<_, HandlerError>(timed_out)
+            Ok(timed_out)
         })
         .request(move |cx: Context, Flood { max }| {
             let queued = Arc::clone(&queued);
@@ -105,7 +103,7 @@ fn router(queued: Arc<AtomicUsize>) -> Router {
                     cx.notify(Bulk(payload.clone())).await?;
                     queued.fetch_add(1, Ordering::SeqCst);
                 }
-                Ok::<_, HandlerError>(max)
+                Ok(max)
             }
         })
 }

@@ -60,9 +60,9 @@ struct DiskFull;
 
 fn router(name: &'static str, notified: Arc<AtomicUsize>) -> Router {
     Router::new()
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
-        .request(|_cx: Context, Save(_)| async { Ok::<_, HandlerError>(Success) })
-        .request(|_cx: Context, Enqueue| async { Ok::<_, HandlerError>(Accepted) })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
+        .request(|_cx: Context, Save(_)| async { Ok(Success) })
+        .request(|_cx: Context, Enqueue| async { Ok(Accepted) })
         .request(|_cx: Context, Fail| async { Err::<(), _>(HandlerError::from(DiskFull)) })
         .request(|_cx: Context, Panic| async {
             if name.len() < 100 {
@@ -71,7 +71,7 @@ fn router(name: &'static str, notified: Arc<AtomicUsize>) -> Router {
             Ok::<(), HandlerError>(())
         })
         .request(|cx: Context, Whoami| async move {
-            Ok::<_, HandlerError>((
+            Ok((
                 cx.id(),
                 cx.method().to_string(),
                 cx.attributes().get("tenant").map(String::from),
@@ -84,7 +84,7 @@ fn router(name: &'static str, notified: Arc<AtomicUsize>) -> Router {
                 cx.request(Depth(n - 1)).await?
             };
             trail.push(format!("{name}{n}"));
-            Ok::<_, HandlerError>(trail)
+            Ok(trail)
         })
         .notification(move |_cx: Context, Count(n)| {
             let notified = notified.clone();
@@ -361,12 +361,11 @@ async fn context_factory_and_extensions_reach_the_handler() {
         .context_factory(|cx: &mut Context| cx.extensions_mut().insert(Tenant("acme")))
         .handler(
             Router::new().request(|cx: Context, WhichTenant| async move {
-                Ok::<_, HandlerError>(
-                    cx.extensions()
-                        .get::<Tenant>()
-                        .map_or("none", |t| t.0)
-                        .to_string(),
-                )
+                Ok(cx
+                    .extensions()
+                    .get::<Tenant>()
+                    .map_or("none", |t| t.0)
+                    .to_string())
             }),
         )
         .spawn(b);
@@ -505,7 +504,7 @@ async fn handled_requests_get_a_tracing_span_with_method_and_id() {
     let _server = Dispatcher::builder()
         .handler(Router::new().request(|_cx: Context, Echo(s)| async move {
             tracing::info!("handling");
-            Ok::<_, HandlerError>(s)
+            Ok(s)
         }))
         .spawn(b);
     let client = Dispatcher::builder().spawn(a);
@@ -543,10 +542,9 @@ mod versions {
 #[tokio::test]
 async fn peers_with_other_versions_of_a_struct_talk_by_field_name() {
     use versions::{SubNew, SubOld};
-    let old = Router::new()
-        .request(|_cx: Context, SubOld { a, b }| async move { Ok::<_, HandlerError>(a - b) });
+    let old = Router::new().request(|_cx: Context, SubOld { a, b }| async move { Ok(a - b) });
     let new = Router::new().request(|_cx: Context, sub: SubNew| async move {
-        Ok::<_, HandlerError>((sub.a - sub.b) * sub.scale.unwrap_or(1))
+        Ok((sub.a - sub.b) * sub.scale.unwrap_or(1))
     });
     let (a, b) = Channel::pair();
     let older = Dispatcher::builder()

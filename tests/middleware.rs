@@ -34,15 +34,15 @@ fn router(log: Log) -> Router {
             let log = Arc::clone(&handler_log);
             async move {
                 log.lock().unwrap().push("handler".into());
-                Ok::<_, HandlerError>(s)
+                Ok(s)
             }
         })
-        .request(|cx: Context, Seen| async move {
-            Ok::<_, HandlerError>(cx.attributes().get("seen").map(String::from))
-        })
+        .request(
+            |cx: Context, Seen| async move { Ok(cx.attributes().get("seen").map(String::from)) },
+        )
         .request(|_cx: Context, Sleep(ms)| async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok::<_, HandlerError>(())
+            Ok(())
         })
         .notification(move |_cx: Context, Count(n)| {
             let log = Arc::clone(&notified);
@@ -219,7 +219,7 @@ async fn tower_concurrency_limit_layer_bounds_running_handlers() {
             peak.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             running.fetch_sub(1, Ordering::SeqCst);
-            Ok::<_, HandlerError>(())
+            Ok(())
         }
     });
     let handler = tower::limit::ConcurrencyLimitLayer::new(2).layer(stack_middleware(slow, []));

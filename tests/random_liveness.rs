@@ -16,7 +16,7 @@ use std::time::Duration;
 use channel_dispatcher::error::code;
 use channel_dispatcher::{
     notification, request, stream_request, Builder, CallError, Channel, Context, Dispatcher,
-    HandlerError, Limits, Router,
+    Limits, Router,
 };
 use futures_util::future::join_all;
 use futures_util::{stream, StreamExt};
@@ -58,12 +58,12 @@ fn router(notes: Arc<AtomicUsize>) -> Router {
     Router::new()
         .request(|_cx: Context, Echo(text)| async move {
             tokio::task::yield_now().await;
-            Ok::<_, HandlerError>(text.len())
+            Ok(text.len())
         })
         .request(|cx: Context, Chain { depth, pause_ms }| async move {
             if depth <= 1 {
                 tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-                return Ok::<_, HandlerError>(1);
+                return Ok(1);
             }
             let below = cx.request(Chain {
                 depth: depth - 1,
@@ -75,19 +75,17 @@ fn router(notes: Arc<AtomicUsize>) -> Router {
             let notes = Arc::clone(&notes);
             async move {
                 notes.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, HandlerError>(())
+                Ok(())
             }
         })
         .stream(|_cx: Context, Numbers { count, size }| async move {
             let items = (0..count).map(move |i| Ok(vec![i as u8; size]));
-            Ok::<_, HandlerError>(stream::iter(items).then(|item| async move {
+            Ok(stream::iter(items).then(|item| async move {
                 tokio::task::yield_now().await;
                 item
             }))
         })
-        .request(|cx: Context, Stored| async move {
-            Ok::<_, HandlerError>(cx.streams().map_or(0, |s| s.len()))
-        })
+        .request(|cx: Context, Stored| async move { Ok(cx.streams().map_or(0, |s| s.len())) })
 }
 
 fn limited(notes: Arc<AtomicUsize>) -> Builder {

@@ -136,7 +136,7 @@ fn router(probe: Probe) -> Router {
     let release = Arc::clone(&probe.release);
     let released = Arc::clone(&probe.release);
     Router::new()
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
         .request(|_cx: Context, Hang| std::future::pending::<Result<(), HandlerError>>())
         .request(|cx: Context, Hold| async move {
             let _keep = cx;
@@ -144,11 +144,9 @@ fn router(probe: Probe) -> Router {
         })
         .request(|_cx: Context, SlowInner(n)| async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok::<_, HandlerError>(n * 2)
+            Ok(n * 2)
         })
-        .request(|cx: Context, Outer(n)| async move {
-            Ok::<_, HandlerError>(cx.request(SlowInner(n)).await? + 1)
-        })
+        .request(|cx: Context, Outer(n)| async move { Ok(cx.request(SlowInner(n)).await? + 1) })
         .request(|cx: Context, FanOut(n)| async move {
             let calls = (0..n).map(|i| cx.request(SlowInner(i)).into_future());
             let answers = join_all(calls).await;
@@ -161,28 +159,24 @@ fn router(probe: Probe) -> Router {
                     "nested calls failed: {failures:?}"
                 )));
             }
-            Ok::<_, HandlerError>(n)
+            Ok(n)
         })
         .request(|cx: Context, Report(n)| async move {
             for i in 0..n {
                 cx.notify(Note(format!("report {i}"))).await?;
             }
-            Ok::<_, HandlerError>(n)
+            Ok(n)
         })
-        .request(|cx: Context, AskReport(n)| async move {
-            Ok::<_, HandlerError>(cx.request(Report(n)).await?)
-        })
-        .stream(|_cx: Context, Numbers(n)| async move {
-            Ok::<_, HandlerError>(stream::iter((0..n).map(Ok)))
-        })
+        .request(|cx: Context, AskReport(n)| async move { Ok(cx.request(Report(n)).await?) })
+        .stream(|_cx: Context, Numbers(n)| async move { Ok(stream::iter((0..n).map(Ok))) })
         .stream(|_cx: Context, Kilobytes(n)| async move {
-            Ok::<_, HandlerError>(stream::iter((0..n).map(|i| Ok(format!("{i:>1024}")))))
+            Ok(stream::iter((0..n).map(|i| Ok(format!("{i:>1024}")))))
         })
         .stream(move |cx: Context, Silent| {
             let streams = Arc::clone(&streams);
             async move {
                 *streams.lock().unwrap() = cx.streams();
-                Ok::<_, HandlerError>(stream::pending::<Result<u64, HandlerError>>())
+                Ok(stream::pending::<Result<u64, HandlerError>>())
             }
         })
         .request(|cx: Context, SumFromCaller(n)| async move {
@@ -192,16 +186,14 @@ fn router(probe: Probe) -> Router {
             for item in items {
                 sum += item.map_err(|e| HandlerError::internal(format!("{e:?}")))?;
             }
-            Ok::<_, HandlerError>(sum)
+            Ok(sum)
         })
-        .request(|cx: Context, AskSum(n)| async move {
-            Ok::<_, HandlerError>(cx.request(SumFromCaller(n)).await?)
-        })
+        .request(|cx: Context, AskSum(n)| async move { Ok(cx.request(SumFromCaller(n)).await?) })
         .request(move |_cx: Context, WaitForRelease| {
             let release = Arc::clone(&release);
             async move {
                 release.notified().await;
-                Ok::<_, HandlerError>(())
+                Ok(())
             }
         })
         .notification(move |_cx: Context, Release| {
@@ -209,7 +201,7 @@ fn router(probe: Probe) -> Router {
             async move {
                 released.notify_waiters();
                 released.notify_one();
-                Ok::<_, HandlerError>(())
+                Ok(())
             }
         })
         .notification(move |_cx: Context, Note(text)| {
@@ -218,7 +210,7 @@ fn router(probe: Probe) -> Router {
                 if let Some(notes) = notes {
                     let _ = notes.send(text);
                 }
-                Ok::<_, HandlerError>(())
+                Ok(())
             }
         })
 }

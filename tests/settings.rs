@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use channel_dispatcher::{
-    stream_request, Builder, Channel, Context, Dispatcher, HandlerError, Limits, Router,
-};
+use channel_dispatcher::{stream_request, Builder, Channel, Context, Dispatcher, Limits, Router};
 use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use support::{within, Count, Echo, Square};
@@ -51,18 +49,16 @@ async fn every_setting_at_its_largest_value_works() {
     let counted = Arc::new(AtomicU32::new(0));
     let seen = Arc::clone(&counted);
     let router = Router::new()
-        .request(|_cx: Context, Square(n)| async move { Ok::<_, HandlerError>(n * n) })
+        .request(|_cx: Context, Square(n)| async move { Ok(n * n) })
         // A nested call back to the caller, through every window at its largest.
         .request(|cx: Context, Echo(s)| async move {
             let n = cx.request(Square(s.len() as u64)).await?;
-            Ok::<_, HandlerError>(format!("{s}:{n}"))
+            Ok(format!("{s}:{n}"))
         })
-        .stream(|_cx: Context, Numbers(n)| async move {
-            Ok::<_, HandlerError>(stream::iter((0..n).map(Ok)))
-        })
+        .stream(|_cx: Context, Numbers(n)| async move { Ok(stream::iter((0..n).map(Ok))) })
         .notification(move |_cx: Context, Count(n)| {
             seen.fetch_add(n, Ordering::SeqCst);
-            async { Ok::<_, HandlerError>(()) }
+            async { Ok(()) }
         });
     let (a, b) = Channel::pair();
     let server = largest(Dispatcher::builder().handler(router.clone())).spawn(b);

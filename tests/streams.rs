@@ -75,37 +75,33 @@ impl Drop for DropGuard {
 
 fn router(probe: Probe) -> Router {
     Router::new()
-        .stream(|_cx: Context, Numbers(n)| async move {
-            Ok::<_, HandlerError>(stream::iter((0..n).map(Ok)))
-        })
+        .stream(|_cx: Context, Numbers(n)| async move { Ok(stream::iter((0..n).map(Ok))) })
         .stream(|_cx: Context, Sparse(n)| async move {
-            Ok::<_, HandlerError>(stream::iter((0..n).map(|i| Ok((i % 2 == 0).then_some(i)))))
+            Ok(stream::iter((0..n).map(|i| Ok((i % 2 == 0).then_some(i)))))
         })
         .stream(|_cx: Context, Broken| async move {
             let items = (0..3).map(Ok).chain([Err(HandlerError::new(7, "broken"))]);
-            Ok::<_, HandlerError>(stream::iter(items))
+            Ok(stream::iter(items))
         })
         .request(|cx: Context, Store(n)| async move {
             let streams = cx.streams().ok_or_else(|| HandlerError::internal("gone"))?;
             streams.add(stream::iter((0..n).map(Ok::<_, HandlerError>)))
         })
-        .request(|_cx: Context, Echo(s)| async move { Ok::<_, HandlerError>(s) })
+        .request(|_cx: Context, Echo(s)| async move { Ok(s) })
         .request(|cx: Context, Silent| async move {
             let streams = cx.streams().ok_or_else(|| HandlerError::internal("gone"))?;
             streams.add(stream::pending::<Result<u64, HandlerError>>())
         })
         .request(|cx: Context, Unstore(id)| async move {
-            Ok::<_, HandlerError>(cx.streams().is_some_and(|s| s.remove(id)))
+            Ok(cx.streams().is_some_and(|s| s.remove(id)))
         })
-        .request(|cx: Context, Stored| async move {
-            Ok::<_, HandlerError>(cx.streams().map_or(0, |s| s.len()))
-        })
+        .request(|cx: Context, Stored| async move { Ok(cx.streams().map_or(0, |s| s.len())) })
         .stream(move |_cx: Context, Endless| {
             let probe = probe.clone();
             async move {
                 let guard = DropGuard(probe.clone());
                 let produced = Arc::clone(&probe.produced);
-                Ok::<_, HandlerError>(stream::iter(0..10_000_000u64).map(move |i| {
+                Ok(stream::iter(0..10_000_000u64).map(move |i| {
                     let _keep = &guard;
                     produced.fetch_add(1, Ordering::SeqCst);
                     Ok(i)

@@ -25,7 +25,7 @@ type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 ///
 /// # Examples
 /// ```
-/// # use channel_dispatcher::{request, Channel, Dispatcher, Context, HandlerError, Router};
+/// # use channel_dispatcher::{request, Channel, Dispatcher, Context, Router};
 /// # use serde::{Deserialize, Serialize};
 /// # #[derive(Serialize, Deserialize)] struct Ping;
 /// # request!(Ping => String, "ping");
@@ -33,7 +33,7 @@ type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 /// # async fn main() -> Result<(), channel_dispatcher::CallError> {
 /// # let (a, b) = Channel::pair();
 /// # let _server = Dispatcher::builder().handler(Router::new().request(|cx: Context, _: Ping| async move {
-/// #     Ok::<_, HandlerError>(cx.attributes().get("tenant").unwrap_or_default().to_string())
+/// #     Ok(cx.attributes().get("tenant").unwrap_or_default().to_string())
 /// # })).spawn(b);
 /// # let dispatcher = Dispatcher::builder().spawn(a);
 /// use std::time::Duration;

@@ -40,7 +40,7 @@ use crate::stream::RemoteStream;
 ///
 /// # Examples
 /// ```
-/// use channel_dispatcher::{request, Channel, Context, Dispatcher, HandlerError, Router};
+/// use channel_dispatcher::{request, Channel, Context, Dispatcher, Router};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Serialize, Deserialize)]
@@ -52,7 +52,7 @@ use crate::stream::RemoteStream;
 /// let (a, b) = Channel::pair();
 /// let server = Dispatcher::builder()
 ///     .handler(Router::new().request(|_cx: Context, Ping(n)| async move {
-///         Ok::<_, HandlerError>(n + 1)
+///         Ok(n + 1)
 ///     }))
 ///     .spawn(b);
 /// let client = Dispatcher::builder().spawn(a);

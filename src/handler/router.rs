@@ -28,6 +28,9 @@ type Route = Box<dyn Fn(Incoming) -> BoxFuture + Send + Sync>;
 /// `tokio::task::spawn_blocking`). Messages start in the order they arrive; notifications, like
 /// requests, finish in whatever order their handlers do.
 ///
+/// A handler's error type is [`HandlerError`], so `Ok(value)` needs no annotation, and `?`
+/// turns any `std::error::Error` (and a failed nested call) into one.
+///
 /// # Examples
 /// ```
 /// use channel_dispatcher::{notification, request, Context, HandlerError, Router};
@@ -38,16 +41,30 @@ type Route = Box<dyn Fn(Incoming) -> BoxFuture + Send + Sync>;
 /// request!(Add => i64, "add");
 ///
 /// #[derive(Serialize, Deserialize)]
+/// struct Parse(String);
+/// request!(Parse => i64, "parse");
+///
+/// #[derive(Serialize, Deserialize)]
 /// struct Log(String);
 /// notification!(Log, "log");
 ///
+/// // A named handler says its error type once, in its signature.
+/// async fn parse(_cx: Context, Parse(text): Parse) -> Result<i64, HandlerError> {
+///     Ok(text.trim().parse::<i64>()?) // a ParseIntError becomes an internal error
+/// }
+///
 /// let router = Router::new()
-///     .request(|_cx: Context, Add(a, b)| async move { Ok::<_, HandlerError>(a + b) })
+///     .request(|_cx: Context, Add(a, b)| async move { Ok(a + b) })
+///     .request(parse)
 ///     .notification(|_cx: Context, Log(line)| async move {
 ///         tracing::info!("{line}");
 ///         Ok(())
 ///     });
 /// ```
+///
+/// A handler error of another type converts with `?` (a closure bound to a variable before it
+/// is routed has no expected type, so its `Ok` names the error type:
+/// `Ok::<_, HandlerError>(..)`).
 #[derive(Clone, Default)]
 pub struct Router {
     routes: Arc<HashMap<String, Route, SeededState>>,

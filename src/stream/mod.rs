@@ -24,7 +24,7 @@
 //!
 //! # Examples
 //! ```
-//! use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, HandlerError, Router};
+//! use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, Router};
 //! use futures_util::StreamExt;
 //! use serde::{Deserialize, Serialize};
 //!
@@ -36,7 +36,7 @@
 //! # async fn main() {
 //! let (a, b) = Channel::pair();
 //! let router = Router::new().stream(|_cx: Context, Count(n)| async move {
-//!     Ok::<_, HandlerError>(futures_util::stream::iter((0..n).map(Ok)))
+//!     Ok(futures_util::stream::iter((0..n).map(Ok)))
 //! });
 //! let _server = Dispatcher::builder().handler(router).spawn(b);
 //! let client = Dispatcher::builder().spawn(a);

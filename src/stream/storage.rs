@@ -618,7 +618,7 @@ mod tests {
             .add(stream::poll_fn(move |_| {
                 n += 1;
                 assert!(n < 3, "producer bug");
-                Poll::Ready(Some(Ok::<_, HandlerError>(n)))
+                Poll::Ready(Some(Ok(n)))
             }))
             .unwrap();
         streams.grant(id, 10);
@@ -638,7 +638,7 @@ mod tests {
     #[tokio::test]
     async fn batches_are_cut_to_the_consumers_frames_and_an_item_too_large_fails() {
         let streams = storage(8);
-        let items = (0..10u32).map(|n| Ok::<_, HandlerError>(vec![n as u8; 100]));
+        let items = (0..10u32).map(|n| Ok(vec![n as u8; 100]));
         let id = streams.add(stream::iter(items)).unwrap();
         streams.grant(id, 10);
         let sizes: Vec<usize> = std::iter::from_fn(|| match streams.poll_stream(id, 10, 350) {
@@ -649,9 +649,7 @@ mod tests {
         assert!(sizes.iter().all(|&len| len <= 350), "{sizes:?}");
         assert!(sizes.len() >= 4, "cut into several batches: {sizes:?}");
 
-        let big = streams
-            .add(stream::iter([Ok::<_, HandlerError>(vec![0u8; 1000])]))
-            .unwrap();
+        let big = streams.add(stream::iter([Ok(vec![0u8; 1000])])).unwrap();
         streams.grant(big, 1);
         match streams.poll_stream(big, 1, 350) {
             Some(Produced::End {

@@ -245,7 +245,7 @@ mod tests {
     use crate::envelope::{Envelope, Method};
     use crate::message::Attributes;
     use crate::transport::frame::Frame;
-    use crate::{Dispatcher, HandlerError, Router};
+    use crate::{Dispatcher, Router};
 
     fn frame(out: &mut BytesMut, body: &[u8]) {
         out.put_u32(body.len() as u32);
@@ -258,7 +258,7 @@ mod tests {
     async fn a_scripted_peer_gets_its_answer_and_its_end_of_file_ends_the_connection() {
         let codec = Codec::default();
         let router = Router::new().raw("echo", |incoming: Incoming| async move {
-            Ok::<_, HandlerError>(Reply::value(incoming.payload().clone()))
+            Ok(Reply::value(incoming.payload().clone()))
         });
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let (_dispatcher, connection) = Dispatcher::builder()
