@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::codec::Codec;
 use crate::dispatcher::{send_notification, Call, Dispatcher, RequestOver};
 use crate::envelope::Method;
-use crate::error::{CallError, CodecError, Termination};
+use crate::error::{CallError, CodecError, HandlerError, Termination};
 use crate::message::{Attributes, Notification, Request, StreamRequest};
 use crate::shared::{Permit, Shared};
 use crate::stream::RemoteStream;
@@ -278,7 +278,43 @@ impl Context {
         self.codec.encode(value)
     }
 
-    /// Typed values attached by middleware or the [`ContextFactory`].
+    /// The state of type `T` the router was given with
+    /// [`Router::with_state`](crate::Router::with_state) (or that a middleware or the
+    /// [`ContextFactory`] attached to this message).
+    ///
+    /// # Errors
+    /// An internal error naming the type when there is none, so that `cx.state::<T>()?`
+    /// answers the caller instead of panicking.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use channel_dispatcher::{request, Context, Router};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] struct Hit;
+    /// # request!(Hit => u64, "hit");
+    ///
+    /// struct Counter(AtomicU64);
+    ///
+    /// let router = Router::new()
+    ///     .with_state(Counter(AtomicU64::new(0)))
+    ///     .request(|cx: Context, Hit| async move {
+    ///         let counter = cx.state::<Counter>()?;
+    ///         Ok(counter.0.fetch_add(1, Ordering::Relaxed) + 1)
+    ///     });
+    /// ```
+    pub fn state<T: Send + Sync + 'static>(&self) -> Result<&T, HandlerError> {
+        self.extensions.get::<T>().ok_or_else(|| {
+            HandlerError::internal(format!(
+                "the handler of `{}` needs state of type `{}`, which the router was not given: \
+                 add it with `Router::with_state`",
+                self.method(),
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    /// Typed values attached by middleware or the [`ContextFactory`], and the router's state.
     pub fn extensions(&self) -> &Extensions {
         &self.extensions
     }
@@ -300,7 +336,11 @@ impl fmt::Debug for Context {
     }
 }
 
-/// A map from type to value, for state that middleware and factories hand to handlers.
+/// A map from type to value: the state a [`Router`](crate::Router) shares with its handlers
+/// ([`Router::with_state`](crate::Router::with_state)) and the values middleware and context
+/// factories attach to one message.
+///
+/// Cloning is cheap (the map is shared, and copied on the first insert into a clone).
 ///
 /// # Examples
 /// ```
@@ -314,18 +354,16 @@ impl fmt::Debug for Context {
 /// ```
 #[derive(Clone, Default)]
 pub struct Extensions {
-    // NB. Boxed: most contexts have none, and a context is moved several times per request;
-    // the box keeps it one pointer wide.
-    #[allow(clippy::box_collection)]
-    map: Option<Box<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+    // NB. Most contexts have none, and a context is moved several times per request: `None`
+    // keeps it one pointer wide, and a router's state is shared, not copied, per message.
+    map: Option<Arc<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
 }
 
 impl Extensions {
     /// Stores `value`, replacing any value of the same type.
     pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
-        self.map
-            .get_or_insert_with(Box::default)
-            .insert(TypeId::of::<T>(), Arc::new(value));
+        let map = Arc::make_mut(self.map.get_or_insert_with(Arc::default));
+        map.insert(TypeId::of::<T>(), Arc::new(value));
     }
 
     /// The value of type `T`, if stored.
@@ -334,6 +372,27 @@ impl Extensions {
             .as_ref()?
             .get(&TypeId::of::<T>())
             .and_then(|value| value.downcast_ref())
+    }
+
+    /// `true` when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.map.as_ref().map_or(true, |map| map.is_empty())
+    }
+
+    /// Adds the values of `defaults` whose types are not stored yet.
+    pub(crate) fn fill_from(&mut self, defaults: &Extensions) {
+        let Some(defaults) = &defaults.map else {
+            return;
+        };
+        match &mut self.map {
+            None => self.map = Some(Arc::clone(defaults)),
+            Some(map) => {
+                let map = Arc::make_mut(map);
+                for (type_id, value) in defaults.iter() {
+                    map.entry(*type_id).or_insert_with(|| Arc::clone(value));
+                }
+            }
+        }
     }
 }
 
@@ -345,8 +404,9 @@ impl fmt::Debug for Extensions {
     }
 }
 
-/// Prepares the [`Context`] of every inbound message before the handler sees it: attach
-/// shared state, derive values from attributes.
+/// Prepares the [`Context`] of every inbound message before the handler sees it: derive
+/// values from its attributes, for example. (State shared by every handler is simpler to give
+/// the router: [`Router::with_state`](crate::Router::with_state).)
 ///
 /// Any `Fn(&mut Context)` is one.
 ///
@@ -354,12 +414,11 @@ impl fmt::Debug for Extensions {
 /// ```
 /// use channel_dispatcher::{Context, Dispatcher};
 ///
-/// #[derive(Clone)]
-/// struct Db;
+/// struct Tenant(String);
 ///
-/// let db = Db;
-/// let builder = Dispatcher::builder().context_factory(move |cx: &mut Context| {
-///     cx.extensions_mut().insert(db.clone());
+/// let builder = Dispatcher::builder().context_factory(|cx: &mut Context| {
+///     let tenant = cx.attributes().get("tenant").unwrap_or("default").to_owned();
+///     cx.extensions_mut().insert(Tenant(tenant));
 /// });
 /// ```
 pub trait ContextFactory: Send + Sync + 'static {

@@ -566,3 +566,73 @@ async fn peers_with_other_versions_of_a_struct_talk_by_field_name() {
     let sub = SubOld { a: 12, b: 3 };
     assert_eq!(within(older.request(sub)).await.unwrap(), 9);
 }
+
+mod state {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Hit;
+    channel_dispatcher::request!(Hit => (String, u64), "hit");
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Missing;
+    channel_dispatcher::request!(Missing => (), "missing");
+
+    pub(super) struct Counter(pub(super) AtomicU64);
+    pub(super) struct Name(pub(super) &'static str);
+    pub(super) struct NotGiven;
+
+    use std::sync::atomic::AtomicU64;
+}
+
+// issue 9, item 8
+#[tokio::test]
+async fn handlers_borrow_the_routers_typed_state() {
+    use state::{Counter, Hit, Missing, Name, NotGiven};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let router = Router::new()
+        .with_state(Counter(AtomicU64::new(0)))
+        .with_state(Name("router"))
+        .request(|cx: Context, Hit| async move {
+            let hits = cx.state::<Counter>()?.0.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok((cx.state::<Name>()?.0.to_owned(), hits))
+        })
+        .request(|cx: Context, Missing| async move {
+            cx.state::<NotGiven>()?;
+            Ok(())
+        });
+    let (a, b) = Channel::pair();
+    let _server = Dispatcher::builder()
+        .handler(router.clone())
+        // A value a factory attaches to the message wins over the router's.
+        .context_factory(|cx: &mut Context| {
+            if cx.attributes().get("who").is_some() {
+                cx.extensions_mut().insert(Name("message"));
+            }
+        })
+        .spawn(b);
+    let client = Dispatcher::builder().spawn(a);
+    assert_eq!(
+        within(client.request(Hit)).await.unwrap(),
+        ("router".to_owned(), 1)
+    );
+    assert_eq!(
+        within(client.request(Hit)).await.unwrap(),
+        ("router".to_owned(), 2)
+    );
+    let mut attributes = Attributes::new();
+    attributes.insert("who", "me");
+    assert_eq!(
+        within(client.request(Hit).attributes(attributes))
+            .await
+            .unwrap(),
+        ("message".to_owned(), 3)
+    );
+    let err = within(client.request(Missing)).await.unwrap_err();
+    let remote = err.as_remote().expect("an error answer");
+    assert_eq!(remote.code, code::INTERNAL_ERROR);
+    assert!(
+        remote.message.contains("NotGiven") && remote.message.contains("Router::with_state"),
+        "{remote:?}"
+    );
+}

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-use crate::context::Context;
+use crate::context::{Context, Extensions};
 use crate::error::HandlerError;
 use crate::handler::{Incoming, Reply};
 use crate::hash::SeededState;
@@ -68,12 +68,45 @@ type Route = Box<dyn Fn(Incoming) -> BoxFuture + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Router {
     routes: Arc<HashMap<String, Route, SeededState>>,
+    state: Extensions,
 }
 
 impl Router {
     /// A router without routes.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Gives every handler of this router `state`, which they borrow with
+    /// [`Context::state`] (`cx.state::<T>()?`): no clones captured by each closure. Call it
+    /// once per type (a second value of the same type replaces the first); the state is
+    /// shared, not copied, per message. A value of the same type that a middleware or the
+    /// [`ContextFactory`](crate::ContextFactory) attached to a message wins over it.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::collections::HashMap;
+    /// use std::sync::Mutex;
+    /// use channel_dispatcher::{request, Context, Router};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Put(String, String);
+    /// request!(Put => Option<String>, "put");
+    ///
+    /// #[derive(Default)]
+    /// struct Store(Mutex<HashMap<String, String>>);
+    ///
+    /// let router = Router::new()
+    ///     .with_state(Store::default())
+    ///     .request(|cx: Context, Put(key, value)| async move {
+    ///         let store = cx.state::<Store>()?;
+    ///         Ok(store.0.lock().unwrap().insert(key, value))
+    ///     });
+    /// ```
+    pub fn with_state<T: Send + Sync + 'static>(mut self, state: T) -> Self {
+        self.state.insert(state);
+        self
     }
 
     /// Routes `R::METHOD` to `handler`, which gets the context and the decoded request and
@@ -223,9 +256,15 @@ impl tower_service::Service<Incoming> for Router {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, incoming: Incoming) -> Self::Future {
+    fn call(&mut self, mut incoming: Incoming) -> Self::Future {
         match self.routes.get(incoming.method()) {
-            Some(route) => route(incoming),
+            Some(route) => {
+                if !self.state.is_empty() {
+                    let extensions = incoming.context_mut().extensions_mut();
+                    extensions.fill_from(&self.state);
+                }
+                route(incoming)
+            }
             None => failed(HandlerError::unknown_method(incoming.method())),
         }
     }
