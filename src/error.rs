@@ -15,9 +15,13 @@ use crate::transport::ChildExited;
 ///
 /// Handlers may use any other `i64` for their own errors.
 pub mod code {
-    /// The frame could not be decoded as an envelope.
+    /// Reserved (JSON-RPC's parse error) and never sent: an undecodable request is answered
+    /// [`INVALID_REQUEST`] when its kind and id are readable, and dropped otherwise.
     pub const PARSE_ERROR: i64 = -32700;
-    /// The envelope was well-formed but not a valid request (for example, a reused id).
+    /// A request that could not be read whole, or over the receiver's limits on one envelope
+    /// (attributes, method name); also a nested request whose parent is no longer pending,
+    /// and the misuse of a stream's mode. (A request reusing a pending id is dropped, not
+    /// answered: an answer would be taken for the first request's.)
     pub const INVALID_REQUEST: i64 = -32600;
     /// No route handles the requested method.
     pub const METHOD_NOT_FOUND: i64 = -32601;

@@ -604,3 +604,140 @@ mod protocol_examples {
         assert_eq!(&response(Codec::Postcard)[..], [3, 7, 0, 5]);
     }
 }
+/// The encodings of each serde shape, as PROTOCOL.md section 4 states them for a peer in
+/// another language.
+#[cfg(all(test, feature = "msgpack", feature = "json", feature = "postcard"))]
+mod payload_shapes {
+    use super::Codec;
+    use serde::{Serialize, Serializer};
+
+    #[derive(Serialize)]
+    struct Struct {
+        a: u8,
+        b: &'static str,
+    }
+    #[derive(Serialize)]
+    struct Newtype(u8);
+    #[derive(Serialize)]
+    struct Tuple(u8, bool);
+    #[derive(Serialize)]
+    struct UnitStruct;
+    #[derive(Serialize)]
+    enum Enum {
+        Unit,
+        Newtype(u8),
+        Tuple(u8, u8),
+        Struct { x: u8 },
+    }
+    /// What `serde_bytes` makes of a byte slice.
+    struct ByteString(&'static [u8]);
+    impl Serialize for ByteString {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(self.0)
+        }
+    }
+
+    /// `[msgpack, msgpack compact, json, postcard]`: MessagePack and postcard in hex.
+    fn check<V: Serialize>(shape: &str, value: &V, expected: [&str; 4]) {
+        let codecs = [
+            Codec::MessagePack,
+            Codec::MessagePackCompact,
+            Codec::Json,
+            Codec::Postcard,
+        ];
+        for (codec, expected) in codecs.into_iter().zip(expected) {
+            let bytes = codec.encode(value).unwrap();
+            let seen = match codec {
+                Codec::Json => String::from_utf8(bytes.to_vec()).unwrap(),
+                _ => bytes
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            };
+            assert_eq!(seen, expected, "{shape} in {codec:?}");
+        }
+    }
+
+    #[test]
+    fn each_serde_shape_is_encoded_as_protocol_md_says() {
+        let s = Struct { a: 1, b: "x" };
+        check(
+            "struct",
+            &s,
+            [
+                "82 a1 61 01 a1 62 a1 78",
+                "92 01 a1 78",
+                r#"{"a":1,"b":"x"}"#,
+                "01 01 78",
+            ],
+        );
+        check("newtype struct", &Newtype(1), ["01", "01", "1", "01"]);
+        check(
+            "tuple struct",
+            &Tuple(1, true),
+            ["92 01 c3", "92 01 c3", "[1,true]", "01 01"],
+        );
+        check("unit struct", &UnitStruct, ["90", "90", "null", ""]);
+        check("unit", &(), ["c0", "c0", "null", ""]);
+        check("None", &None::<u8>, ["c0", "c0", "null", "00"]);
+        check("Some", &Some(1u8), ["01", "01", "1", "01 01"]);
+        check(
+            "unit variant",
+            &Enum::Unit,
+            ["a4 55 6e 69 74", "a4 55 6e 69 74", r#""Unit""#, "00"],
+        );
+        let newtype = [
+            "81 a7 4e 65 77 74 79 70 65 01",
+            "81 a7 4e 65 77 74 79 70 65 01",
+        ];
+        check(
+            "newtype variant",
+            &Enum::Newtype(1),
+            [newtype[0], newtype[1], r#"{"Newtype":1}"#, "01 01"],
+        );
+        let tuple = "81 a5 54 75 70 6c 65 92 01 02";
+        check(
+            "tuple variant",
+            &Enum::Tuple(1, 2),
+            [tuple, tuple, r#"{"Tuple":[1,2]}"#, "02 01 02"],
+        );
+        check(
+            "struct variant",
+            &Enum::Struct { x: 1 },
+            [
+                "81 a6 53 74 72 75 63 74 81 a1 78 01",
+                "81 a6 53 74 72 75 63 74 91 01",
+                r#"{"Struct":{"x":1}}"#,
+                "03 01",
+            ],
+        );
+        check(
+            "Vec<u8>",
+            &vec![1u8, 2],
+            ["92 01 02", "92 01 02", "[1,2]", "02 01 02"],
+        );
+        check(
+            "byte string",
+            &ByteString(&[1, 2]),
+            ["c4 02 01 02", "c4 02 01 02", "[1,2]", "02 01 02"],
+        );
+        let map = std::collections::BTreeMap::from([("k", 1u8)]);
+        check(
+            "map",
+            &map,
+            ["81 a1 6b 01", "81 a1 6b 01", r#"{"k":1}"#, "01 01 6b 01"],
+        );
+        check(
+            "f64",
+            &1.5f64,
+            [
+                "cb 3f f8 00 00 00 00 00 00",
+                "cb 3f f8 00 00 00 00 00 00",
+                "1.5",
+                "00 00 00 00 00 00 f8 3f",
+            ],
+        );
+        check("i64", &-3i64, ["fd", "fd", "-3", "05"]);
+    }
+}
