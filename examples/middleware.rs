@@ -1,6 +1,6 @@
 //! Middleware around a handler: a tracing logger, an auth check on an attribute token and a
-//! timer, in the PHP original's order (the first is outermost), plus a caller-side middleware that adds
-//! the token to every outgoing request.
+//! timer, in the PHP original's order (the first is outermost), plus a caller-side middleware
+//! that adds the token to every outgoing request.
 //!
 //! ```text
 //! cargo run --example middleware

@@ -1,5 +1,6 @@
 //! Remote streams: a handler answers with a stream of rows; the caller reads it as an ordinary
-//! `futures::Stream`, windowed (the default) and in pull mode (the PHP original's remote iterator), and drops one early.
+//! `futures::Stream`, windowed (the default) and in pull mode (the PHP original's remote
+//! iterator), and drops one early.
 //!
 //! ```text
 //! cargo run --release --example streams
