@@ -79,17 +79,6 @@ async fn read_items(peer: &mut RawPeer, stream: u64, count: usize) -> Vec<u64> {
     items
 }
 
-async fn open_stream<P: Serialize>(peer: &mut RawPeer, id: u64, method: &str, payload: &P) -> u64 {
-    peer.request(id, method, payload).await;
-    let answer = peer.read().await;
-    assert_eq!(
-        (&answer[0], &answer[1]),
-        (&json!(3), &json!(id)),
-        "{answer}"
-    );
-    answer[3].as_u64().expect("a stream id")
-}
-
 /// PROTOCOL.md section 2: "missing" and "wrong" are refused alike.
 #[tokio::test]
 async fn a_missing_token_is_refused_like_a_wrong_one() {
@@ -241,7 +230,7 @@ async fn nothing_is_sent_for_a_cancelled_request() {
 #[tokio::test]
 async fn stream_credit_is_additive() {
     let (_dispatcher, mut peer) = RawPeer::connect(router(), 1 << 20).await;
-    let stream = open_stream(&mut peer, 1, "numbers", &100u64).await;
+    let stream = peer.open_stream(1, "numbers", &100u64).await;
     peer.stream_credit(stream, 2).await;
     peer.stream_credit(stream, 3).await;
     assert_eq!(read_items(&mut peer, stream, 5).await, [0, 1, 2, 3, 4]);
@@ -259,7 +248,7 @@ async fn stream_credit_is_additive() {
 #[tokio::test]
 async fn a_pulled_item_carries_its_position() {
     let (_dispatcher, mut peer) = RawPeer::connect(router(), 1 << 20).await;
-    let stream = open_stream(&mut peer, 1, "numbers", &2u64).await;
+    let stream = peer.open_stream(1, "numbers", &2u64).await;
     for (id, position) in [(2u64, "0"), (3, "1")] {
         peer.request(id, "$stream/next", &stream).await;
         let answer = peer.read().await;
@@ -283,7 +272,7 @@ async fn a_pulled_item_carries_its_position() {
 #[tokio::test]
 async fn a_second_pull_while_one_waits_is_an_invalid_request() {
     let (_dispatcher, mut peer) = RawPeer::connect(router(), 1 << 20).await;
-    let stream = open_stream(&mut peer, 1, "never", &()).await;
+    let stream = peer.open_stream(1, "never", &()).await;
     peer.request(2, "$stream/next", &stream).await;
     peer.request(3, "$stream/next", &stream).await;
     let answer = peer.read().await;

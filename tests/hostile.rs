@@ -96,18 +96,6 @@ async fn connect(probe: Probe) -> (Dispatcher, RawPeer) {
     RawPeer::connect(router(probe), 1 << 20).await
 }
 
-/// The raw peer asks for a stream with request `id`; returns the stream id answered.
-async fn open_stream<P: Serialize>(peer: &mut RawPeer, id: u64, method: &str, payload: &P) -> u64 {
-    peer.request(id, method, payload).await;
-    let answer = peer.read().await;
-    assert_eq!(
-        (&answer[0], &answer[1]),
-        (&json!(3), &json!(id)),
-        "{answer}"
-    );
-    answer[3].as_u64().expect("a stream id")
-}
-
 /// The dispatcher's request for a stream, answered by the raw peer with `STREAM`; returns the
 /// credit the dispatcher grants.
 async fn answer_stream_request(peer: &mut RawPeer) -> u64 {
@@ -156,7 +144,7 @@ async fn credit_of_u64_max_twice_does_not_panic_the_producer() {
     let (feed, items) = mpsc::unbounded_channel();
     *probe.feed.lock().unwrap() = Some(items);
     let (_dispatcher, mut peer) = connect(probe).await;
-    let id = open_stream(&mut peer, 1, "fed", &Fed).await;
+    let id = peer.open_stream(1, "fed", &Fed).await;
     peer.stream_credit(id, u64::MAX).await;
     feed.send(0).unwrap();
     assert_eq!(peer.read().await, json!([8, id, 0, [0]]));
@@ -183,7 +171,7 @@ async fn credit_of_u64_max_twice_does_not_panic_the_producer() {
 async fn a_consumer_that_grants_u64_max_and_stops_reading_does_not_make_the_producer_grow() {
     let probe = Probe::default();
     let (_dispatcher, mut peer) = connect(probe.clone()).await;
-    let id = open_stream(&mut peer, 1, "kilobytes", &Kilobytes).await;
+    let id = peer.open_stream(1, "kilobytes", &Kilobytes).await;
     peer.stream_credit(id, u64::MAX).await;
     // The peer never reads again. Time is paused: each sleep returns once nothing can run
     // (the producer waits, or it has made all it can).
@@ -355,7 +343,7 @@ async fn a_deadline_answer_that_beats_our_own_timer_is_a_timeout() {
 #[tokio::test]
 async fn a_pull_on_a_stream_that_had_credit_is_answered_at_once() {
     let (_dispatcher, mut peer) = connect(Probe::default()).await;
-    let id = open_stream(&mut peer, 1, "numbers", &Numbers(100)).await;
+    let id = peer.open_stream(1, "numbers", &Numbers(100)).await;
     peer.stream_credit(id, 4).await;
     let mut received = 0;
     while received < 4 {
@@ -401,7 +389,7 @@ async fn text_where_a_frame_length_should_be_ends_the_connection_at_once() {
 #[tokio::test]
 async fn credit_for_a_pulled_stream_ends_it_with_an_error_at_once() {
     let (_dispatcher, mut peer) = connect(Probe::default()).await;
-    let stream = open_stream(&mut peer, 1, "numbers", &5u64).await;
+    let stream = peer.open_stream(1, "numbers", &5u64).await;
     peer.request(2, "$stream/next", &stream).await;
     let first = peer.read().await;
     assert_eq!(

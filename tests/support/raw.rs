@@ -174,6 +174,23 @@ impl RawPeer {
         self.send(&(3u8, id, NoAttributes::new(), payload)).await;
     }
 
+    /// Asks for a stream with request `id` and returns the stream id answered.
+    pub async fn open_stream<P: Serialize + ?Sized>(
+        &mut self,
+        id: u64,
+        method: &str,
+        payload: &P,
+    ) -> u64 {
+        self.request(id, method, payload).await;
+        let answer = self.read().await;
+        assert_eq!(
+            (answer[0].as_u64(), answer[1].as_u64()),
+            (Some(3), Some(id)),
+            "{answer}"
+        );
+        answer[3].as_u64().expect("a stream id")
+    }
+
     /// An error answer (kind 4).
     pub async fn respond_error(&mut self, id: u64, code: i64, message: &str) {
         self.send(&(4u8, id, NoAttributes::new(), code, message))
