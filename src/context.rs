@@ -16,6 +16,7 @@ use crate::dispatcher::{send_notification, Call, Dispatcher, RequestOver};
 use crate::envelope::Method;
 use crate::error::{CallError, CodecError, HandlerError, Termination};
 use crate::message::{Attributes, Notification, Request, StreamRequest};
+use crate::peer::PeerInfo;
 use crate::shared::{Permit, Shared};
 use crate::stream::RemoteStream;
 use crate::stream::Streams;
@@ -312,6 +313,26 @@ impl Context {
                 std::any::type_name::<T>()
             ))
         })
+    }
+
+    /// What is known about the peer that sent this message: its address and the identity the
+    /// handshake's [`Authenticator`](crate::Authenticator) gave it. `None` outside a
+    /// connection (a context built for a test).
+    ///
+    /// # Examples
+    /// ```
+    /// use channel_dispatcher::{request, Context, HandlerError, Router};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] struct WhoAmI;
+    /// # request!(WhoAmI => String, "whoami");
+    ///
+    /// let router = Router::new().request(|cx: Context, WhoAmI| async move {
+    ///     let peer = cx.peer().ok_or_else(|| HandlerError::internal("no peer"))?;
+    ///     Ok(peer.identity().map_or("anonymous".to_owned(), |id| id.to_string()))
+    /// });
+    /// ```
+    pub fn peer(&self) -> Option<&PeerInfo> {
+        self.extensions.get::<PeerInfo>()
     }
 
     /// Typed values attached by middleware or the [`ContextFactory`], and the router's state.

@@ -308,9 +308,14 @@ pub enum HandshakeError {
         /// The peer's codec's name.
         theirs: String,
     },
-    /// The peer did not present the token this side expects.
-    #[error("the peer's authentication token was missing or wrong")]
-    BadToken,
+    /// This side's [`Authenticator`](crate::Authenticator) refused the peer (a
+    /// [`SharedToken`](crate::SharedToken): its token was missing or wrong); the peer was told
+    /// the reason.
+    #[error("authentication refused: {reason}")]
+    Unauthenticated {
+        /// The reason the authenticator gave.
+        reason: String,
+    },
     /// The peer refused this side, giving a reason.
     #[error("the peer refused the connection: {reason}")]
     Refused {

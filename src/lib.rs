@@ -72,6 +72,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 
+mod auth;
 pub mod codec;
 mod context;
 mod dispatcher;
@@ -82,11 +83,13 @@ mod hash;
 mod limits;
 mod message;
 pub mod middleware;
+mod peer;
 mod shared;
 pub mod stream;
 mod transport;
 mod wake;
 
+pub use auth::{AuthFuture, AuthRequest, AuthResult, Authenticator, Refusal, SharedToken};
 pub use bytes;
 pub use codec::Codec;
 pub use context::{Context, ContextFactory, Extensions};
@@ -103,6 +106,7 @@ pub use handler::{
 };
 pub use limits::{Limit, LimitExceeded, Limits};
 pub use message::{Accepted, Attributes, Notification, Request, StreamRequest, Success};
+pub use peer::{Identity, PeerAddress, PeerInfo, UnixCredentials};
 pub use stream::{RemoteStream, Streams};
 pub use tower_service::Service;
 

@@ -24,6 +24,7 @@ use crate::error::{CallError, CodecError, RemoteError, Termination};
 use crate::limits::Limits;
 use crate::message::Attributes;
 use crate::middleware::Middleware;
+use crate::peer::PeerInfo;
 use crate::stream::storage::Streams;
 
 /// What the handles share; the driver holds it weakly, so dropping every handle stops it.
@@ -212,6 +213,7 @@ pub(crate) struct Lifecycle {
     /// Our own limits, which stand for the peer's until its hello arrives.
     own_limits: Limits,
     peer_limits: OnceLock<Limits>,
+    peer: OnceLock<PeerInfo>,
     /// Calls and queued notifications made through handles (`Builder::max_in_flight`).
     handle_permits: Permits,
     /// Queued notifications made by handlers (as many).
@@ -267,6 +269,7 @@ impl Lifecycle {
             on_stop: Mutex::new(Some(Vec::new())),
             own_limits: limits,
             peer_limits: OnceLock::new(),
+            peer: OnceLock::new(),
         }
     }
 
@@ -294,6 +297,11 @@ impl Lifecycle {
     }
 
     /// The limits the peer announced, or ours until it has.
+    /// The peer, once the handshake is done.
+    pub(crate) fn peer(&self) -> Option<&PeerInfo> {
+        self.peer.get()
+    }
+
     pub(crate) fn peer_limits(&self) -> Limits {
         self.peer_limits.get().copied().unwrap_or(self.own_limits)
     }
@@ -327,7 +335,8 @@ impl Lifecycle {
         }
     }
 
-    pub(crate) fn set_ready(&self, peer_limits: Limits) {
+    pub(crate) fn set_ready(&self, peer_limits: Limits, peer: PeerInfo) {
+        let _ = self.peer.set(peer);
         let _ = self.peer_limits.set(peer_limits);
         self.state.send_if_modified(|state| {
             let handshaking = *state == State::Handshaking;

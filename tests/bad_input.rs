@@ -281,7 +281,7 @@ async fn wrong_token_is_refused_and_both_sides_say_why() {
     let client = Dispatcher::builder().token("guess").spawn(b);
     assert!(matches!(
         within(server.closed()).await,
-        Termination::Handshake(HandshakeError::BadToken)
+        Termination::Handshake(HandshakeError::Unauthenticated { .. })
     ));
     match within(client.closed()).await {
         Termination::Handshake(HandshakeError::Refused { reason }) => {

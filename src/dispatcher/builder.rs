@@ -9,8 +9,9 @@ use tracing::Instrument;
 
 use super::connection::{Config, Connection, Parts};
 use super::Dispatcher;
+use crate::auth::{Authenticator, SharedToken};
 use crate::codec::Codec;
-use crate::context::ContextFactory;
+use crate::context::{ContextFactory, Extensions};
 use crate::envelope::EnvelopeKind;
 use crate::error::IntoHandlerError;
 use crate::handler::{DefaultErrorHandler, ErrorHandler, Incoming, Reply, Router};
@@ -86,7 +87,8 @@ impl Builder<Router> {
                 max_concurrent_handlers: 1024,
                 write_buffer_limit: 256 * 1024,
                 write_stall_timeout: Duration::from_secs(30),
-                expected_token: None,
+                authenticator: None,
+                extensions: Extensions::default(),
                 error_handler: Arc::new(DefaultErrorHandler),
                 context_factory: None,
                 observer: None,
@@ -285,9 +287,26 @@ impl<S> Builder<S> {
         self
     }
 
-    /// Refuses peers that do not present this token in the handshake.
-    pub fn expect_token(mut self, token: impl Into<String>) -> Self {
-        self.config.expected_token = Some(token.into());
+    /// Refuses peers that do not present this token in the handshake (compared in constant
+    /// time); the same as `.authenticator(SharedToken::new(token))`.
+    pub fn expect_token(self, token: impl Into<String>) -> Self {
+        self.authenticator(SharedToken::new(token))
+    }
+
+    /// Decides in the handshake which peers may connect and who they are (see
+    /// [`Authenticator`]); the identity reaches handlers in [`Context::peer`](crate::Context::peer). Replaces
+    /// [`expect_token`](Self::expect_token). Default: every peer is accepted.
+    pub fn authenticator(mut self, authenticator: impl Authenticator) -> Self {
+        self.config.authenticator = Some(Arc::new(authenticator));
+        self
+    }
+
+    /// Gives every handler of this connection `state`, which they borrow with
+    /// [`Context::state`](crate::Context::state), as [`Router::with_state`](crate::Router::with_state) does for a
+    /// router's handlers (for a type both give, this one wins). For state that differs
+    /// per connection, such as a server's per-peer setup.
+    pub fn with_state<T: Send + Sync + 'static>(mut self, state: T) -> Self {
+        self.config.extensions.insert(state);
         self
     }
 

@@ -28,6 +28,7 @@ use crate::error::{CallError, Termination};
 use crate::handler::Router;
 use crate::limits::Limits;
 use crate::message::{Attributes, Notification, Request, StreamRequest};
+use crate::peer::PeerInfo;
 use crate::shared::{Command, Permit, Shared};
 use crate::stream::RemoteStream;
 
@@ -189,6 +190,12 @@ impl Dispatcher {
     /// when it sends; `None` until the handshake is done.
     pub fn peer_limits(&self) -> Option<Limits> {
         self.shared.lifecycle.announced_peer_limits()
+    }
+
+    /// What is known about the peer (its address, the identity this side's
+    /// [`Authenticator`](crate::Authenticator) gave it), once the handshake is done.
+    pub fn peer(&self) -> Option<PeerInfo> {
+        self.shared.lifecycle.peer().cloned()
     }
 
     /// Stops gracefully and waits until the connection has ended.

@@ -14,8 +14,10 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, BytesMut};
 
 use super::frame::{Frame, FrameReader, FrameWriter, PREFIX};
+use crate::auth::{AuthRequest, Authenticator};
 use crate::error::HandshakeError;
 use crate::limits::Limits;
+use crate::peer::PeerInfo;
 
 pub(crate) const MAGIC: &[u8; 4] = b"CHDP";
 pub(crate) const PROTOCOL_VERSION: u16 = 2;
@@ -100,7 +102,8 @@ fn take_str(body: &mut &[u8], len: usize, skip: usize) -> Result<String, Handsha
     Ok(s)
 }
 
-/// Runs the handshake; returns the peer's hello once both sides accepted.
+/// Runs the handshake; returns the peer's hello and what is known about the peer (with the
+/// identity `authenticator` gave it) once both sides accepted.
 ///
 /// Whatever fails on the way, the peer's verdict is still read when it can be: a refused side
 /// reports the peer's reason, not the broken pipe its own writes ran into.
@@ -108,9 +111,10 @@ pub(crate) async fn handshake(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     ours: &Hello,
-    expected_token: Option<&str>,
+    authenticator: Option<&dyn Authenticator>,
+    peer: PeerInfo,
     max_frame: usize,
-) -> Result<Hello, HandshakeError> {
+) -> Result<(Hello, PeerInfo), HandshakeError> {
     let io = |e: std::io::Error| HandshakeError::Transport(Arc::new(e));
     if let Some(len) = ours
         .token
@@ -130,20 +134,23 @@ pub(crate) async fn handshake(
         // The peer went before its hello: our own failed write, if any, says more.
         Err(e) => return Err(sent.err().map_or(e, io)),
     };
-    let theirs =
-        match theirs.and_then(|theirs| check(ours, &theirs, expected_token).map(|()| theirs)) {
-            Ok(theirs) => theirs,
-            Err(refusal) => {
-                let mut verdict = vec![1];
-                verdict.extend_from_slice(refusal.to_string().as_bytes());
-                writer.put_frame(&verdict);
-                // The peer may have refused us too and gone: our own reason is what matters.
-                if writer.drain().await.is_ok() && !matches!(refusal, HandshakeError::NotAPeer) {
-                    let _ = tokio::time::timeout(REFUSAL_LINGER, read(reader)).await;
-                }
-                return Err(refusal);
+    let checked = match theirs.and_then(|theirs| check(ours, &theirs).map(|()| theirs)) {
+        Ok(theirs) => authenticate(authenticator, theirs, peer).await,
+        Err(refusal) => Err(refusal),
+    };
+    let (theirs, peer) = match checked {
+        Ok(accepted) => accepted,
+        Err(refusal) => {
+            let mut verdict = vec![1];
+            verdict.extend_from_slice(refusal.to_string().as_bytes());
+            writer.put_frame(&verdict);
+            // The peer may have refused us too and gone: our own reason is what matters.
+            if writer.drain().await.is_ok() && !matches!(refusal, HandshakeError::NotAPeer) {
+                let _ = tokio::time::timeout(REFUSAL_LINGER, read(reader)).await;
             }
-        };
+            return Err(refusal);
+        }
+    };
     writer.put_frame(&[0]);
     let accepted = writer.drain().await;
 
@@ -154,7 +161,7 @@ pub(crate) async fn handshake(
             reason: String::from_utf8_lossy(&body[1..]).into_owned(),
         }),
         Ok(_) if accepted.is_err() => Err(accepted.err().map_or(HandshakeError::NotAPeer, io)),
-        Ok(Some(Frame::Whole(body))) if body[..] == [0] => Ok(theirs),
+        Ok(Some(Frame::Whole(body))) if body[..] == [0] => Ok((theirs, peer)),
         Ok(_) => Err(HandshakeError::NotAPeer),
         Err(e) => Err(accepted.err().map_or(e, io)),
     }
@@ -184,19 +191,45 @@ async fn read(reader: &mut FrameReader) -> Result<Option<Frame>, HandshakeError>
     }
 }
 
-fn check(ours: &Hello, theirs: &Hello, expected_token: Option<&str>) -> Result<(), HandshakeError> {
+fn check(ours: &Hello, theirs: &Hello) -> Result<(), HandshakeError> {
     if ours.codec != theirs.codec {
         return Err(HandshakeError::CodecMismatch {
             ours: ours.codec.clone(),
             theirs: theirs.codec.clone(),
         });
     }
-    if let Some(expected) = expected_token {
-        if theirs.token.as_deref() != Some(expected) {
-            return Err(HandshakeError::BadToken);
+    Ok(())
+}
+
+/// The peer with the identity `authenticator` gives it (without one: the identity its
+/// transport established), or the refusal.
+async fn authenticate(
+    authenticator: Option<&dyn Authenticator>,
+    mut theirs: Hello,
+    peer: PeerInfo,
+) -> Result<(Hello, PeerInfo), HandshakeError> {
+    let Some(authenticator) = authenticator else {
+        return Ok((theirs, peer));
+    };
+    let request = AuthRequest::new(theirs.token.take(), peer.clone());
+    // NB. A panicking authenticator refuses the peer; it must not take the connection's task
+    // down with it.
+    let verdict = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+        authenticator.authenticate(request),
+    ))
+    .await;
+    match verdict {
+        Ok(Ok(identity)) => Ok((theirs, peer.with_identity(identity))),
+        Ok(Err(refusal)) => Err(HandshakeError::Unauthenticated {
+            reason: refusal.reason().to_owned(),
+        }),
+        Err(_) => {
+            tracing::error!("the authenticator panicked: refusing the peer");
+            Err(HandshakeError::Unauthenticated {
+                reason: "the peer's authentication failed on this side".into(),
+            })
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

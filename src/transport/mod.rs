@@ -16,6 +16,7 @@ use tokio::process::Command;
 pub(crate) use child::ChildExited;
 pub use child::ChildProcess;
 
+use crate::peer::{PeerAddress, PeerInfo, UnixCredentials};
 use frame::{BoxRead, BoxWrite};
 
 /// Buffer size of each direction of [`Channel::pair`].
@@ -45,6 +46,7 @@ pub struct Channel {
     pub(crate) reader: BoxRead,
     pub(crate) writer: BoxWrite,
     label: &'static str,
+    peer: PeerInfo,
 }
 
 impl Channel {
@@ -151,22 +153,47 @@ impl Channel {
             .kill_on_drop(true)
             .spawn()?;
         let (reader, writer, process) = child::watch(child)?;
-        Ok((
-            Self::labelled(Box::new(reader), Box::new(writer), "child"),
-            process,
-        ))
+        let pid = process.id();
+        let channel = Self::labelled(Box::new(reader), Box::new(writer), "child")
+            .with_peer(PeerInfo::new(PeerAddress::Child { pid }));
+        Ok((channel, process))
     }
 
     fn labelled(reader: BoxRead, writer: BoxWrite, label: &'static str) -> Self {
+        let address = match label {
+            "memory" => PeerAddress::Memory,
+            "stdio" => PeerAddress::Stdio,
+            _ => PeerAddress::Unknown,
+        };
         Self {
             reader,
             writer,
             label,
+            peer: PeerInfo::new(address),
         }
     }
 
     pub(crate) fn label(&self) -> &'static str {
         self.label
+    }
+
+    /// What the transport knows about the peer: its address and, for a TLS client
+    /// certificate, its identity. The handshake's [`Authenticator`](crate::Authenticator)
+    /// sees it, and handlers then find it (with the identity authenticated) in
+    /// [`Context::peer`](crate::Context::peer).
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// The channel with `peer` as what is known about the peer, for transports that know more
+    /// than the channel can tell (a proxy's client address, a custom transport's identity).
+    pub fn with_peer(mut self, peer: PeerInfo) -> Self {
+        self.peer = peer;
+        self
+    }
+
+    pub(crate) fn into_parts(self) -> (BoxRead, BoxWrite, PeerInfo) {
+        (self.reader, self.writer, self.peer)
     }
 }
 
@@ -186,8 +213,18 @@ fn unix_stdio_pipes() -> Option<(
 
 impl From<UnixStream> for Channel {
     fn from(stream: UnixStream) -> Self {
+        let credentials = stream.peer_cred().ok().map(|cred| UnixCredentials {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        });
+        let path = stream
+            .peer_addr()
+            .ok()
+            .and_then(|address| address.as_pathname().map(Into::into));
         let (reader, writer) = stream.into_split();
         Self::labelled(Box::new(reader), Box::new(writer), "unix")
+            .with_peer(PeerInfo::new(PeerAddress::Unix { path, credentials }))
     }
 }
 
@@ -195,8 +232,11 @@ impl From<TcpStream> for Channel {
     fn from(stream: TcpStream) -> Self {
         // Small frames must not wait for Nagle's algorithm: we coalesce writes ourselves.
         let _ = stream.set_nodelay(true);
+        let address = stream
+            .peer_addr()
+            .map_or(PeerAddress::Unknown, PeerAddress::Tcp);
         let (reader, writer) = stream.into_split();
-        Self::labelled(Box::new(reader), Box::new(writer), "tcp")
+        Self::labelled(Box::new(reader), Box::new(writer), "tcp").with_peer(PeerInfo::new(address))
     }
 }
 
@@ -204,6 +244,7 @@ impl fmt::Debug for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Channel")
             .field("kind", &self.label)
+            .field("peer", &self.peer)
             .finish_non_exhaustive()
     }
 }

@@ -538,6 +538,7 @@ where
             run.deadline,
             Some(over),
         );
+        context.extensions_mut().fill_from(&self.config.extensions);
         if let Some(factory) = &self.config.context_factory {
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| factory.prepare(&mut context))) {
                 self.handlers.unreserve(slot);

@@ -29,11 +29,13 @@ use tower_service::Service;
 pub(crate) use handlers::RequestOver;
 
 use super::builder::Observer;
+use crate::auth::Authenticator;
 use crate::codec::Codec;
-use crate::context::ContextFactory;
+use crate::context::{ContextFactory, Extensions};
 use crate::error::{HandshakeError, IntoHandlerError, Termination};
 use crate::handler::{ErrorHandler, Incoming, Reply};
 use crate::limits::Limits;
+use crate::peer::PeerInfo;
 use crate::transport::frame::{FrameReader, FrameWriter};
 use crate::transport::handshake::{handshake, Hello, PROTOCOL_VERSION};
 use crate::transport::Channel;
@@ -51,14 +53,20 @@ pub(crate) struct Config {
     pub(crate) write_buffer_limit: usize,
     /// How long the write buffer may stay over its hard cap before the peer is cut off.
     pub(crate) write_stall_timeout: Duration,
-    pub(crate) expected_token: Option<String>,
+    pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
+    /// What every handler's context starts with: the builder's state, then the peer's info.
+    pub(crate) extensions: Extensions,
     pub(crate) error_handler: Arc<dyn ErrorHandler>,
     pub(crate) context_factory: Option<Arc<dyn ContextFactory>>,
     pub(crate) observer: Option<Observer>,
 }
 
 type Handshake = Pin<Box<dyn Future<Output = HandshakeResult> + Send>>;
-type HandshakeResult = (FrameReader, FrameWriter, Result<Hello, HandshakeError>);
+type HandshakeResult = (
+    FrameReader,
+    FrameWriter,
+    Result<(Hello, PeerInfo), HandshakeError>,
+);
 
 /// The future that drives one connection; resolves to why it ended.
 ///
@@ -97,15 +105,16 @@ where
     ) -> Self {
         let config = &parts.config;
         let max_frame = config.limits.max_frame_length;
-        let mut reader = FrameReader::new(channel.reader, max_frame);
-        let mut writer = FrameWriter::new(channel.writer);
+        let (reader, writer, peer) = channel.into_parts();
+        let mut reader = FrameReader::new(reader, max_frame);
+        let mut writer = FrameWriter::new(writer);
         let hello = Hello {
             version: PROTOCOL_VERSION,
             codec: config.codec.name().to_owned(),
             token,
             limits: config.limits,
         };
-        let expected = config.expected_token.clone();
+        let authenticator = config.authenticator.clone();
         let timeout = config.handshake_timeout;
         let handshake: Handshake = Box::pin(async move {
             let result = tokio::time::timeout(
@@ -114,7 +123,8 @@ where
                     &mut reader,
                     &mut writer,
                     &hello,
-                    expected.as_deref(),
+                    authenticator.as_deref(),
+                    peer,
                     max_frame,
                 ),
             )
@@ -176,9 +186,11 @@ where
                         unreachable!("the state was just matched")
                     };
                     match result {
-                        Ok(peer) => {
-                            tracing::debug!(peer_limits = ?peer.limits, "handshake done");
-                            parts.lifecycle.set_ready(peer.limits);
+                        Ok((peer, info)) => {
+                            tracing::debug!(peer_limits = ?peer.limits, %info, "handshake done");
+                            let mut parts = parts;
+                            parts.config.extensions.insert(info.clone());
+                            parts.lifecycle.set_ready(peer.limits, info);
                             let write = WriteSide::new(
                                 writer,
                                 parts.config.codec,
