@@ -43,7 +43,7 @@ pub mod code {
 }
 
 /// An error from encoding or decoding a value or an envelope with a [`Codec`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{codec} codec: {message}")]
 pub struct CodecError {
     codec: &'static str,

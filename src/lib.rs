@@ -84,6 +84,7 @@ mod limits;
 mod message;
 pub mod middleware;
 mod peer;
+pub mod server;
 mod shared;
 pub mod stream;
 mod transport;

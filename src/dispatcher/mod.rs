@@ -192,6 +192,11 @@ impl Dispatcher {
         self.shared.lifecycle.announced_peer_limits()
     }
 
+    /// Waits for the handshake: `Err` with the reason if the connection ended first.
+    pub(crate) async fn ready(&self) -> Result<(), Termination> {
+        self.shared.lifecycle.handshake_done().await
+    }
+
     /// What is known about the peer (its address, the identity this side's
     /// [`Authenticator`](crate::Authenticator) gave it), once the handshake is done.
     pub fn peer(&self) -> Option<PeerInfo> {
