@@ -316,6 +316,10 @@ pub enum HandshakeError {
         /// The reason the authenticator gave.
         reason: String,
     },
+    /// The peer's first bytes were TLS while this side speaks plain TCP (or the other way
+    /// round: a TLS server answered a plaintext hello).
+    #[error("the peer speaks TLS and this side does not: use TLS on both sides (a tls: address, tls::TlsListener) or on neither")]
+    PeerSpeaksTls,
     /// The peer refused this side, giving a reason.
     #[error("the peer refused the connection: {reason}")]
     Refused {

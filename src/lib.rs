@@ -120,4 +120,7 @@ pub mod fuzzing;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
-pub use transport::{Channel, ChildProcess};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use transport::tls;
+pub use transport::{Channel, ChildProcess, Connector};

@@ -546,7 +546,6 @@ mod tests {
 #[cfg(test)]
 mod protocol_examples {
     use super::*;
-    use crate::envelope::Method;
     use crate::message::Attributes;
 
     fn response(codec: Codec) -> Bytes {
@@ -574,6 +573,8 @@ mod protocol_examples {
     #[cfg(feature = "json")]
     #[test]
     fn json_request_text() {
+        use crate::envelope::Method;
+
         #[derive(serde::Serialize)]
         struct Add {
             a: i32,

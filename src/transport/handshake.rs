@@ -131,6 +131,7 @@ pub(crate) async fn handshake(
     let theirs = match read(reader).await {
         Ok(Some(Frame::Whole(body))) => Hello::decode(&body),
         Ok(_) => Err(HandshakeError::NotAPeer),
+        Err(e @ HandshakeError::PeerSpeaksTls) => return Err(e),
         // The peer went before its hello: our own failed write, if any, says more.
         Err(e) => return Err(sent.err().map_or(e, io)),
     };
@@ -172,10 +173,15 @@ pub(crate) async fn handshake(
 async fn read(reader: &mut FrameReader) -> Result<Option<Frame>, HandshakeError> {
     let io = |e: std::io::Error| HandshakeError::Transport(Arc::new(e));
     loop {
-        if reader
+        if let Some(len) = reader
             .claimed()
-            .is_some_and(|len| len > PREFIX + MAX_HANDSHAKE_FRAME)
+            .filter(|&len| len > PREFIX + MAX_HANDSHAKE_FRAME)
         {
+            // A TLS record starts with its content type (20 to 23) and major version 3.
+            let prefix = (len as u32).to_be_bytes();
+            if (0x14..=0x17).contains(&prefix[0]) && prefix[1] == 3 {
+                return Err(HandshakeError::PeerSpeaksTls);
+            }
             return Ok(None);
         }
         if let Some(frame) = reader.next_frame() {

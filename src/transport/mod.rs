@@ -2,8 +2,11 @@
 //! handshake are the same on all of them.
 
 mod child;
+mod connect;
 pub(crate) mod frame;
 pub(crate) mod handshake;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::fmt;
 use std::io;
@@ -15,6 +18,7 @@ use tokio::process::Command;
 
 pub(crate) use child::ChildExited;
 pub use child::ChildProcess;
+pub use connect::Connector;
 
 use crate::peer::{PeerAddress, PeerInfo, UnixCredentials};
 use frame::{BoxRead, BoxWrite};

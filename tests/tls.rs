@@ -1,0 +1,267 @@
+//! TLS over TCP loopback, with certificates made by the test: a round trip, a wrong server
+//! name and an untrusted certificate refused with clear errors, mutual TLS whose client name
+//! reaches the handler, and plaintext against TLS (both ways) refused, never hanging.
+
+mod support;
+
+use std::time::Duration;
+
+use channel_dispatcher::server::{FromStream, Server};
+use channel_dispatcher::tls::{self, TlsListener};
+use channel_dispatcher::{
+    Channel, Connector, Context, Dispatcher, HandshakeError, PeerInfo, Router, Termination,
+};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use support::{within, Echo};
+use tokio::net::TcpListener;
+
+/// A certificate authority, and certificates it signs, as PEM.
+struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Authority {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        Self {
+            pem: certificate.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names`, with `common_name`; returns (chain PEM, key PEM).
+    fn sign(&self, names: &[&str], common_name: &str) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let key = KeyPair::generate().unwrap();
+        let certificate = params.signed_by(&key, &self.issuer).unwrap();
+        (certificate.pem(), key.serialize_pem())
+    }
+}
+
+/// Answers who the handler's context says the peer is.
+fn whoami() -> Router {
+    Router::new().request(|cx: Context, Echo(_)| async move {
+        Ok(cx
+            .peer()
+            .and_then(PeerInfo::identity)
+            .map_or("anonymous".to_owned(), |id| id.to_string()))
+    })
+}
+
+/// A TLS server for `localhost` signed by `ca`, trusting `client_roots` for client
+/// certificates; returns it and its port.
+async fn tls_server(ca: &Authority, client_roots: Option<&Authority>) -> (Server, u16) {
+    let (chain, key) = ca.sign(&["localhost"], "localhost");
+    let config = tls::server_config(
+        chain.as_bytes(),
+        key.as_bytes(),
+        client_roots.map(|ca| ca.pem.as_bytes()),
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = Server::builder().serve(TlsListener::new(listener, config), |_: &PeerInfo| {
+        Dispatcher::builder().handler(whoami())
+    });
+    (server, port)
+}
+
+fn connector(roots: &Authority, identity: Option<&(String, String)>) -> Connector {
+    let identity = identity.map(|(chain, key)| (chain.as_bytes(), key.as_bytes()));
+    Connector::new()
+        .timeout(Duration::from_secs(10))
+        .tls(tls::client_config(roots.pem.as_bytes(), identity).unwrap())
+}
+
+#[tokio::test]
+async fn a_tls_round_trip() {
+    let ca = Authority::new("test CA");
+    let (server, port) = tls_server(&ca, None).await;
+    let channel = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
+        .await
+        .unwrap();
+    let client = within(Dispatcher::builder().connect(channel))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(client.request(Echo("hi".into()))).await.unwrap(),
+        "anonymous"
+    );
+    assert_eq!(server.peers().len(), 1);
+    within(server.shutdown()).await;
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_name_is_refused_with_a_clear_error() {
+    let ca = Authority::new("test CA");
+    let (_server, port) = tls_server(&ca, None).await;
+    // The certificate is for `localhost`; the client asks for the address it dialled.
+    let error = within(connector(&ca, None).connect(&format!("tls:127.0.0.1:{port}")))
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("TLS handshake") && text.contains("not valid for name"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_from_untrusted_roots_is_refused() {
+    let ca = Authority::new("test CA");
+    let stranger = Authority::new("someone else's CA");
+    let (_server, port) = tls_server(&ca, None).await;
+    let error = within(connector(&stranger, None).connect(&format!("tls:localhost:{port}")))
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("UnknownIssuer"), "{text}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_names_the_peer_to_its_handlers() {
+    let ca = Authority::new("test CA");
+    let clients = Authority::new("clients CA");
+    let (server, port) = tls_server(&ca, Some(&clients)).await;
+    let identity = clients.sign(&["worker-7.example"], "worker-7");
+    let channel = within(connector(&ca, Some(&identity)).connect(&format!("tls:localhost:{port}")))
+        .await
+        .unwrap();
+    let client = within(Dispatcher::builder().connect(channel))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(client.request(Echo(String::new()))).await.unwrap(),
+        "worker-7"
+    );
+    let peer = server.peers().list().pop().unwrap();
+    assert_eq!(peer.info().identity().unwrap().name(), "worker-7");
+    // The server's own name, as the client sees it.
+    assert_eq!(
+        client.peer().unwrap().identity().unwrap().name(),
+        "localhost"
+    );
+
+    // Without a certificate: accepted, anonymous.
+    let channel = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
+        .await
+        .unwrap();
+    let anonymous = within(Dispatcher::builder().connect(channel))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(anonymous.request(Echo(String::new())))
+            .await
+            .unwrap(),
+        "anonymous"
+    );
+
+    // A certificate from roots the server does not trust: refused.
+    let stranger = Authority::new("someone else's CA").sign(&["x.example"], "impostor");
+    let refused = async {
+        let channel = connector(&ca, Some(&stranger))
+            .connect(&format!("tls:localhost:{port}"))
+            .await?;
+        // TLS 1.3 finishes the client's side before the server checks its certificate: the
+        // refusal arrives as the connection's end.
+        Dispatcher::builder()
+            .connect(channel)
+            .await
+            .map(drop)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    assert!(
+        within(refused).await.is_err(),
+        "an untrusted client certificate is refused"
+    );
+}
+
+#[tokio::test]
+async fn a_plaintext_client_and_a_tls_server_refuse_each_other_at_once() {
+    let ca = Authority::new("test CA");
+    let (_server, port) = tls_server(&ca, None).await;
+    let channel = within(Channel::connect(&format!("tcp:localhost:{port}")))
+        .await
+        .unwrap();
+    let end = within(Dispatcher::builder().connect(channel))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(end, Termination::Handshake(HandshakeError::PeerSpeaksTls)),
+        "{end:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_tls_client_and_a_plaintext_server_refuse_each_other_at_once() {
+    let ca = Authority::new("test CA");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+    let server = Server::builder()
+        .serve(FromStream(tokio_stream_from(accepted)), |_: &PeerInfo| {
+            Dispatcher::builder()
+        });
+    let mut events = server.peers().events();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let _ = accepted_tx.send(Ok(Channel::from(stream)));
+    });
+    let error = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("does the server speak TLS"),
+        "{error}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err(),
+        "nobody joined"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_never_finishes_the_handshake_times_the_connection_out() {
+    let ca = Authority::new("test CA");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts, and never says a word.
+    let silent = tokio::spawn(async move {
+        let (_stream, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await
+    });
+    let error = within(
+        connector(&ca, None)
+            .timeout(Duration::from_millis(200))
+            .connect(&format!("tls:localhost:{port}")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    assert!(
+        error.to_string().contains("took more than 200ms"),
+        "{error}"
+    );
+    silent.abort();
+}
+
+/// An mpsc receiver as a `Stream`.
+fn tokio_stream_from<T: Send + 'static>(
+    mut receiver: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + Unpin {
+    Box::pin(futures_util::stream::poll_fn(move |cx| {
+        receiver.poll_recv(cx)
+    }))
+}
