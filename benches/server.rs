@@ -78,7 +78,7 @@ async fn serve(kind: Kind) {
             let config = tls::server_config(
                 std::env::var("BENCH_CHAIN").unwrap().as_bytes(),
                 std::env::var("BENCH_KEY").unwrap().as_bytes(),
-                None,
+                tls::ClientAuth::None,
             )
             .unwrap();
             Server::builder()

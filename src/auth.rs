@@ -8,8 +8,9 @@ use std::pin::Pin;
 
 use crate::peer::{Identity, PeerInfo};
 
-/// What an [`Authenticator`] decides: the peer's identity (`None`: accepted, anonymous), or a
-/// refusal.
+/// What an [`Authenticator`] decides: the peer's identity, or `None` to accept it as it is
+/// (with the identity its transport established, such as a TLS client certificate's name, or
+/// anonymous), or a refusal.
 pub type AuthResult = Result<Option<Identity>, Refusal>;
 
 /// The future an [`Authenticator`] returns.

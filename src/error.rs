@@ -316,6 +316,13 @@ pub enum HandshakeError {
         /// The reason the authenticator gave.
         reason: String,
     },
+    /// This side refused every peer for the time being (a [`Server`](crate::server::Server)
+    /// at its connection limit); the peer was told the reason.
+    #[error("{reason}")]
+    Unavailable {
+        /// Why, as the peer was told.
+        reason: String,
+    },
     /// The peer's first bytes were TLS while this side speaks plain TCP (or the other way
     /// round: a TLS server answered a plaintext hello).
     #[error("the peer speaks TLS and this side does not: use TLS on both sides (a tls: address, tls::TlsListener) or on neither")]

@@ -42,7 +42,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{broadcast, watch};
 use tower_service::Service;
 
-use crate::auth::{AuthRequest, Refusal};
 use crate::codec::Codec;
 use crate::dispatcher::{Builder, Dispatcher};
 use crate::error::{CallError, CodecError, IntoHandlerError, Termination};
@@ -53,6 +52,13 @@ use crate::transport::Channel;
 
 /// The shortest and longest pause after an accept error (the back-off doubles in between).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+
+/// How many refusals (of peers beyond `max_connections`) may be under way at once; past it a
+/// new connection is closed without a word, so that a flood costs nothing but the accept.
+const MAX_REFUSING: usize = 256;
+
+/// How long a refused peer has to send its hello and read the refusal.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How many join and leave events a slow [`Peers::events`] receiver may fall behind.
 const EVENTS: usize = 1024;
@@ -92,7 +98,7 @@ where
     }
 }
 
-/// A peer's number in its server's registry: unique for the server's lifetime. Handlers find
+/// A peer's number in its server's registry: never reused within the process. Handlers find
 /// their own peer's with `cx.state::<PeerId>()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(u64);
@@ -185,7 +191,9 @@ impl Peers {
     }
 
     /// Peers joining and leaving from now on. A receiver that falls more than 1024 events
-    /// behind loses the oldest (it is told how many, as tokio's `broadcast` does).
+    /// behind loses the oldest (it is told how many, as tokio's `broadcast` does). To know
+    /// every peer, subscribe first, then [`list`](Self::list): a peer may then be both listed
+    /// and announced, but none is missed.
     pub fn events(&self) -> broadcast::Receiver<PeerEvent> {
         self.inner.events.subscribe()
     }
@@ -206,12 +214,9 @@ impl Peers {
         notification: &N,
         filter: impl Fn(&Peer) -> bool,
     ) -> Broadcast {
-        let peers: Vec<Peer> = self
-            .lock()
-            .values()
-            .filter(|p| filter(p))
-            .cloned()
-            .collect();
+        // The filter runs outside the lock: it may use the registry itself.
+        let mut peers = self.list();
+        peers.retain(|p| filter(p));
         let mut encoded: Vec<(Codec, Result<Bytes, CodecError>)> = Vec::new();
         let timeout = self.inner.broadcast_timeout;
         let sends = peers.into_iter().map(|peer| {
@@ -291,7 +296,12 @@ pub struct ServerBuilder {
 
 impl ServerBuilder {
     /// The most connections served at once (handshaking or connected); a peer beyond it is
-    /// refused in the handshake with a reason that says so. Default: 10,000.
+    /// refused in the handshake with a reason that says so, whatever codec it speaks (and
+    /// past 256 such refusals under way, closed without one). Default: 10,000.
+    ///
+    /// Connections still in their handshake count: a peer that connects and never says hello
+    /// holds its place until the handshake timeout of its [`Builder`] (10 s by default); lower
+    /// it where many untrusted peers connect.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections;
         self
@@ -309,7 +319,8 @@ impl ServerBuilder {
     /// TLS, its certificate's identity) and returns the [`Builder`] of its connection
     /// (handler, limits, authenticator, ...). The server gives every connection's handlers
     /// the registry and their peer's id as state (`cx.state::<Peers>()`,
-    /// `cx.state::<PeerId>()`).
+    /// `cx.state::<PeerId>()`). `setup` runs on the accepting task: keep it quick (work
+    /// that waits belongs in the [`Authenticator`](crate::Authenticator) or the handlers).
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -431,6 +442,12 @@ async fn accept_loop<A, F, S>(
     S::Future: Send + 'static,
 {
     static IDS: AtomicU64 = AtomicU64::new(1);
+    // However this task ends (a panicking acceptor, an aborted runtime), shutdown hears of it.
+    let _accepting = Ended {
+        server: &server,
+        count: &server.accepting,
+    };
+    let refusing = Arc::new(AtomicUsize::new(0));
     let mut backoff = ACCEPT_BACKOFF.0;
     loop {
         let next = {
@@ -449,7 +466,12 @@ async fn accept_loop<A, F, S>(
             }
             Some(Some(Err(error))) => {
                 tracing::warn!(%error, retry_in = ?backoff, "accepting a connection failed");
-                tokio::time::sleep(backoff).await;
+                let down = std::pin::pin!(shutting_down.wait_for(|down| *down));
+                if let Either::Left(_) =
+                    select(down, std::pin::pin!(tokio::time::sleep(backoff))).await
+                {
+                    break;
+                }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                 continue;
             }
@@ -458,16 +480,23 @@ async fn accept_loop<A, F, S>(
         backoff = ACCEPT_BACKOFF.0;
         let info = channel.peer().clone();
         if server.connections.load(Ordering::SeqCst) >= max_connections {
+            if refusing.load(Ordering::SeqCst) >= MAX_REFUSING {
+                tracing::debug!(peer = %info, "closing a peer: at the connection limit, and refusing many");
+                continue;
+            }
             tracing::warn!(peer = %info, max_connections, "refusing a peer: at the connection limit");
-            let reason = format!(
-                "the server is at its limit of {max_connections} connections: try again later"
-            );
-            let refuse = move |_: AuthRequest| {
-                let reason = Refusal::new(reason.clone());
-                async move { Err(reason) }
-            };
-            let refused = Dispatcher::builder().authenticator(refuse).spawn(channel);
-            tokio::spawn(async move { refused.closed().await });
+            let refused = Dispatcher::builder()
+                .handshake_timeout(REFUSAL_TIMEOUT)
+                .refuse_everyone(format!(
+                    "the server is at its limit of {max_connections} connections: try again later"
+                ))
+                .spawn(channel);
+            refusing.fetch_add(1, Ordering::SeqCst);
+            let refusing = Arc::clone(&refusing);
+            tokio::spawn(async move {
+                refused.closed().await;
+                refusing.fetch_sub(1, Ordering::SeqCst);
+            });
             continue;
         }
         let id = PeerId(IDS.fetch_add(1, Ordering::Relaxed));
@@ -484,16 +513,53 @@ async fn accept_loop<A, F, S>(
             .with_state(id)
             .spawn(channel);
         server.connections.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(track(Arc::clone(&server), id, dispatcher));
+        tokio::spawn(track(
+            Arc::clone(&server),
+            id,
+            dispatcher,
+            shutting_down.clone(),
+        ));
     }
-    server.accepting.store(0, Ordering::SeqCst);
-    server.ended.notify_waiters();
+}
+
+/// Takes one off `count` and wakes [`Server::shutdown`] when dropped, however its task ends.
+struct Ended<'a> {
+    server: &'a ServerInner,
+    count: &'a AtomicUsize,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.server.ended.notify_waiters();
+    }
 }
 
 /// Registers the peer once its handshake is done, and removes it once it ends.
-async fn track(server: Arc<ServerInner>, id: PeerId, dispatcher: Dispatcher) {
+async fn track(
+    server: Arc<ServerInner>,
+    id: PeerId,
+    dispatcher: Dispatcher,
+    mut shutting_down: watch::Receiver<bool>,
+) {
+    let _counted = Ended {
+        server: &server,
+        count: &server.connections,
+    };
     let peers = &server.peers;
-    let joined = match dispatcher.ready().await {
+    let ready = {
+        let down = std::pin::pin!(shutting_down.wait_for(|down| *down));
+        match select(std::pin::pin!(dispatcher.ready()), down).await {
+            Either::Left((ready, _)) => Some(ready),
+            Either::Right(_) => None,
+        }
+    };
+    // A shutdown stops a peer still in its handshake, which never joins.
+    let ready = match ready {
+        Some(ready) => ready,
+        None => Err(dispatcher.stop().await),
+    };
+    let joined = match ready {
         Ok(()) => {
             let info = dispatcher.peer().expect("the handshake is done");
             let peer = Peer {
@@ -522,6 +588,4 @@ async fn track(server: Arc<ServerInner>, id: PeerId, dispatcher: Dispatcher) {
         let _ = peers.inner.events.send(PeerEvent::Left { id, reason });
     }
     drop(dispatcher);
-    server.connections.fetch_sub(1, Ordering::SeqCst);
-    server.ended.notify_waiters();
 }

@@ -382,3 +382,70 @@ async fn a_handler_pushes_to_the_other_peers_through_the_registry() {
     .await;
     assert_eq!(heard[0].load(Ordering::SeqCst), 0, "not to the sender");
 }
+
+#[tokio::test]
+async fn a_peer_of_any_codec_over_the_limit_is_told_about_the_limit() {
+    let (_server, path, _dir) = unix_server(1).await;
+    let _first = client(
+        Channel::from(UnixStream::connect(&path).await.unwrap()),
+        Arc::default(),
+    )
+    .await;
+    // A raw peer that speaks a codec the server has never heard of.
+    let mut peer = support::raw::RawPeer::new(UnixStream::connect(&path).await.unwrap());
+    peer.send_frame(&hello(VERSION, "no-such-codec")).await;
+    let _their_hello = within(peer.read_frame()).await.expect("the server's hello");
+    let verdict = within(peer.read_frame())
+        .await
+        .expect("the server's verdict");
+    assert_eq!(verdict[0], 1, "a refusal");
+    let reason = String::from_utf8_lossy(&verdict[1..]);
+    assert!(reason.contains("limit of 1 connections"), "{reason}");
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_peer_that_never_finishes_its_handshake() {
+    let dir = tempdir::Dir::new();
+    let path = dir.path().join("server.sock");
+    let server = Server::builder().serve(UnixListener::bind(&path).unwrap(), |_: &PeerInfo| {
+        Dispatcher::builder().drain_timeout(Duration::from_millis(200))
+    });
+    let _silent = UnixStream::connect(&path).await.unwrap();
+    within(async {
+        while server.connections() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // The handshake timeout is 10 s; the shutdown stops the handshake within the drain.
+    tokio::time::timeout(Duration::from_secs(3), server.shutdown())
+        .await
+        .expect("shutdown waited for the handshake");
+    assert_eq!(server.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_filter_may_use_the_registry() {
+    let (server, path, _dir) = unix_server(10).await;
+    let heard = Arc::new(AtomicUsize::new(0));
+    let _client = client(
+        Channel::from(UnixStream::connect(&path).await.unwrap()),
+        heard.clone(),
+    )
+    .await;
+    wait_for_peers(&server, 1).await;
+    let peers = server.peers().clone();
+    let sent = within(
+        server
+            .peers()
+            .broadcast_to(&News("x".into()), |peer| peers.get(peer.id()).is_some()),
+    )
+    .await;
+    assert_eq!(sent.delivered(), 1);
+    within(async {
+        while heard.load(Ordering::SeqCst) != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}

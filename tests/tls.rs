@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use channel_dispatcher::server::{FromStream, Server};
-use channel_dispatcher::tls::{self, TlsListener};
+use channel_dispatcher::tls::{self, ClientAuth, TlsListener};
 use channel_dispatcher::{
     Channel, Connector, Context, Dispatcher, HandshakeError, PeerInfo, Router, Termination,
 };
@@ -58,16 +58,10 @@ fn whoami() -> Router {
     })
 }
 
-/// A TLS server for `localhost` signed by `ca`, trusting `client_roots` for client
-/// certificates; returns it and its port.
-async fn tls_server(ca: &Authority, client_roots: Option<&Authority>) -> (Server, u16) {
+/// A TLS server for `localhost` signed by `ca`, with `client_auth`; returns it and its port.
+async fn tls_server(ca: &Authority, client_auth: ClientAuth<'_>) -> (Server, u16) {
     let (chain, key) = ca.sign(&["localhost"], "localhost");
-    let config = tls::server_config(
-        chain.as_bytes(),
-        key.as_bytes(),
-        client_roots.map(|ca| ca.pem.as_bytes()),
-    )
-    .unwrap();
+    let config = tls::server_config(chain.as_bytes(), key.as_bytes(), client_auth).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = Server::builder().serve(TlsListener::new(listener, config), |_: &PeerInfo| {
@@ -86,7 +80,7 @@ fn connector(roots: &Authority, identity: Option<&(String, String)>) -> Connecto
 #[tokio::test]
 async fn a_tls_round_trip() {
     let ca = Authority::new("test CA");
-    let (server, port) = tls_server(&ca, None).await;
+    let (server, port) = tls_server(&ca, ClientAuth::None).await;
     let channel = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
         .await
         .unwrap();
@@ -104,7 +98,7 @@ async fn a_tls_round_trip() {
 #[tokio::test]
 async fn a_certificate_for_another_name_is_refused_with_a_clear_error() {
     let ca = Authority::new("test CA");
-    let (_server, port) = tls_server(&ca, None).await;
+    let (_server, port) = tls_server(&ca, ClientAuth::None).await;
     // The certificate is for `localhost`; the client asks for the address it dialled.
     let error = within(connector(&ca, None).connect(&format!("tls:127.0.0.1:{port}")))
         .await
@@ -120,7 +114,7 @@ async fn a_certificate_for_another_name_is_refused_with_a_clear_error() {
 async fn a_certificate_from_untrusted_roots_is_refused() {
     let ca = Authority::new("test CA");
     let stranger = Authority::new("someone else's CA");
-    let (_server, port) = tls_server(&ca, None).await;
+    let (_server, port) = tls_server(&ca, ClientAuth::None).await;
     let error = within(connector(&stranger, None).connect(&format!("tls:localhost:{port}")))
         .await
         .unwrap_err();
@@ -132,7 +126,7 @@ async fn a_certificate_from_untrusted_roots_is_refused() {
 async fn a_client_certificate_names_the_peer_to_its_handlers() {
     let ca = Authority::new("test CA");
     let clients = Authority::new("clients CA");
-    let (server, port) = tls_server(&ca, Some(&clients)).await;
+    let (server, port) = tls_server(&ca, ClientAuth::Optional(clients.pem.as_bytes())).await;
     let identity = clients.sign(&["worker-7.example"], "worker-7");
     let channel = within(connector(&ca, Some(&identity)).connect(&format!("tls:localhost:{port}")))
         .await
@@ -187,9 +181,83 @@ async fn a_client_certificate_names_the_peer_to_its_handlers() {
 }
 
 #[tokio::test]
+async fn a_server_that_requires_client_certificates_refuses_a_client_without_one() {
+    let ca = Authority::new("test CA");
+    let clients = Authority::new("clients CA");
+    let (server, port) = tls_server(&ca, ClientAuth::Required(clients.pem.as_bytes())).await;
+    let refused = async {
+        let channel = connector(&ca, None)
+            .connect(&format!("tls:localhost:{port}"))
+            .await?;
+        Dispatcher::builder()
+            .connect(channel)
+            .await
+            .map(drop)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let error = within(refused).await.unwrap_err();
+    assert!(error.to_string().contains("Certificate"), "{error}");
+    assert!(server.peers().is_empty());
+
+    let identity = clients.sign(&["worker-1.example"], "worker-1");
+    let channel = within(connector(&ca, Some(&identity)).connect(&format!("tls:localhost:{port}")))
+        .await
+        .unwrap();
+    let client = within(Dispatcher::builder().connect(channel))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(client.request(Echo(String::new()))).await.unwrap(),
+        "worker-1"
+    );
+}
+
+#[tokio::test]
+async fn clients_that_never_finish_their_tls_handshake_do_not_hold_up_others() {
+    let ca = Authority::new("test CA");
+    let (chain, key) = ca.sign(&["localhost"], "localhost");
+    let config = tls::server_config(chain.as_bytes(), key.as_bytes(), ClientAuth::None).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let listener = TlsListener::new(listener, config)
+        .max_handshakes(4)
+        .handshake_timeout(Duration::from_millis(300));
+    let server = Server::builder().serve(listener, |_: &PeerInfo| {
+        Dispatcher::builder().handler(whoami())
+    });
+    // Eight silent clients: twice the handshakes the listener runs at once.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    // A real client still gets in, once the silent ones time out.
+    let channel = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
+        .await
+        .unwrap();
+    let client = within(Dispatcher::builder().connect(channel))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(client.request(Echo(String::new()))).await.unwrap(),
+        "anonymous"
+    );
+    // The silent ones were dropped by the server.
+    for mut stream in silent {
+        let mut byte = [0u8; 1];
+        let read = within(tokio::io::AsyncReadExt::read(&mut stream, &mut byte)).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    within(server.shutdown()).await;
+}
+
+#[tokio::test]
 async fn a_plaintext_client_and_a_tls_server_refuse_each_other_at_once() {
     let ca = Authority::new("test CA");
-    let (_server, port) = tls_server(&ca, None).await;
+    let (_server, port) = tls_server(&ca, ClientAuth::None).await;
     let channel = within(Channel::connect(&format!("tcp:localhost:{port}")))
         .await
         .unwrap();
@@ -264,4 +332,120 @@ fn tokio_stream_from<T: Send + 'static>(
     Box::pin(futures_util::stream::poll_fn(move |cx| {
         receiver.poll_recv(cx)
     }))
+}
+
+const CHILD_PORT_FILE: &str = "CHANNEL_DISPATCHER_TEST_TLS_PORT_FILE";
+
+/// The child's side of the test below: a TLS server whose handshakes time out quickly,
+/// under the descriptor limit its parent set; it writes its port to a file.
+#[tokio::test]
+async fn tls_child_server() {
+    let Some(port_file) = std::env::var_os(CHILD_PORT_FILE) else {
+        return; // run by the parent test only
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("channel_dispatcher=warn")
+        .init();
+    let config = tls::server_config(
+        std::env::var("TEST_CHAIN").unwrap().as_bytes(),
+        std::env::var("TEST_KEY").unwrap().as_bytes(),
+        ClientAuth::None,
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let listener = TlsListener::new(listener, config).handshake_timeout(Duration::from_millis(300));
+    let _server = Server::builder().serve(listener, |_: &PeerInfo| {
+        Dispatcher::builder().handler(whoami())
+    });
+    std::fs::write(&port_file, port.to_string()).unwrap();
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn silent_clients_that_exhaust_descriptors_time_out_and_the_server_serves_again() {
+    use tokio::io::AsyncBufReadExt;
+    if std::env::var_os(CHILD_PORT_FILE).is_some() {
+        return; // the child runs `tls_child_server` only
+    }
+    let patience = Duration::from_secs(20);
+    let ca = Authority::new("test CA");
+    let (chain, key) = ca.sign(&["localhost"], "localhost");
+    let port_file = std::env::temp_dir().join(format!("chd-tls-emfile-{}", std::process::id()));
+    let _ = std::fs::remove_file(&port_file);
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 64 && exec "$0" --exact tls_child_server --nocapture"#)
+        .arg(std::env::current_exe().unwrap())
+        .env(CHILD_PORT_FILE, &port_file)
+        .env("TEST_CHAIN", chain)
+        .env("TEST_KEY", key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the server");
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port: u16 = tokio::time::timeout(patience, async {
+        loop {
+            if let Ok(port) = std::fs::read_to_string(&port_file) {
+                if let Ok(port) = port.parse() {
+                    return port;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the server listens");
+
+    // More silent connections than the child has descriptors, kept open: its accepts fail,
+    // and only the handshakes' timeouts free descriptors again.
+    let mut crowd = Vec::new();
+    for _ in 0..100 {
+        crowd.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::timeout(patience, async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("accepting a connection failed") {
+                return;
+            }
+        }
+        panic!("the server's log ended");
+    })
+    .await
+    .expect("the accept error is logged");
+
+    let client = tokio::time::timeout(patience, async {
+        loop {
+            let connected = async {
+                let channel = connector(&ca, None)
+                    .connect(&format!("tls:localhost:{port}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Dispatcher::builder()
+                    .connect(channel)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            if let Ok(client) = connected.await {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a TLS client gets in while the silent crowd still holds its sockets");
+    assert_eq!(
+        within(client.request(Echo(String::new()))).await.unwrap(),
+        "anonymous"
+    );
+    drop(crowd);
+    child.kill().await.unwrap();
+    let _ = std::fs::remove_file(&port_file);
 }

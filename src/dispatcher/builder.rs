@@ -88,6 +88,7 @@ impl Builder<Router> {
                 write_buffer_limit: 256 * 1024,
                 write_stall_timeout: Duration::from_secs(30),
                 authenticator: None,
+                refuse_everyone: None,
                 extensions: Extensions::default(),
                 error_handler: Arc::new(DefaultErrorHandler),
                 context_factory: None,
@@ -281,7 +282,9 @@ impl<S> Builder<S> {
         self
     }
 
-    /// The token this side presents in the handshake.
+    /// The token this side presents in the handshake. It goes out in the hello, before the
+    /// peer's hello is checked, in clear unless the transport encrypts: across machines, use
+    /// TLS (`tls:` addresses).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
@@ -291,6 +294,13 @@ impl<S> Builder<S> {
     /// time); the same as `.authenticator(SharedToken::new(token))`.
     pub fn expect_token(self, token: impl Into<String>) -> Self {
         self.authenticator(SharedToken::new(token))
+    }
+
+    /// Refuses the peer in the handshake with `reason`, whatever it presents (even another
+    /// codec), as soon as its hello shows it is a peer.
+    pub(crate) fn refuse_everyone(mut self, reason: String) -> Self {
+        self.config.refuse_everyone = Some(reason);
+        self
     }
 
     /// Decides in the handshake which peers may connect and who they are (see

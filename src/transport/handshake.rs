@@ -23,8 +23,9 @@ pub(crate) const MAGIC: &[u8; 4] = b"CHDP";
 pub(crate) const PROTOCOL_VERSION: u16 = 2;
 /// The longest token a hello carries (its length is a `u16`).
 const MAX_TOKEN: usize = u16::MAX as usize;
-/// Handshake frames are small; a larger first frame is not from a peer of ours.
-const MAX_HANDSHAKE_FRAME: usize = 64 * 1024;
+/// The largest hello (the longest codec name and token); a larger first frame is not from a
+/// peer of ours.
+const MAX_HANDSHAKE_FRAME: usize = 4 + 2 + 1 + u8::MAX as usize + 2 + MAX_TOKEN + 8 * 4;
 /// How long a refusing side waits for the peer's own verdict before it closes, so that the peer
 /// reads the refusal before it sees the connection go (a close with unread input may reset a
 /// TCP connection and destroy the refusal on its way).
@@ -102,6 +103,13 @@ fn take_str(body: &mut &[u8], len: usize, skip: usize) -> Result<String, Handsha
     Ok(s)
 }
 
+/// How this side judges a peer's hello.
+pub(crate) struct Judge<'a> {
+    pub(crate) authenticator: Option<&'a dyn Authenticator>,
+    /// Refuse every peer, with this reason.
+    pub(crate) refuse_everyone: Option<&'a str>,
+}
+
 /// Runs the handshake; returns the peer's hello and what is known about the peer (with the
 /// identity `authenticator` gave it) once both sides accepted.
 ///
@@ -111,7 +119,7 @@ pub(crate) async fn handshake(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     ours: &Hello,
-    authenticator: Option<&dyn Authenticator>,
+    judge: Judge<'_>,
     peer: PeerInfo,
     max_frame: usize,
 ) -> Result<(Hello, PeerInfo), HandshakeError> {
@@ -135,9 +143,15 @@ pub(crate) async fn handshake(
         // The peer went before its hello: our own failed write, if any, says more.
         Err(e) => return Err(sent.err().map_or(e, io)),
     };
-    let checked = match theirs.and_then(|theirs| check(ours, &theirs).map(|()| theirs)) {
-        Ok(theirs) => authenticate(authenticator, theirs, peer).await,
-        Err(refusal) => Err(refusal),
+    let checked = match (theirs, judge.refuse_everyone) {
+        (Ok(_), Some(reason)) => Err(HandshakeError::Unavailable {
+            reason: reason.to_owned(),
+        }),
+        (Ok(theirs), None) => match check(ours, &theirs) {
+            Ok(()) => authenticate(judge.authenticator, theirs, peer).await,
+            Err(refusal) => Err(refusal),
+        },
+        (Err(refusal), _) => Err(refusal),
     };
     let (theirs, peer) = match checked {
         Ok(accepted) => accepted,
@@ -225,7 +239,9 @@ async fn authenticate(
     ))
     .await;
     match verdict {
-        Ok(Ok(identity)) => Ok((theirs, peer.with_identity(identity))),
+        // `None` keeps what the transport established (a TLS client certificate's name).
+        Ok(Ok(Some(identity))) => Ok((theirs, peer.with_identity(Some(identity)))),
+        Ok(Ok(None)) => Ok((theirs, peer)),
         Ok(Err(refusal)) => Err(HandshakeError::Unauthenticated {
             reason: refusal.reason().to_owned(),
         }),

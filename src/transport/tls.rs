@@ -10,15 +10,16 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use channel_dispatcher::server::Server;
-//! use channel_dispatcher::tls::{self, TlsListener};
+//! use channel_dispatcher::tls::{self, ClientAuth, TlsListener};
 //! use channel_dispatcher::{Connector, Dispatcher, PeerInfo};
 //!
 //! // The server: its certificate chain and key, and (for mutual TLS) the roots it trusts
 //! // for client certificates.
+//! let clients_ca = std::fs::read("clients-ca.pem")?;
 //! let config = tls::server_config(
 //!     &std::fs::read("server.pem")?,
 //!     &std::fs::read("server.key")?,
-//!     Some(&std::fs::read("clients-ca.pem")?),
+//!     ClientAuth::Required(&clients_ca),
 //! )?;
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:7443").await?;
 //! let server = Server::builder().serve(TlsListener::new(listener, config), |peer: &PeerInfo| {
@@ -37,16 +38,13 @@
 //! # }
 //! ```
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
@@ -59,8 +57,11 @@ use super::connect::{tcp, Connector};
 use super::Channel;
 use crate::peer::{Identity, PeerAddress, PeerInfo};
 
-/// How long a client has to complete its TLS handshake with a [`TlsListener`].
+/// How long a client has to complete its TLS handshake with a [`TlsListener`], by default.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many TLS handshakes a [`TlsListener`] runs at once, by default.
+const MAX_HANDSHAKES: usize = 256;
 
 /// A TLS configuration that could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -115,31 +116,51 @@ fn key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::Key(e.to_string()))
 }
 
-/// A server configuration: the server's certificate chain and private key (PEM), and
-/// optionally the roots it trusts for client certificates. With roots, a client may present
-/// a certificate (mutual TLS): it must chain to them, and its common name becomes the peer's
-/// [`Identity`]; a client without one is accepted anonymously (refuse it in an
-/// [`Authenticator`](crate::Authenticator) if every peer must have one).
+/// Whether a TLS server asks its clients for certificates (mutual TLS), and which roots they
+/// must chain to. A client certificate's common name becomes the peer's [`Identity`].
+#[derive(Clone, Copy, Debug)]
+pub enum ClientAuth<'a> {
+    /// No client certificates: every client is anonymous to TLS.
+    None,
+    /// Every client must present a certificate that chains to these roots (PEM).
+    Required(&'a [u8]),
+    /// A client may present a certificate, which must then chain to these roots (PEM); a
+    /// client without one is accepted anonymously.
+    Optional(&'a [u8]),
+}
+
+/// A server configuration: the server's certificate chain and private key (PEM), and whether
+/// and how clients authenticate with certificates.
 ///
 /// # Errors
 /// A [`TlsError`] naming the PEM that is not usable.
 pub fn server_config(
     cert_chain_pem: &[u8],
     key_pem: &[u8],
-    client_roots_pem: Option<&[u8]>,
+    client_auth: ClientAuth<'_>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let builder = match client_roots_pem {
-        Some(pem) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(pem)?), provider())
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
-            builder.with_client_cert_verifier(verifier)
+    let verifier = |pem: &[u8]| {
+        Ok::<_, TlsError>(WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(pem)?),
+            provider(),
+        ))
+    };
+    let built = |e: rustls::server::VerifierBuilderError| {
+        TlsError::Rustls(rustls::Error::General(e.to_string()))
+    };
+    let builder = match client_auth {
+        ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Required(pem) => {
+            builder.with_client_cert_verifier(verifier(pem)?.build().map_err(built)?)
         }
-        None => builder.with_no_client_auth(),
+        ClientAuth::Optional(pem) => builder.with_client_cert_verifier(
+            verifier(pem)?
+                .allow_unauthenticated()
+                .build()
+                .map_err(built)?,
+        ),
     };
     let config = builder.with_single_cert(
         certificates(cert_chain_pem, "the certificate chain")?,
@@ -184,11 +205,13 @@ pub(super) async fn connect(connector: &Connector, host_port: &str) -> io::Resul
             "a tls: address needs a TLS configuration: Connector::new().tls(tls::client_config(..)?)",
         ));
     };
-    let host = host_port
-        .rsplit_once(':')
-        .map_or(host_port, |(host, _)| host)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+    let Some((host, _port)) = host_port.rsplit_once(':') else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("`tls:{host_port}` has no port: use tls:<host>:<port>"),
+        ));
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     let name = ServerName::try_from(host.to_owned()).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -218,17 +241,18 @@ where
     Channel::labelled(Box::new(reader), Box::new(writer), "tls").with_peer(peer)
 }
 
-type Handshake = Pin<Box<dyn Future<Output = Option<Channel>> + Send>>;
-
 /// A TCP listener that serves TLS, as an [`Accept`](crate::server::Accept) for a
-/// [`Server`](crate::server::Server). TLS handshakes run concurrently (a slow client does not
-/// hold up the others) and have 10 s; a client whose handshake fails (a plaintext client, an
-/// untrusted certificate) is logged and dropped.
+/// [`Server`](crate::server::Server). Each TLS handshake runs as a task of its own, so a slow
+/// client holds up no other and the cryptography spreads over the runtime's threads; at most
+/// [`max_handshakes`](Self::max_handshakes) run at once (beyond it, new connections wait in the
+/// listen backlog), each within [`handshake_timeout`](Self::handshake_timeout). A client whose
+/// handshake fails (a plaintext client, an untrusted certificate) is logged and dropped.
 pub struct TlsListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    handshakes: FuturesUnordered<Handshake>,
-    ready: VecDeque<Channel>,
+    handshakes: JoinSet<Option<Channel>>,
+    max_handshakes: usize,
+    handshake_timeout: Duration,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -236,6 +260,8 @@ impl std::fmt::Debug for TlsListener {
         f.debug_struct("TlsListener")
             .field("listener", &self.listener)
             .field("handshakes", &self.handshakes.len())
+            .field("max_handshakes", &self.max_handshakes)
+            .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -246,19 +272,32 @@ impl TlsListener {
         Self {
             listener,
             acceptor: TlsAcceptor::from(config),
-            handshakes: FuturesUnordered::new(),
-            ready: VecDeque::new(),
+            handshakes: JoinSet::new(),
+            max_handshakes: MAX_HANDSHAKES,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 
-    fn handshake(&self, stream: TcpStream) -> Handshake {
-        let acceptor = self.acceptor.clone();
-        Box::pin(async move {
+    /// How many TLS handshakes may run at once (at least 1). Default: 256.
+    pub fn max_handshakes(mut self, handshakes: usize) -> Self {
+        self.max_handshakes = handshakes.max(1);
+        self
+    }
+
+    /// How long a client has to complete its TLS handshake. Default: 10 s.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    fn start_handshake(&mut self, stream: TcpStream) {
+        let (acceptor, timeout) = (self.acceptor.clone(), self.handshake_timeout);
+        self.handshakes.spawn(async move {
             let address = stream
                 .peer_addr()
                 .map_or(PeerAddress::Unknown, PeerAddress::Tcp);
             let _ = stream.set_nodelay(true);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     let identity = tls.get_ref().1.peer_certificates().and_then(common_name);
                     Some(channel(tls, PeerInfo::new(address).with_identity(identity)))
@@ -268,31 +307,33 @@ impl TlsListener {
                     None
                 }
                 Err(_) => {
-                    tracing::warn!(peer = %address, "TLS handshake timed out");
+                    tracing::warn!(peer = %address, ?timeout, "TLS handshake timed out");
                     None
                 }
             }
-        })
+        });
     }
 
     fn poll_next(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<Channel>> {
         loop {
-            if let Some(channel) = self.ready.pop_front() {
-                return Poll::Ready(Ok(channel));
-            }
-            match self.listener.poll_accept(cx) {
-                Poll::Ready(Ok((stream, _))) => {
-                    let handshake = self.handshake(stream);
-                    self.handshakes.push(handshake);
+            // Handshakes first: they free descriptors and places even while accepting fails.
+            match self.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok(Some(channel)))) => return Poll::Ready(Ok(channel)),
+                Poll::Ready(Some(Ok(None))) => continue,
+                Poll::Ready(Some(Err(error))) => {
+                    tracing::error!(%error, "a TLS handshake task failed");
                     continue;
                 }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => {}
+                Poll::Ready(None) | Poll::Pending => {}
             }
-            match self.handshakes.poll_next_unpin(cx) {
-                Poll::Ready(Some(Some(channel))) => self.ready.push_back(channel),
-                Poll::Ready(Some(None)) => continue,
-                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            if self.handshakes.len() >= self.max_handshakes {
+                // A handshake that ends wakes us.
+                return Poll::Pending;
+            }
+            match self.listener.poll_accept(cx) {
+                Poll::Ready(Ok((stream, _))) => self.start_handshake(stream),
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -37,7 +37,7 @@ use crate::handler::{ErrorHandler, Incoming, Reply};
 use crate::limits::Limits;
 use crate::peer::PeerInfo;
 use crate::transport::frame::{FrameReader, FrameWriter};
-use crate::transport::handshake::{handshake, Hello, PROTOCOL_VERSION};
+use crate::transport::handshake::{handshake, Hello, Judge, PROTOCOL_VERSION};
 use crate::transport::Channel;
 use driver::Driver;
 pub(crate) use driver::Parts;
@@ -54,6 +54,8 @@ pub(crate) struct Config {
     /// How long the write buffer may stay over its hard cap before the peer is cut off.
     pub(crate) write_stall_timeout: Duration,
     pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
+    /// Refuse every peer with this reason (a server at its limit).
+    pub(crate) refuse_everyone: Option<String>,
     /// What every handler's context starts with: the builder's state, then the peer's info.
     pub(crate) extensions: Extensions,
     pub(crate) error_handler: Arc<dyn ErrorHandler>,
@@ -115,6 +117,7 @@ where
             limits: config.limits,
         };
         let authenticator = config.authenticator.clone();
+        let refuse_everyone = config.refuse_everyone.clone();
         let timeout = config.handshake_timeout;
         let handshake: Handshake = Box::pin(async move {
             let result = tokio::time::timeout(
@@ -123,7 +126,10 @@ where
                     &mut reader,
                     &mut writer,
                     &hello,
-                    authenticator.as_deref(),
+                    Judge {
+                        authenticator: authenticator.as_deref(),
+                        refuse_everyone: refuse_everyone.as_deref(),
+                    },
                     peer,
                     max_frame,
                 ),
