@@ -449,3 +449,28 @@ async fn a_broadcast_filter_may_use_the_registry() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_server_on_ipv6_loopback_serves_a_client_that_dials_by_address() {
+    let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+        eprintln!("no IPv6 loopback on this machine: nothing to test");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    let server = Server::builder().serve(listener, |peer: &PeerInfo| {
+        assert!(
+            peer.address().to_string().starts_with("tcp:[::1]:"),
+            "{peer}"
+        );
+        Dispatcher::builder().handler(router())
+    });
+    let channel = within(Channel::connect(&format!("tcp:[::1]:{port}")))
+        .await
+        .unwrap();
+    let client = client(channel, Arc::default()).await;
+    assert_eq!(
+        within(client.request(Echo("v6".into()))).await.unwrap(),
+        "v6"
+    );
+    within(server.shutdown()).await;
+}
