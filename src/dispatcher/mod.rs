@@ -119,6 +119,51 @@ impl Dispatcher {
         )
     }
 
+    /// Opens a stream by method name, with a payload already encoded with the connection's
+    /// codec (see [`Codec::encode`]); its items decode as `T` (with a self-describing codec,
+    /// `serde_json::Value` takes any item). Otherwise as [`stream`](Self::stream).
+    ///
+    /// # Examples
+    /// ```
+    /// # use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, Router};
+    /// # use futures_util::{stream, StreamExt};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] struct Count(u32);
+    /// # stream_request!(Count => u32, "count");
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # let (a, b) = Channel::pair();
+    /// # let router = Router::new().stream(|_cx: Context, Count(n)| async move { Ok(stream::iter((0..n).map(Ok))) });
+    /// # let _server = Dispatcher::builder().handler(router).spawn(b);
+    /// let client = Dispatcher::builder().spawn(a);
+    /// let payload = client.codec().encode(&3u32).unwrap();
+    /// let items: Vec<u64> = client
+    ///     .stream_raw::<u64>("count", payload)
+    ///     .map(Result::unwrap)
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(items, [0, 1, 2]);
+    /// # }
+    /// ```
+    pub fn stream_raw<T>(&self, method: impl Into<String>, payload: Bytes) -> RemoteStream<T>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let answer = Call::new(
+            Ok(self.shared.clone()),
+            Method::from(method.into()),
+            Ok(payload),
+            decode_typed::<u64>,
+        )
+        .into_future();
+        RemoteStream::opening(
+            Arc::clone(&self.shared),
+            answer,
+            self.shared.stream_window,
+            0,
+        )
+    }
+
     /// Sends an untyped request: a method name and a payload already encoded with the
     /// connection's codec (see [`Codec::encode`]). The answer comes back raw.
     pub fn call_raw(&self, method: impl Into<String>, payload: Bytes) -> Call<RawResponse> {
