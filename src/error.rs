@@ -394,6 +394,14 @@ impl From<crate::LimitExceeded> for CallError {
 }
 
 impl CallError {
+    /// `true` when the peer refused the call before doing any of its work, because it was
+    /// over one of its limits ([`code::OVERLOADED`], -32005): the same call may succeed when
+    /// sent again, to this peer later or to another. No other failure is: a call that timed
+    /// out or whose connection ended may have run, and is never worth re-sending blindly.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Remote(e) if e.code == code::OVERLOADED)
+    }
+
     /// The remote error, if the peer answered with one.
     pub fn as_remote(&self) -> Option<&RemoteError> {
         match self {

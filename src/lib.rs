@@ -95,7 +95,8 @@ pub use bytes;
 pub use codec::Codec;
 pub use context::{Context, ContextFactory, Extensions};
 pub use dispatcher::{
-    Builder, Call, Connection, Dispatcher, InboundEnvelope, RawResponse, ResponseFuture,
+    Builder, Call, CallService, Connection, Dispatcher, InboundEnvelope, RawCall, RawResponse,
+    ResponseFuture,
 };
 pub use envelope::EnvelopeKind;
 pub use error::{

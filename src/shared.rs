@@ -199,6 +199,57 @@ impl Shared {
             None => Some(0),
         }
     }
+
+    /// Room for `len` queued bytes of a handle's call whose in-flight permit is reserved.
+    pub(crate) fn try_admit_bytes(&self, len: usize) -> Option<u32> {
+        self.lifecycle.handle_permits.try_acquire_bytes(len)
+    }
+
+    /// As [`try_admit_bytes`](Self::try_admit_bytes), waiting for the room.
+    pub(crate) async fn admit_bytes(&self, len: usize) -> Result<u32, CallError> {
+        let permits = &self.lifecycle.handle_permits;
+        permits
+            .acquire_bytes(len)
+            .await
+            .ok_or_else(|| self.terminated())
+    }
+}
+
+/// A handle's in-flight permit taken ahead of its call (a tower `poll_ready`): given back when
+/// dropped, unless a call took it over.
+pub(crate) struct Reserved(Arc<Shared>);
+
+impl Reserved {
+    /// Takes a permit if one is free.
+    pub(crate) fn try_new(shared: &Arc<Shared>) -> Option<Self> {
+        let count = &shared.lifecycle.handle_permits.count;
+        count.try_acquire().ok()?.forget();
+        Some(Self(Arc::clone(shared)))
+    }
+
+    /// Waits for a permit; `None` once the connection ended.
+    pub(crate) async fn new(shared: Arc<Shared>) -> Option<Self> {
+        let count = &shared.lifecycle.handle_permits.count;
+        count.acquire().await.ok()?.forget();
+        Some(Self(shared))
+    }
+
+    /// The permit now belongs to the call that was admitted with it.
+    pub(crate) fn take_over(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.0.lifecycle.release(Permit::Handle, 1, 0);
+    }
+}
+
+impl std::fmt::Debug for Reserved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reserved")
+    }
 }
 
 /// The part of a connection that outlives its handles: how it ended, and who to tell.
@@ -460,6 +511,18 @@ impl Permits {
         let count = self.count.acquire().await.ok()?;
         self.bytes.acquire_many(bytes).await.ok()?.forget();
         count.forget();
+        Some(bytes)
+    }
+
+    fn try_acquire_bytes(&self, len: usize) -> Option<u32> {
+        let bytes = self.bytes_for(len);
+        self.bytes.try_acquire_many(bytes).ok()?.forget();
+        Some(bytes)
+    }
+
+    async fn acquire_bytes(&self, len: usize) -> Option<u32> {
+        let bytes = self.bytes_for(len);
+        self.bytes.acquire_many(bytes).await.ok()?.forget();
         Some(bytes)
     }
 

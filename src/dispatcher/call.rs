@@ -15,7 +15,7 @@ use crate::error::{code, CallError, CodecError, HandlerError, RemoteError, Termi
 use crate::handler::{Incoming, Reply, ReplyBody};
 use crate::message::Attributes;
 use crate::middleware::{Endpoint, Next};
-use crate::shared::{Command, Outbound, Permit, RawAnswer, RawResponse, Shared};
+use crate::shared::{Command, Outbound, Permit, RawAnswer, RawResponse, Reserved, Shared};
 
 type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 
@@ -64,6 +64,8 @@ pub struct Call<T> {
     deadline: Option<Instant>,
     /// The queued bytes its permit holds, once taken.
     queued: u32,
+    /// Its in-flight permit, taken ahead (a tower `poll_ready`): only the bytes remain.
+    reserved: Option<Reserved>,
     decode: Decode<T>,
 }
 
@@ -89,8 +91,15 @@ impl<T> Call<T> {
             timeout,
             deadline: None,
             queued: 0,
+            reserved: None,
             decode,
         }
+    }
+
+    /// The call with its in-flight permit taken already.
+    pub(crate) fn with_reserved(mut self, reserved: Option<Reserved>) -> Self {
+        self.reserved = reserved;
+        self
     }
 
     /// Adds an attribute to the request.
@@ -154,6 +163,7 @@ impl<T> Call<T> {
             timeout: self.timeout,
             deadline: self.deadline,
             queued: self.queued,
+            reserved: self.reserved,
             decode: |_, raw| Ok(raw),
         }
     }
@@ -228,21 +238,36 @@ impl<T> IntoFuture for Call<T> {
                 let shared = Arc::clone(shared);
                 State::Pipeline(Box::pin(through(shared, self.untyped())))
             }
-            Ok(shared) => match shared.try_admit(self.permit, self.len()) {
-                Some(queued) => {
-                    self.queued = queued;
-                    State::start(self, deadline)
-                }
-                None => {
-                    // All permits taken (or closed): wait for one, then send.
-                    let shared = Arc::clone(shared);
-                    let (permit, len) = (self.permit, self.len());
-                    State::Admitting {
-                        admit: Box::pin(async move { shared.admit(permit, len).await }),
-                        call: Some(Box::new(self)),
+            Ok(shared) => {
+                let admitted = match self.reserved.is_some() {
+                    true => shared.try_admit_bytes(self.len()),
+                    false => shared.try_admit(self.permit, self.len()),
+                };
+                match admitted {
+                    Some(queued) => {
+                        self.queued = queued;
+                        if let Some(reserved) = self.reserved.take() {
+                            reserved.take_over();
+                        }
+                        State::start(self, deadline)
+                    }
+                    None => {
+                        // All permits taken (or closed): wait for one, then send.
+                        let shared = Arc::clone(shared);
+                        let (permit, len, reserved) =
+                            (self.permit, self.len(), self.reserved.is_some());
+                        State::Admitting {
+                            admit: Box::pin(async move {
+                                match reserved {
+                                    true => shared.admit_bytes(len).await,
+                                    false => shared.admit(permit, len).await,
+                                }
+                            }),
+                            call: Some(Box::new(self)),
+                        }
                     }
                 }
-            },
+            }
             Err(_) => State::start(self, deadline),
         };
         ResponseFuture {
@@ -267,6 +292,7 @@ async fn through(shared: Arc<Shared>, call: Call<RawResponse>) -> Result<RawResp
         attributes,
         timeout,
         deadline,
+        reserved,
         ..
     } = call;
     let payload = payload.map_err(CallError::Encode)?;
@@ -295,6 +321,7 @@ async fn through(shared: Arc<Shared>, call: Call<RawResponse>) -> Result<RawResp
                 timeout,
                 deadline,
                 queued: 0,
+                reserved,
                 decode: |_, raw| Ok(raw),
             };
             match call.await {
@@ -488,6 +515,9 @@ impl<T> ResponseFuture<T> {
                         .take()
                         .ok_or(CallError::Terminated(Termination::Stopped))?;
                     call.queued = queued;
+                    if let Some(reserved) = call.reserved.take() {
+                        reserved.take_over();
+                    }
                     let deadline = call.deadline;
                     self.state = State::start(*call, deadline);
                 }

@@ -7,6 +7,7 @@
 mod builder;
 mod call;
 mod connection;
+mod service;
 
 use std::fmt;
 use std::future::IntoFuture;
@@ -21,6 +22,7 @@ pub(crate) use call::send_notification;
 pub use call::{Call, ResponseFuture};
 pub use connection::Connection;
 pub(crate) use connection::RequestOver;
+pub use service::{CallService, RawCall};
 
 use crate::codec::Codec;
 use crate::envelope::Method;
