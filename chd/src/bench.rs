@@ -188,7 +188,11 @@ pub(crate) async fn bench(args: BenchArgs) -> Outcome {
 
     if args.warmup > 0 {
         let warmups = clients.iter().map(|client| {
-            tokio::spawn(drive(client.clone(), Arc::clone(&work), Quota::Calls(args.warmup)))
+            tokio::spawn(drive(
+                client.clone(),
+                Arc::clone(&work),
+                Quota::Calls(args.warmup),
+            ))
         });
         for warmup in warmups.collect::<Vec<_>>() {
             let _ = warmup.await;
@@ -316,7 +320,12 @@ impl Report {
             self.in_flight,
             self.connections * self.in_flight
         );
-        let _ = writeln!(out, "  Calls:        {} ({} ok, {errors} errors)", t.calls(), t.ok);
+        let _ = writeln!(
+            out,
+            "  Calls:        {} ({} ok, {errors} errors)",
+            t.calls(),
+            t.ok
+        );
         let _ = writeln!(out, "  Time:         {}", human_duration(self.elapsed));
         let _ = writeln!(out, "  Throughput:   {:.0} calls/s", self.throughput());
         if t.latencies.is_empty() {

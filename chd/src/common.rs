@@ -55,7 +55,10 @@ impl Failure {
     pub(crate) fn call(error: CallError, address: &str) -> Self {
         match error {
             CallError::Remote(remote) => {
-                let mut message = format!("the peer answered error {}: {}", remote.code, remote.message);
+                let mut message = format!(
+                    "the peer answered error {}: {}",
+                    remote.code, remote.message
+                );
                 if let Ok(Some(data)) = remote.data::<Value>() {
                     message.push_str(&format!(" (data: {data})"));
                 }
@@ -161,7 +164,8 @@ pub(crate) enum Address {
 
 impl Address {
     pub(crate) fn parse(text: &str) -> Outcome<Self> {
-        let help = "use unix:/path/to.sock, tcp:host:port or tls:host:port (a bare path means unix:)";
+        let help =
+            "use unix:/path/to.sock, tcp:host:port or tls:host:port (a bare path means unix:)";
         let host_port = |rest: &str, scheme: &str| -> Outcome<String> {
             match rest.rsplit_once(':') {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
@@ -185,12 +189,12 @@ impl Address {
             Some((_, port)) if port.parse::<u16>().is_ok() => Err(Failure::usage(format!(
                 "`{text}` is not an address: {help} (did you mean tcp:{text}?)"
             ))),
-            Some((scheme, _)) if !scheme.contains('/') => {
-                Err(Failure::usage(format!(
-                    "`{text}` is not an address (unknown scheme `{scheme}:`): {help}"
-                )))
-            }
-            _ => Err(Failure::usage(format!("`{text}` is not an address: {help}"))),
+            Some((scheme, _)) if !scheme.contains('/') => Err(Failure::usage(format!(
+                "`{text}` is not an address (unknown scheme `{scheme}:`): {help}"
+            ))),
+            _ => Err(Failure::usage(format!(
+                "`{text}` is not an address: {help}"
+            ))),
         }
     }
 }
@@ -429,7 +433,10 @@ mod tests {
             Address::parse("/tmp/a.sock").unwrap(),
             Address::Unix("/tmp/a.sock".into())
         );
-        assert_eq!(Address::parse("a.sock").unwrap(), Address::Unix("a.sock".into()));
+        assert_eq!(
+            Address::parse("a.sock").unwrap(),
+            Address::Unix("a.sock".into())
+        );
         assert_eq!(
             Address::parse("unix:/x").unwrap(),
             Address::Unix("/x".into())
@@ -446,7 +453,14 @@ mod tests {
             Address::parse("tls:h:7").unwrap(),
             Address::Tls("h:7".into())
         );
-        for bad in ["tcp:localhost", "tcp:", "http://x", "localhost:7000", "tls:h:port", ""] {
+        for bad in [
+            "tcp:localhost",
+            "tcp:",
+            "http://x",
+            "localhost:7000",
+            "tls:h:port",
+            "",
+        ] {
             let failure = Address::parse(bad).unwrap_err();
             assert_eq!(failure.status, EXIT_USAGE, "{bad}");
         }

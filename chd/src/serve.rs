@@ -149,17 +149,16 @@ fn kind(incoming: &Incoming) -> &'static str {
 }
 
 fn peer_id(incoming: &Incoming) -> Option<u64> {
-    incoming
-        .context()
-        .state::<PeerId>()
-        .ok()
-        .map(|id| id.get())
+    incoming.context().state::<PeerId>().ok().map(|id| id.get())
 }
 
 fn payload(incoming: &Incoming) -> Result<Value, String> {
-    incoming
-        .decode::<Value>()
-        .map_err(|e| format!("{} bytes that are not JSON-like: {e}", incoming.payload().len()))
+    incoming.decode::<Value>().map_err(|e| {
+        format!(
+            "{} bytes that are not JSON-like: {e}",
+            incoming.payload().len()
+        )
+    })
 }
 
 /// `TIME [peer N] KIND METHOD [id=N] [k=v ...] PAYLOAD`
@@ -247,14 +246,20 @@ pub(crate) async fn listen(args: ListenArgs) -> Outcome {
             remove_stale_socket(path)?;
             let listener = tokio::net::UnixListener::bind(path).map_err(bind_failure)?;
             socket_file.0 = Some(path.clone());
-            (Server::builder().serve(listener, setup), address.to_string())
+            (
+                Server::builder().serve(listener, setup),
+                address.to_string(),
+            )
         }
         Address::Tcp(host_port) => {
             let listener = tokio::net::TcpListener::bind(host_port)
                 .await
                 .map_err(bind_failure)?;
             let local = listener.local_addr().map_err(bind_failure)?;
-            (Server::builder().serve(listener, setup), format!("tcp:{local}"))
+            (
+                Server::builder().serve(listener, setup),
+                format!("tcp:{local}"),
+            )
         }
         Address::Tls(host_port) => {
             let (Some(cert), Some(key)) = (&args.cert, &args.key) else {
@@ -263,7 +268,11 @@ pub(crate) async fn listen(args: ListenArgs) -> Outcome {
                 )));
             };
             let (chain, key) = (read_file(cert, "--cert")?, read_file(key, "--key")?);
-            let roots = args.ca.as_ref().map(|ca| read_file(ca, "--ca")).transpose()?;
+            let roots = args
+                .ca
+                .as_ref()
+                .map(|ca| read_file(ca, "--ca"))
+                .transpose()?;
             let auth = match &roots {
                 Some(roots) => ClientAuth::Required(roots),
                 None => ClientAuth::None,
@@ -275,7 +284,10 @@ pub(crate) async fn listen(args: ListenArgs) -> Outcome {
                 .map_err(bind_failure)?;
             let local = listener.local_addr().map_err(bind_failure)?;
             let listener = TlsListener::new(listener, config);
-            (Server::builder().serve(listener, setup), format!("tls:{local}"))
+            (
+                Server::builder().serve(listener, setup),
+                format!("tls:{local}"),
+            )
         }
     };
     eprintln!(
@@ -460,8 +472,14 @@ pub(crate) async fn serve_stdio(args: ServeStdioArgs) -> Outcome {
     }
     let mut result = Ok(());
     if let Some(call) = call {
-        match call_once(&parent, call, Attributes::new(), Duration::from_secs(30), "the parent")
-            .await
+        match call_once(
+            &parent,
+            call,
+            Attributes::new(),
+            Duration::from_secs(30),
+            "the parent",
+        )
+        .await
         {
             Ok(value) => {
                 let mut err = std::io::stderr().lock();
