@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench middleware
+//! valgrind --tool=callgrind target/release/deps/middleware-<hash> --only 5   # instructions
 //! ```
 #![allow(missing_docs)]
 
@@ -60,6 +61,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `--only N`: one run with N middlewares, for `valgrind --tool=callgrind`.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--only") {
+        let middlewares = args[i + 1].parse().unwrap();
+        runtime.block_on(run(middlewares));
+        return;
+    }
     runtime.block_on(async {
         let mut best = [Duration::MAX; 2];
         // Alternate the two cases so drift on a noisy machine hits both alike.

@@ -10,7 +10,7 @@ use std::error::Error;
 use std::time::Instant;
 
 use channel_dispatcher::error::code;
-use channel_dispatcher::middleware::{from_fn, stack_middleware, Middleware, Next};
+use channel_dispatcher::middleware::{from_fn, stack_middleware, Middleware, Next, OutgoingCall};
 use channel_dispatcher::{request, Channel, Context, Dispatcher, Incoming, Reply, Router};
 use serde::{Deserialize, Serialize};
 
@@ -81,9 +81,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
         [auth.boxed()],
     );
     let _server = Dispatcher::builder().handler(handler).spawn(b);
-    let with_token = from_fn(|mut incoming: Incoming, next: Next| async move {
-        incoming.attributes_mut().insert("token", "s3cret");
-        next.run(incoming).await
+    let with_token = from_fn(|mut call: OutgoingCall, next: Next<OutgoingCall>| {
+        call.attributes_mut().insert("token", "s3cret");
+        next.run(call)
     });
     let client = Dispatcher::builder().outbound(with_token).spawn(a);
     println!(

@@ -76,23 +76,6 @@ impl Context {
         }
     }
 
-    /// The context of an outgoing message in the caller-side pipeline.
-    pub(crate) fn outbound(
-        shared: Weak<Shared>,
-        codec: Codec,
-        id: Option<u64>,
-        method: Method,
-        attributes: Attributes,
-        deadline: Option<Instant>,
-    ) -> Self {
-        Self::new(shared, codec, id, method, attributes, deadline, None)
-    }
-
-    /// The method and attributes, as a middleware left them.
-    pub(crate) fn into_call_parts(self) -> (Method, Attributes) {
-        (self.method, self.attributes)
-    }
-
     pub(crate) fn detached(method: String, id: Option<u64>, codec: Codec) -> Self {
         Self::new(
             Weak::new(),

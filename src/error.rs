@@ -368,7 +368,7 @@ pub enum CallError {
     #[error("could not encode the message (nothing was sent): {0}")]
     Encode(CodecError),
     /// An outbound middleware ([`Builder::outbound`](crate::Builder::outbound)) refused the
-    /// call; nothing was sent.
+    /// call (it returns this without calling `next`); nothing was sent.
     #[error("refused by outbound middleware ({code}): {message}")]
     Refused {
         /// The middleware's error code.
@@ -430,8 +430,6 @@ pub struct HandlerError {
     pub(crate) code: i64,
     pub(crate) message: String,
     pub(crate) data: Option<Bytes>,
-    /// In an outbound pipeline: the call's own error, handed back to the caller unchanged.
-    pub(crate) call: Option<Box<CallError>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -450,7 +448,6 @@ impl HandlerError {
             code,
             message: message.into(),
             data: None,
-            call: None,
         }
     }
 
@@ -466,18 +463,12 @@ impl HandlerError {
         self
     }
 
-    pub(crate) fn with_data_opt(mut self, data: Option<Bytes>) -> Self {
-        self.data = data;
-        self
-    }
-
     pub(crate) fn unknown_method(method: &str) -> Self {
         Self {
             kind: HandlerErrorKind::UnknownMethod,
             code: code::METHOD_NOT_FOUND,
             message: format!("unknown method `{method}`"),
             data: None,
-            call: None,
         }
     }
 
@@ -487,7 +478,6 @@ impl HandlerError {
             code: code::INVALID_PARAMS,
             message: format!("invalid payload for `{method}`: {error}"),
             data: None,
-            call: None,
         }
     }
 
@@ -497,26 +487,6 @@ impl HandlerError {
             code: code::INTERNAL_ERROR,
             message: format!("handler panicked: {message}"),
             data: None,
-            call: None,
-        }
-    }
-
-    /// Carries a call's error through an outbound pipeline.
-    pub(crate) fn from_call(error: CallError) -> Self {
-        let mut handler_error = Self::internal(error.to_string());
-        handler_error.call = Some(Box::new(error));
-        handler_error
-    }
-
-    /// What the caller of an outbound pipeline sees: the call's own error, or the refusal of a
-    /// middleware.
-    pub(crate) fn into_call_error(self) -> CallError {
-        match self.call {
-            Some(error) => *error,
-            None => CallError::Refused {
-                code: self.code,
-                message: self.message,
-            },
         }
     }
 

@@ -60,7 +60,7 @@
 //! | `Request` / `MeekRequest` | [`Request`] / [`Notification`] ([`request!`], [`notification!`]) |
 //! | `SuccessResponse`, `AcceptedResponse` | [`Success`], [`Accepted`] |
 //! | `ErrorResponse`, `FatalErrorResponse` | [`Reply::error`], [`Reply::fatal`]; the caller sees [`CallError::Remote`] |
-//! | `RequestHandler`, `Middleware`, `stackMiddleware` | [`Router`], [`middleware::Middleware`], [`middleware::stack_middleware`] |
+//! | `RequestHandler`, `Middleware`, `stackMiddleware` | [`Router`], [`middleware::Middleware`] and [`middleware::from_fn`] (tower layers), [`middleware::stack_middleware`] |
 //! | `ErrorHandler`, `DefaultErrorHandler` | [`ErrorHandler`]; the PHP default is [`StrictErrorHandler`] (ours, [`DefaultErrorHandler`], logs a failed notification instead of ending the connection) |
 //! | `Context`, `ContextFactory`, `WeakReference` | [`Context`] (holds the dispatcher weakly), [`ContextFactory`] |
 //! | `RemoteIterator`, `IteratorStorage`, `getPosition` | [`RemoteStream`] (windowed by default; [`RemoteStream::pull_mode`] is the PHP behaviour), [`Streams`], [`RemoteStream::position`] |

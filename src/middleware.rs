@@ -1,23 +1,30 @@
-//! Middleware: code that runs around the handler, as an async trait, as closures ([`from_fn`]), and as tower layers.
+//! Middleware: code that runs around the handler, and around outgoing calls, as tower layers.
 //!
-//! A [`Middleware`] gets each [`Incoming`] message and the [`Next`] step of the pipeline. It may
-//! read and set attributes before calling `next`, answer by itself without calling it (an auth
-//! check), change the [`Reply`] after it, or time it. Notifications pass through the same
-//! pipeline ([`Incoming::is_notification`]); whatever is returned for them is not sent.
+//! A [`Middleware`] gets each message and the [`Next`] step of the pipeline. It may read and
+//! set attributes before calling `next`, answer by itself without calling it (an auth check),
+//! change the answer after it, or time it. [`from_fn`] makes one of an async closure, as axum's
+//! `middleware::from_fn` does, and it is a tower [`Layer`]: `ServiceBuilder::new()
+//! .layer(from_fn(..)).layer(ConcurrencyLimitLayer::new(8)).service(router)` mixes the crate's
+//! middleware with tower's, and every layer's readiness (`poll_ready`) is honoured, so a
+//! concurrency limit anywhere in the stack makes the connection wait before it starts more
+//! handlers (it keeps reading answers, cancels and credit).
 //!
-//! [`stack_middleware`] composes a handler with middlewares in order: the first one
-//! is the outermost. The result is a `tower::Service`, so tower layers (`TimeoutLayer`,
-//! `ConcurrencyLimitLayer`, ...) wrap it like any other service, and any tower service can be the
-//! handler inside it.
+//! The pipeline comes in two kinds, each with its own message types:
+//! - **inbound**, around the handler: [`Incoming`] messages, answered with a [`Reply`] (or a
+//!   [`HandlerError`]); notifications pass through it too ([`Incoming::is_notification`]), and
+//!   whatever is returned for them is not sent.
+//! - **outbound**, around every message this side sends (handles', and handlers' nested calls):
+//!   [`OutgoingCall`]s, answered with the peer's [`RawResponse`] (or a [`CallError`]), set with
+//!   [`Builder::outbound`](crate::Builder::outbound). At its end, `next` sends the message.
 //!
-//! The same trait serves the caller side: [`Builder::outbound`](crate::Builder::outbound) runs
-//! every outgoing request and notification through a pipeline, where `next` sends it to the peer
-//! and returns the peer's answer as a [`Reply`].
+//! [`stack_middleware`] keeps the PHP original's shape: a handler and a list of middlewares,
+//! the first one outermost; it is [`MiddlewareLayer`] applied to the handler.
 //!
 //! # Examples
 //! ```
 //! use channel_dispatcher::middleware::{from_fn, stack_middleware, Middleware, Next};
 //! use channel_dispatcher::{Incoming, Reply, Router};
+//! use tower::ServiceBuilder;
 //!
 //! let logger = from_fn(|incoming: Incoming, next: Next| async move {
 //!     let method = incoming.method().to_owned();
@@ -31,24 +38,72 @@
 //!     }
 //!     next.run(incoming).await
 //! });
-//! let handler = stack_middleware(Router::new(), [logger.boxed(), auth.boxed()]);
+//! // The PHP original's shape...
+//! let handler = stack_middleware(Router::new(), [logger.clone().boxed(), auth.clone().boxed()]);
+//! // ...or tower's, with its layers in between.
+//! let handler = ServiceBuilder::new()
+//!     .layer(logger)
+//!     .concurrency_limit(64)
+//!     .layer(auth)
+//!     .service(Router::new());
 //! ```
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::error::{HandlerError, IntoHandlerError};
+use crate::codec::Codec;
+use crate::envelope::Method;
+use crate::error::{CallError, CodecError, HandlerError, IntoHandlerError};
 use crate::handler::{Incoming, Reply};
+use crate::message::Attributes;
+use crate::shared::RawResponse;
+
+/// What a pipeline carries: [`Incoming`] (inbound, answered with a [`Reply`]) or
+/// [`OutgoingCall`] (outbound, answered with the peer's [`RawResponse`]).
+pub trait PipelineRequest: Send + 'static + sealed::Sealed {
+    /// The answer a step returns.
+    type Response: Send + 'static;
+    /// The failure a step returns.
+    type Error: Send + 'static;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for crate::handler::Incoming {}
+    impl Sealed for super::OutgoingCall {}
+}
+
+impl PipelineRequest for Incoming {
+    type Response = Reply;
+    type Error = HandlerError;
+}
+
+impl PipelineRequest for OutgoingCall {
+    type Response = RawResponse;
+    type Error = CallError;
+}
 
 /// The future a middleware returns.
-pub type MiddlewareFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
+pub type MiddlewareFuture<R = Incoming> = Pin<
+    Box<
+        dyn Future<Output = Result<<R as PipelineRequest>::Response, <R as PipelineRequest>::Error>>
+            + Send,
+    >,
+>;
 
-/// Runs around the handler: see the [module docs](self).
+/// Runs around the handler (or, for [`OutgoingCall`]s, around the sending of every outgoing
+/// message): see the [module docs](self).
 ///
 /// # Examples
 /// ```
@@ -67,12 +122,12 @@ pub type MiddlewareFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerErr
 ///     }
 /// }
 /// ```
-pub trait Middleware: Send + Sync + 'static {
-    /// Handles one message; call `next.run(incoming)` to go on down the pipeline.
-    fn call(&self, incoming: Incoming, next: Next) -> MiddlewareFuture;
+pub trait Middleware<R: PipelineRequest = Incoming>: Send + Sync + 'static {
+    /// Handles one message; call `next.run(request)` to go on down the pipeline.
+    fn call(&self, request: R, next: Next<R>) -> MiddlewareFuture<R>;
 
     /// This middleware as a shared trait object, for [`stack_middleware`]'s list.
-    fn boxed(self) -> Arc<dyn Middleware>
+    fn boxed(self) -> Arc<dyn Middleware<R>>
     where
         Self: Sized,
     {
@@ -80,24 +135,24 @@ pub trait Middleware: Send + Sync + 'static {
     }
 }
 
-impl fmt::Debug for dyn Middleware {
+impl<R: PipelineRequest> fmt::Debug for dyn Middleware<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("dyn Middleware")
     }
 }
 
-/// The innermost step of a pipeline: the handler, or (caller side) the send to the peer.
-pub(crate) type Endpoint = Box<dyn FnOnce(Incoming) -> MiddlewareFuture + Send>;
+/// The innermost step of a pipeline: the handler, or (outbound) the send to the peer.
+pub(crate) type Endpoint<R = Incoming> = Box<dyn FnOnce(R) -> MiddlewareFuture<R> + Send>;
 
 /// The rest of the pipeline, handed to each middleware.
-pub struct Next {
-    middlewares: Arc<[Arc<dyn Middleware>]>,
+pub struct Next<R: PipelineRequest = Incoming> {
+    middlewares: Arc<[Arc<dyn Middleware<R>>]>,
     index: usize,
-    endpoint: Endpoint,
+    endpoint: Endpoint<R>,
 }
 
-impl Next {
-    pub(crate) fn new(middlewares: Arc<[Arc<dyn Middleware>]>, endpoint: Endpoint) -> Self {
+impl<R: PipelineRequest> Next<R> {
+    pub(crate) fn new(middlewares: Arc<[Arc<dyn Middleware<R>>]>, endpoint: Endpoint<R>) -> Self {
         Self {
             middlewares,
             index: 0,
@@ -105,19 +160,20 @@ impl Next {
         }
     }
 
-    /// Runs the rest of the pipeline (the next middleware, or at the end the handler).
-    pub fn run(mut self, incoming: Incoming) -> MiddlewareFuture {
+    /// Runs the rest of the pipeline (the next middleware, or at the end the handler, or the
+    /// send to the peer).
+    pub fn run(mut self, request: R) -> MiddlewareFuture<R> {
         match self.middlewares.get(self.index).cloned() {
             Some(middleware) => {
                 self.index += 1;
-                middleware.call(incoming, self)
+                middleware.call(request, self)
             }
-            None => (self.endpoint)(incoming),
+            None => (self.endpoint)(request),
         }
     }
 }
 
-impl fmt::Debug for Next {
+impl<R: PipelineRequest> fmt::Debug for Next<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Next")
             .field("remaining", &(self.middlewares.len() - self.index))
@@ -125,44 +181,102 @@ impl fmt::Debug for Next {
     }
 }
 
-/// A middleware made of an async closure `(Incoming, Next) -> Result<Reply, HandlerError>`;
-/// see [`from_fn`].
-#[derive(Clone)]
-pub struct FromFn<F> {
+/// A middleware made of an async closure `(R, Next<R>) -> Result<R::Response, R::Error>`;
+/// see [`from_fn`]. It is a tower [`Layer`] (inbound).
+pub struct FromFn<F, R = Incoming> {
     f: F,
+    _request: PhantomData<fn(R)>,
 }
 
-/// Makes a middleware of an async closure, as axum's `middleware::from_fn`.
-pub fn from_fn<F, Fut>(f: F) -> FromFn<F>
-where
-    F: Fn(Incoming, Next) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
-{
-    FromFn { f }
-}
-
-impl<F, Fut> Middleware for FromFn<F>
-where
-    F: Fn(Incoming, Next) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
-{
-    fn call(&self, incoming: Incoming, next: Next) -> MiddlewareFuture {
-        Box::pin((self.f)(incoming, next))
+impl<F: Clone, R> Clone for FromFn<F, R> {
+    fn clone(&self) -> Self {
+        Self {
+            f: self.f.clone(),
+            _request: PhantomData,
+        }
     }
 }
 
-impl<F> fmt::Debug for FromFn<F> {
+/// Makes a middleware of an async closure, as axum's `middleware::from_fn`: of
+/// `|incoming: Incoming, next: Next|` for the handler's side (it is then also a tower
+/// [`Layer`]), of `|call: OutgoingCall, next: Next<OutgoingCall>|` for
+/// [`Builder::outbound`](crate::Builder::outbound).
+pub fn from_fn<R, F, Fut>(f: F) -> FromFn<F, R>
+where
+    R: PipelineRequest,
+    F: Fn(R, Next<R>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::Response, R::Error>> + Send + 'static,
+{
+    FromFn {
+        f,
+        _request: PhantomData,
+    }
+}
+
+impl<R, F, Fut> Middleware<R> for FromFn<F, R>
+where
+    R: PipelineRequest,
+    F: Fn(R, Next<R>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::Response, R::Error>> + Send + 'static,
+{
+    fn call(&self, request: R, next: Next<R>) -> MiddlewareFuture<R> {
+        Box::pin((self.f)(request, next))
+    }
+}
+
+impl<F, R> fmt::Debug for FromFn<F, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FromFn").finish_non_exhaustive()
     }
 }
 
+impl<S, F, Fut> Layer<S> for FromFn<F, Incoming>
+where
+    F: Fn(Incoming, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
+{
+    type Service = Stack<S>;
+
+    fn layer(&self, handler: S) -> Stack<S> {
+        Stack {
+            handler,
+            middlewares: Arc::new([self.clone().boxed()]),
+        }
+    }
+}
+
+/// Middlewares, the first one outermost, as a tower [`Layer`] around a handler.
+#[derive(Clone, Debug)]
+pub struct MiddlewareLayer {
+    middlewares: Arc<[Arc<dyn Middleware>]>,
+}
+
+impl MiddlewareLayer {
+    /// The layer of `middlewares`, the first one outermost.
+    pub fn new(middlewares: impl IntoIterator<Item = Arc<dyn Middleware>>) -> Self {
+        Self {
+            middlewares: middlewares.into_iter().collect(),
+        }
+    }
+}
+
+impl<S> Layer<S> for MiddlewareLayer {
+    type Service = Stack<S>;
+
+    fn layer(&self, handler: S) -> Stack<S> {
+        Stack {
+            handler,
+            middlewares: Arc::clone(&self.middlewares),
+        }
+    }
+}
+
 /// Composes `handler` with `middlewares`, the first one outermost (the PHP original's
-/// `stackMiddleware($handler, $m1, $m2)`: m1, then m2, then the handler).
+/// `stackMiddleware($handler, $m1, $m2)`: m1, then m2, then the handler); the same as
+/// `MiddlewareLayer::new(middlewares).layer(handler)`.
 ///
 /// `handler` is any cloneable tower service of [`Incoming`] (a [`Router`](crate::Router), a
-/// service wrapped in tower layers, another stack); it is cloned per message, as tower services
-/// usually are, and its `poll_ready` is awaited before each call.
+/// service wrapped in tower layers, another stack).
 pub fn stack_middleware<S>(
     handler: S,
     middlewares: impl IntoIterator<Item = Arc<dyn Middleware>>,
@@ -172,13 +286,11 @@ where
     S::Error: IntoHandlerError,
     S::Future: Send + 'static,
 {
-    Stack {
-        handler,
-        middlewares: middlewares.into_iter().collect(),
-    }
+    MiddlewareLayer::new(middlewares).layer(handler)
 }
 
-/// A handler wrapped in middlewares: what [`stack_middleware`] returns. A tower `Service`.
+/// A handler wrapped in middlewares: what [`stack_middleware`] and the layers of this module
+/// make. A tower `Service` that is ready when its handler is.
 pub struct Stack<S> {
     handler: S,
     middlewares: Arc<[Arc<dyn Middleware>]>,
@@ -204,7 +316,7 @@ impl<S: fmt::Debug> fmt::Debug for Stack<S> {
 
 impl<S> Service<Incoming> for Stack<S>
 where
-    S: Service<Incoming, Response = Reply> + Clone + Send + Sync + 'static,
+    S: Service<Incoming, Response = Reply> + Clone + Send + 'static,
     S::Error: IntoHandlerError,
     S::Future: Send + 'static,
 {
@@ -212,24 +324,86 @@ where
     type Error = HandlerError;
     type Future = MiddlewareFuture;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
-        // The handler's readiness is awaited per message, inside the pipeline.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        self.handler
+            .poll_ready(cx)
+            .map_err(IntoHandlerError::into_handler_error)
     }
 
     fn call(&mut self, incoming: Incoming) -> MiddlewareFuture {
-        let mut handler = self.handler.clone();
+        // The handler made ready by `poll_ready` serves this message (a concurrency limit's
+        // permit goes with it); a fresh clone waits for the next one.
+        let fresh = self.handler.clone();
+        let mut handler = std::mem::replace(&mut self.handler, fresh);
         let endpoint: Endpoint = Box::new(move |incoming| {
-            Box::pin(async move {
-                std::future::poll_fn(|cx| handler.poll_ready(cx))
-                    .await
-                    .map_err(IntoHandlerError::into_handler_error)?;
-                handler
-                    .call(incoming)
-                    .await
-                    .map_err(IntoHandlerError::into_handler_error)
-            })
+            let answer = handler.call(incoming);
+            Box::pin(async move { answer.await.map_err(IntoHandlerError::into_handler_error) })
         });
         Next::new(Arc::clone(&self.middlewares), endpoint).run(incoming)
+    }
+}
+
+/// An outgoing request or notification, as the outbound pipeline sees it
+/// ([`Builder::outbound`](crate::Builder::outbound)): a middleware may read and change its
+/// attributes, refuse it (return an error without calling `next`), or answer it itself.
+#[derive(Debug)]
+pub struct OutgoingCall {
+    pub(crate) method: Method,
+    pub(crate) attributes: Attributes,
+    pub(crate) payload: Bytes,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) notification: bool,
+    pub(crate) codec: Codec,
+}
+
+impl OutgoingCall {
+    /// The method name.
+    pub fn method(&self) -> &str {
+        self.method.as_str()
+    }
+
+    /// `true` for a notification (never answered: its answer here is empty once it is
+    /// queued), `false` for a request.
+    pub fn is_notification(&self) -> bool {
+        self.notification
+    }
+
+    /// The attributes it carries.
+    pub fn attributes(&self) -> &Attributes {
+        &self.attributes
+    }
+
+    /// The attributes, to change.
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        &mut self.attributes
+    }
+
+    /// The encoded payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Decodes the payload.
+    ///
+    /// # Errors
+    /// A [`CodecError`] when the payload is not a `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        self.codec.decode(&self.payload)
+    }
+
+    /// How long the caller still waits for the answer, if it has a deadline.
+    pub fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// An answer a middleware gives instead of the peer's: `payload` encoded with the
+    /// connection's codec.
+    pub fn answer(&self, payload: Bytes) -> RawResponse {
+        RawResponse {
+            payload,
+            attributes: Attributes::new(),
+            codec: self.codec,
+        }
     }
 }

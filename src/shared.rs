@@ -23,7 +23,7 @@ use crate::envelope::Method;
 use crate::error::{CallError, CodecError, RemoteError, Termination};
 use crate::limits::Limits;
 use crate::message::Attributes;
-use crate::middleware::Middleware;
+use crate::middleware::{Middleware, OutgoingCall};
 use crate::peer::PeerInfo;
 use crate::stream::storage::Streams;
 
@@ -35,7 +35,7 @@ pub(crate) struct Shared {
     pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) default_timeout: Option<Duration>,
     /// The caller-side pipeline, if any (`Builder::outbound`).
-    pub(crate) outbound: Option<Arc<[Arc<dyn Middleware>]>>,
+    pub(crate) outbound: Option<Arc<[Arc<dyn Middleware<OutgoingCall>>]>>,
     /// The default window of remote streams (`Builder::stream_window`).
     pub(crate) stream_window: u64,
 }
@@ -139,7 +139,7 @@ impl Shared {
         codec: Codec,
         lifecycle: Arc<Lifecycle>,
         default_timeout: Option<Duration>,
-        outbound: Option<Arc<[Arc<dyn Middleware>]>>,
+        outbound: Option<Arc<[Arc<dyn Middleware<OutgoingCall>>]>>,
         stream_window: u64,
     ) -> Self {
         Self {

@@ -13,10 +13,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use channel_dispatcher::error::code;
-use channel_dispatcher::middleware::{from_fn, Next};
+use channel_dispatcher::middleware::{from_fn, Next, OutgoingCall};
 use channel_dispatcher::{
     request, stream_request, Builder, Call, CallError, Channel, Context, Dispatcher, ErrorHandler,
-    Failed, HandlerError, HandshakeError, Incoming, Reply, Router, Termination,
+    Failed, HandlerError, HandshakeError, Reply, Router, Termination,
 };
 use futures_util::{stream, FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -366,7 +366,7 @@ async fn a_default_timeout_of_duration_max_lets_calls_complete_normally() {
 // issue 8, item 16
 #[tokio::test(start_paused = true)]
 async fn a_timeout_of_duration_max_through_outbound_middleware_completes_normally() {
-    let pass = from_fn(|incoming: Incoming, next: Next| next.run(incoming));
+    let pass = from_fn(|call: OutgoingCall, next: Next<OutgoingCall>| next.run(call));
     let client = Dispatcher::builder().outbound(pass);
     let (client, _server) = peers(client, with_router(Probe::default()));
     let call = async move {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use channel_dispatcher::middleware::{from_fn, stack_middleware, Middleware, Next};
+use channel_dispatcher::middleware::{from_fn, stack_middleware, Middleware, Next, OutgoingCall};
 use channel_dispatcher::{
     request, CallError, Channel, Context, Dispatcher, HandlerError, Incoming, Reply, Router,
 };
@@ -254,19 +254,21 @@ async fn a_tower_service_can_be_the_handler_inside_a_stack() {
 async fn outbound_middleware_sees_every_outgoing_message_and_the_answer() {
     let log = Log::default();
     let outbound_log = Arc::clone(&log);
-    let stamp = from_fn(move |mut incoming: Incoming, next: Next| {
+    let stamp = from_fn(move |mut call: OutgoingCall, next: Next<OutgoingCall>| {
         let log = Arc::clone(&outbound_log);
         async move {
-            log.lock()
-                .unwrap()
-                .push(format!("out {}", incoming.method()));
-            incoming.attributes_mut().insert("seen", "by outbound");
-            let reply = next.run(incoming).await?;
+            log.lock().unwrap().push(format!("out {}", call.method()));
+            call.attributes_mut().insert("seen", "by outbound");
+            let answer = next.run(call).await;
             log.lock().unwrap().push(format!(
                 "answer error={:?}",
-                reply.error_code().map(|e| e.0)
+                answer
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.as_remote())
+                    .map(|e| e.code)
             ));
-            Ok(reply)
+            answer
         }
     });
     let (a, b) = Channel::pair();
@@ -300,11 +302,14 @@ async fn outbound_middleware_sees_every_outgoing_message_and_the_answer() {
 
 #[tokio::test]
 async fn outbound_middleware_can_refuse_to_send() {
-    let refuse = from_fn(|incoming: Incoming, next: Next| async move {
-        if incoming.method() == "echo" {
-            return Err(HandlerError::new(451, "not allowed to ask that"));
+    let refuse = from_fn(|call: OutgoingCall, next: Next<OutgoingCall>| async move {
+        if call.method() == "echo" {
+            return Err(CallError::Refused {
+                code: 451,
+                message: "not allowed to ask that".into(),
+            });
         }
-        next.run(incoming).await
+        next.run(call).await
     });
     let (a, b) = Channel::pair();
     let served = Log::default();
@@ -322,5 +327,83 @@ async fn outbound_middleware_can_refuse_to_send() {
     assert!(
         served.lock().unwrap().is_empty(),
         "the refused call never reached the peer"
+    );
+}
+
+/// Waits for the test to open its gate.
+#[derive(Serialize, Deserialize)]
+struct Gate;
+request!(Gate => (), "gate");
+
+#[tokio::test]
+async fn a_concurrency_limit_inside_a_stack_holds_new_handlers_back() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let opened = Arc::clone(&gate);
+    let router = Router::new().request(move |_cx: Context, Gate| {
+        let gate = Arc::clone(&opened);
+        async move {
+            gate.acquire().await.unwrap().forget();
+            Ok(())
+        }
+    });
+    let log = Log::default();
+    // A middleware outside, the limit inside: the stack is ready only when the limit is.
+    let handler = stack_middleware(
+        tower::limit::ConcurrencyLimitLayer::new(1).layer(router),
+        [recorder("outer", &log)],
+    );
+    let (a, b) = Channel::pair();
+    let server = Dispatcher::builder().handler(handler).spawn(b);
+    let client = Dispatcher::builder().spawn(a);
+    let calls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(std::future::IntoFuture::into_future(client.request(Gate))))
+        .collect();
+    within(async {
+        while server.running_handlers() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // The others have arrived by now; they wait in admission, not inside the pipeline.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.running_handlers(), 1);
+    assert_eq!(*log.lock().unwrap(), ["outer in"]);
+    gate.add_permits(3);
+    for call in calls {
+        within(call).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn from_fn_is_a_tower_layer_that_mixes_with_towers_own() {
+    let log = Log::default();
+    let layer = |name: &'static str| {
+        let log = Arc::clone(&log);
+        from_fn(move |incoming: Incoming, next: Next| {
+            let log = Arc::clone(&log);
+            async move {
+                log.lock().unwrap().push(format!("{name} in"));
+                let reply = next.run(incoming).await;
+                log.lock().unwrap().push(format!("{name} out"));
+                reply
+            }
+        })
+    };
+    let handler = tower::ServiceBuilder::new()
+        .layer(layer("first"))
+        .concurrency_limit(4)
+        .layer(layer("second"))
+        .service(router(Arc::clone(&log)));
+    let client = serve(handler).await;
+    assert_eq!(within(client.request(Echo("x".into()))).await.unwrap(), "x");
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "first in",
+            "second in",
+            "handler",
+            "second out",
+            "first out"
+        ]
     );
 }

@@ -547,9 +547,10 @@ async fn nested_calls_and_handler_notifications_through_outbound_middleware_comp
     let _serial = serial().await;
     let passthrough = || {
         channel_dispatcher::middleware::from_fn(
-            |incoming: channel_dispatcher::Incoming, next: channel_dispatcher::middleware::Next| async move {
-                next.run(incoming).await
-            },
+            |call: channel_dispatcher::middleware::OutgoingCall,
+             next: channel_dispatcher::middleware::Next<
+                channel_dispatcher::middleware::OutgoingCall,
+            >| async move { next.run(call).await },
         )
     };
     let side = || {

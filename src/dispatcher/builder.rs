@@ -17,7 +17,7 @@ use crate::error::IntoHandlerError;
 use crate::handler::{DefaultErrorHandler, ErrorHandler, Incoming, Reply, Router};
 use crate::limits::Limits;
 use crate::message::Attributes;
-use crate::middleware::Middleware;
+use crate::middleware::{Middleware, OutgoingCall};
 use crate::shared::{Lifecycle, Shared};
 use crate::stream::Streams;
 use crate::transport::Channel;
@@ -69,7 +69,7 @@ pub struct Builder<S = Router> {
     max_in_flight: usize,
     max_queued_bytes: usize,
     token: Option<String>,
-    outbound: Vec<Arc<dyn Middleware>>,
+    outbound: Vec<Arc<dyn Middleware<OutgoingCall>>>,
     stream_window: u64,
     stream_idle_timeout: Duration,
     max_streams: usize,
@@ -254,14 +254,29 @@ impl<S> Builder<S> {
         self
     }
 
-    /// Adds a middleware to the caller-side pipeline, which every outgoing request and
-    /// notification (nested ones included) passes through before it is sent; the first added
-    /// is the outermost. Its [`Next`](crate::middleware::Next) sends the message and returns the
-    /// peer's answer as a [`Reply`] (an error answer as an error reply). A middleware that
-    /// answers by itself with an error fails the call with
-    /// [`CallError::Refused`](crate::CallError::Refused) (or `Remote`, for an error reply)
-    /// and nothing is sent. Default: none.
-    pub fn outbound(mut self, middleware: impl Middleware) -> Self {
+    /// Adds a middleware to the outbound pipeline, which every outgoing request and
+    /// notification (nested ones included) passes through before it is sent, as an
+    /// [`OutgoingCall`]; the first added is the outermost. Its
+    /// [`Next`](crate::middleware::Next) sends the message and returns the peer's answer (a
+    /// [`RawResponse`](crate::RawResponse), or the [`CallError`](crate::CallError) the caller
+    /// gets). A middleware that returns without calling `next` sends nothing: its answer or
+    /// error is the caller's. Default: none.
+    ///
+    /// To wrap only the calls made through one handle with tower layers, wrap its
+    /// [`Dispatcher::service`](crate::Dispatcher::service) instead.
+    ///
+    /// # Examples
+    /// ```
+    /// use channel_dispatcher::middleware::{from_fn, Next, OutgoingCall};
+    /// use channel_dispatcher::Dispatcher;
+    ///
+    /// let with_token = from_fn(|mut call: OutgoingCall, next: Next<OutgoingCall>| {
+    ///     call.attributes_mut().insert("token", "s3cret");
+    ///     next.run(call)
+    /// });
+    /// let builder = Dispatcher::builder().outbound(with_token);
+    /// ```
+    pub fn outbound(mut self, middleware: impl Middleware<OutgoingCall>) -> Self {
         self.outbound.push(Arc::new(middleware));
         self
     }

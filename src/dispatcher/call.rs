@@ -11,10 +11,9 @@ use tokio::time::{Instant, Sleep};
 
 use crate::codec::Codec;
 use crate::envelope::Method;
-use crate::error::{code, CallError, CodecError, HandlerError, RemoteError, Termination};
-use crate::handler::{Incoming, Reply, ReplyBody};
+use crate::error::{code, CallError, CodecError, Termination};
 use crate::message::Attributes;
-use crate::middleware::{Endpoint, Next};
+use crate::middleware::{Endpoint, Next, OutgoingCall};
 use crate::shared::{Command, Outbound, Permit, RawAnswer, RawResponse, Reserved, Shared};
 
 type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
@@ -279,7 +278,7 @@ impl<T> IntoFuture for Call<T> {
     }
 }
 
-/// Runs a call through the caller-side pipeline; at its end, the call is sent.
+/// Runs a call through the outbound pipeline; at its end, the call is sent.
 async fn through(shared: Arc<Shared>, call: Call<RawResponse>) -> Result<RawResponse, CallError> {
     let Some(middlewares) = shared.outbound.clone() else {
         return Err(shared.terminated());
@@ -295,74 +294,35 @@ async fn through(shared: Arc<Shared>, call: Call<RawResponse>) -> Result<RawResp
         reserved,
         ..
     } = call;
-    let payload = payload.map_err(CallError::Encode)?;
-    let context = crate::Context::outbound(
-        Arc::downgrade(&shared),
-        shared.codec,
-        None,
+    let outgoing = OutgoingCall {
         method,
         attributes,
+        payload: payload.map_err(CallError::Encode)?,
         deadline,
-    );
-    let incoming = Incoming { context, payload };
-    let codec = shared.codec;
-    let endpoint: Endpoint = Box::new(move |incoming: Incoming| {
-        Box::pin(async move {
-            let (context, payload) = incoming.into_parts();
-            let (method, attributes) = context.into_call_parts();
-            let call = Call {
-                target: Ok(shared),
-                permit,
-                parent,
-                pipeline: false,
-                method,
-                payload: Ok(payload),
-                attributes,
-                timeout,
-                deadline,
-                queued: 0,
-                reserved,
-                decode: |_, raw| Ok(raw),
-            };
-            match call.await {
-                Ok(raw) => {
-                    let mut reply = Reply::value(raw.payload);
-                    *reply.attributes_mut() = raw.attributes;
-                    Ok(reply)
-                }
-                Err(CallError::Remote(error)) => Ok(Reply::from_error(
-                    HandlerError::new(error.code, error.message).with_data_opt(error.data),
-                )),
-                Err(other) => Err(HandlerError::from_call(other)),
-            }
-        })
+        notification: false,
+        codec: shared.codec,
+    };
+    let endpoint: Endpoint<OutgoingCall> = Box::new(move |outgoing: OutgoingCall| {
+        let call = Call {
+            target: Ok(shared),
+            permit,
+            parent,
+            pipeline: false,
+            method: outgoing.method,
+            payload: Ok(outgoing.payload),
+            attributes: outgoing.attributes,
+            timeout,
+            deadline,
+            queued: 0,
+            reserved,
+            decode: |_, raw| Ok(raw),
+        };
+        Box::pin(call.into_future())
     });
-    let reply = Next::new(middlewares, endpoint)
-        .run(incoming)
-        .await
-        .map_err(HandlerError::into_call_error)?;
-    let (body, attributes) = reply.into_parts();
-    match body {
-        ReplyBody::Value(payload) => Ok(RawResponse {
-            payload,
-            attributes,
-            codec,
-        }),
-        ReplyBody::Error(error) => Err(CallError::Remote(RemoteError {
-            code: error.code,
-            message: error.message,
-            data: error.data,
-            codec,
-        })),
-        ReplyBody::Fatal { code, message } => Err(CallError::Refused { code, message }),
-        ReplyBody::Nothing => Err(CallError::Refused {
-            code: code::INTERNAL_ERROR,
-            message: "an outbound middleware gave no answer".into(),
-        }),
-    }
+    Next::new(middlewares, endpoint).run(outgoing).await
 }
 
-/// Sends a notification, through the caller-side pipeline if there is one; it returns once
+/// Sends a notification, through the outbound pipeline if there is one; it returns once
 /// the notification is queued (taking an in-flight permit of the kind, waiting for one).
 pub(crate) async fn send_notification(
     shared: &Arc<Shared>,
@@ -374,31 +334,33 @@ pub(crate) async fn send_notification(
     let Some(middlewares) = shared.outbound.clone() else {
         return queue_notification(shared, method, attributes, payload, permit).await;
     };
-    // Through the caller-side pipeline: at its end, the notification is queued.
-    let context = crate::Context::outbound(
-        Arc::downgrade(shared),
-        shared.codec,
-        None,
+    // Through the outbound pipeline: at its end, the notification is queued.
+    let outgoing = OutgoingCall {
         method,
         attributes,
-        None,
-    );
-    let incoming = Incoming { context, payload };
+        payload,
+        deadline: None,
+        notification: true,
+        codec: shared.codec,
+    };
     let shared = Arc::clone(shared);
-    let endpoint: Endpoint = Box::new(move |incoming: Incoming| {
+    let endpoint: Endpoint<OutgoingCall> = Box::new(move |outgoing: OutgoingCall| {
         Box::pin(async move {
-            let (context, payload) = incoming.into_parts();
-            let (method, attributes) = context.into_call_parts();
-            queue_notification(&shared, method, attributes, payload, permit)
-                .await
-                .map(|()| Reply::nothing())
-                .map_err(HandlerError::from_call)
+            let answer = outgoing.answer(Bytes::new());
+            let OutgoingCall {
+                method,
+                attributes,
+                payload,
+                ..
+            } = outgoing;
+            queue_notification(&shared, method, attributes, payload, permit).await?;
+            Ok(answer)
         })
     });
-    match Next::new(middlewares, endpoint).run(incoming).await {
-        Ok(_) => Ok(()),
-        Err(error) => Err(error.into_call_error()),
-    }
+    Next::new(middlewares, endpoint)
+        .run(outgoing)
+        .await
+        .map(drop)
 }
 
 async fn queue_notification(
