@@ -84,6 +84,7 @@ mod limits;
 mod message;
 pub mod middleware;
 mod peer;
+pub mod reconnect;
 pub mod server;
 mod shared;
 pub mod stream;
@@ -124,4 +125,7 @@ struct ReadmeDoctests;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use transport::tls;
+#[cfg(feature = "pool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pool")))]
+pub mod pool;
 pub use transport::{Channel, ChildProcess, Connector};
