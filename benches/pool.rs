@@ -23,8 +23,8 @@ struct Digest {
 }
 request!(Digest => u64, "digest");
 
-const JOBS: u64 = 400;
-const ROUNDS: u32 = 40; // about 2.5 ms of hashing per job here
+const JOBS: u64 = 200;
+const ROUNDS: u32 = 400; // about 5 ms of hashing per job here
 
 fn digest(Digest { seed, rounds }: Digest) -> u64 {
     let buffer: Vec<u8> = (0..64 * 1024u64)
