@@ -232,3 +232,94 @@ fn boxed_errors_convert(error: CallError) -> BoxError {
 
 #[allow(dead_code)]
 fn assert_service_future_is_send<F: Future + Send>(_: F) {}
+
+/// Retries what the peer marked retryable after a pause, at most `left` more times.
+#[derive(Clone)]
+struct RetryLater {
+    left: usize,
+}
+
+impl<Req: Clone, Res> Policy<Req, Res, CallError> for RetryLater {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        _request: &mut Req,
+        result: &mut Result<Res, CallError>,
+    ) -> Option<Self::Future> {
+        match result {
+            Err(error) if error.is_retryable() && self.left > 0 => {
+                self.left -= 1;
+                Some(tokio::time::sleep(Duration::from_millis(50)))
+            }
+            _ => None,
+        }
+    }
+
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        Some(request.clone())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_peer_sheds_load_as_retryable_and_the_callers_retry_gets_through() {
+    use channel_dispatcher::IntoHandlerError;
+    // The handler's side: one call at a time, and shed the rest as overloaded (-32005).
+    let handler = ServiceBuilder::new()
+        .map_err(
+            |error: BoxError| match error.is::<tower::load_shed::error::Overloaded>() {
+                true => HandlerError::new(code::OVERLOADED, "busy: try again"),
+                false => error.into_handler_error(),
+            },
+        )
+        .load_shed()
+        .concurrency_limit(1)
+        .service(server(Arc::default()));
+    let (a, b) = Channel::pair();
+    let _peer = Dispatcher::builder().handler(handler).spawn(b);
+    let client = Dispatcher::builder().spawn(a);
+
+    // Without a retry, the second of two concurrent calls is shed.
+    let (first, second) = tokio::join!(
+        client.request(Slow(100)).into_future(),
+        client.request(Slow(100)).into_future()
+    );
+    let shed = [&first, &second]
+        .into_iter()
+        .filter(|r| r.as_ref().is_err_and(CallError::is_retryable))
+        .count();
+    assert_eq!(shed, 1, "{first:?} {second:?}");
+
+    // With one, both get through.
+    let service = ServiceBuilder::new()
+        .retry(RetryLater { left: 10 })
+        .service(client.service::<Slow>());
+    let (first, second) = tokio::join!(
+        service.clone().oneshot(Slow(100)),
+        service.clone().oneshot(Slow(100))
+    );
+    assert_eq!((first.unwrap(), second.unwrap()), (100, 100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_on_the_handlers_side_spaces_them_out() {
+    let handler = ServiceBuilder::new()
+        .rate_limit(2, Duration::from_millis(100))
+        .service(server(Arc::default()));
+    let (a, b) = Channel::pair();
+    let _peer = Dispatcher::builder().handler(handler).spawn(b);
+    let client = Dispatcher::builder().spawn(a);
+    let start = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..10)
+        .map(|i| client.request(Echo(i.to_string())).into_future())
+        .collect();
+    for (i, answer) in futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(answer.unwrap(), i.to_string());
+    }
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+}
