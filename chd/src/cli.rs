@@ -186,6 +186,9 @@ pub(crate) struct StreamArgs {
     /// Pull mode: one request per item (the PHP original's RemoteIterator).
     #[arg(long)]
     pub(crate) pull: bool,
+    /// An attribute sent with the streaming request (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+    pub(crate) headers: Vec<(String, String)>,
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
 }

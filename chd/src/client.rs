@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use channel_dispatcher::RawResponse;
+use channel_dispatcher::{RawCall, RawResponse};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 
@@ -85,7 +85,12 @@ pub(crate) async fn stream(args: StreamArgs) -> Outcome {
         builder.default_timeout(timeout)
     })
     .await?;
-    let mut items = client.stream_raw::<Value>(args.method.clone(), payload);
+    let call = RawCall::new(args.method.clone(), payload);
+    let call = args
+        .headers
+        .iter()
+        .fold(call, |call, (key, value)| call.attribute(key, value));
+    let mut items = client.stream_raw::<Value>(call);
     if args.pull {
         items = items.pull_mode();
     }

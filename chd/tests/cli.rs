@@ -56,6 +56,12 @@ request!(Trace => Option<String>, "trace");
 struct Count(u64);
 stream_request!(Count => u64, "count");
 
+/// Streams the request's `tag` attribute, `n` times.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+struct Tagged(u64);
+stream_request!(Tagged => Option<String>, "tagged");
+
 fn router() -> Router {
     Router::new()
         .request(|_cx: Context, Echo(value)| async move { Ok(value) })
@@ -71,6 +77,10 @@ fn router() -> Router {
             Ok(cx.attributes().get("trace").map(str::to_owned))
         })
         .stream(|_cx: Context, Count(n)| async move { Ok(stream::iter((0..n).map(Ok))) })
+        .stream(|cx: Context, Tagged(n)| async move {
+            let tag = cx.attributes().get("tag").map(str::to_owned);
+            Ok(stream::iter((0..n).map(move |_| Ok(tag.clone()))))
+        })
 }
 
 /// A fresh directory under the system's temporary one, removed on drop.
@@ -484,6 +494,13 @@ fn stream_prints_one_json_line_per_item() {
     }
     let output = chd(&["stream", &server.address, "no/such/stream", "1"], None);
     assert_status(&output, 1);
+    // Attributes go with the streaming request.
+    let output = chd(
+        &["stream", &server.address, "tagged", "2", "-H", "tag=x"],
+        None,
+    );
+    assert_status(&output, 0);
+    assert_eq!(stdout(&output), "\"x\"\n\"x\"\n");
 }
 
 /// A `chd` that keeps running (listen, spawn), its stdout read line by line.

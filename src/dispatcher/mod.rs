@@ -121,13 +121,14 @@ impl Dispatcher {
         )
     }
 
-    /// Opens a stream by method name, with a payload already encoded with the connection's
-    /// codec (see [`Codec::encode`]); its items decode as `T` (with a self-describing codec,
-    /// `serde_json::Value` takes any item). Otherwise as [`stream`](Self::stream).
+    /// Opens a stream by method name: `call` has the method, a payload already encoded with
+    /// the connection's codec (see [`Codec::encode`]) and attributes; its items decode as `T`
+    /// (with a self-describing codec, `serde_json::Value` takes any item). Otherwise as
+    /// [`stream`](Self::stream).
     ///
     /// # Examples
     /// ```
-    /// # use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, Router};
+    /// # use channel_dispatcher::{stream_request, Channel, Context, Dispatcher, RawCall, Router};
     /// # use futures_util::{stream, StreamExt};
     /// # use serde::{Deserialize, Serialize};
     /// # #[derive(Serialize, Deserialize)] struct Count(u32);
@@ -140,23 +141,25 @@ impl Dispatcher {
     /// let client = Dispatcher::builder().spawn(a);
     /// let payload = client.codec().encode(&3u32).unwrap();
     /// let items: Vec<u64> = client
-    ///     .stream_raw::<u64>("count", payload)
+    ///     .stream_raw::<u64>(RawCall::new("count", payload))
     ///     .map(Result::unwrap)
     ///     .collect()
     ///     .await;
     /// assert_eq!(items, [0, 1, 2]);
     /// # }
     /// ```
-    pub fn stream_raw<T>(&self, method: impl Into<String>, payload: Bytes) -> RemoteStream<T>
+    pub fn stream_raw<T>(&self, call: RawCall) -> RemoteStream<T>
     where
         T: serde::de::DeserializeOwned + Send + 'static,
     {
+        let (method, payload, attributes) = call.into_parts();
         let answer = Call::new(
             Ok(self.shared.clone()),
-            Method::from(method.into()),
+            Method::from(method),
             Ok(payload),
             decode_typed::<u64>,
         )
+        .attributes(attributes)
         .into_future();
         RemoteStream::opening(
             Arc::clone(&self.shared),

@@ -188,6 +188,10 @@ impl RawCall {
     pub fn attributes(&self) -> &Attributes {
         &self.attributes
     }
+
+    pub(crate) fn into_parts(self) -> (String, Bytes, Attributes) {
+        (self.method, self.payload, self.attributes)
+    }
 }
 
 impl Service<RawCall> for CallService<RawCall> {
@@ -200,9 +204,10 @@ impl Service<RawCall> for CallService<RawCall> {
     }
 
     fn call(&mut self, request: RawCall) -> Self::Future {
+        let (method, payload, attributes) = request.into_parts();
         self.dispatcher
-            .call_raw(request.method, request.payload)
-            .attributes(request.attributes)
+            .call_raw(method, payload)
+            .attributes(attributes)
             .with_reserved(self.reserved.take())
             .into_future()
     }
