@@ -250,6 +250,10 @@ pub(crate) struct SpawnArgs {
     /// Print what the child sends, until it stops or exits.
     #[arg(long)]
     pub(crate) listen: bool,
+    /// An interactive session: each line of stdin is `METHOD [JSON]` (a call, its answer
+    /// printed) or `!METHOD [JSON]` (a notification), until the end of stdin.
+    #[arg(short, long)]
+    pub(crate) interactive: bool,
     /// An attribute sent with the call or notification (repeatable).
     #[arg(short = 'H', long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
     pub(crate) headers: Vec<(String, String)>,

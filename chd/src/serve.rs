@@ -373,9 +373,9 @@ async fn call_once(
 }
 
 pub(crate) async fn spawn(args: SpawnArgs) -> Outcome {
-    if args.call.is_none() && args.notify.is_none() && !args.listen {
+    if args.call.is_none() && args.notify.is_none() && !args.listen && !args.interactive {
         return Err(Failure::usage(
-            "spawn needs something to do: --call METHOD [JSON], --notify METHOD [JSON] or --listen",
+            "spawn needs something to do: --call METHOD [JSON], --notify METHOD [JSON], --listen or --interactive",
         ));
     }
     let codec = args.codec.codec();
@@ -416,6 +416,9 @@ pub(crate) async fn spawn(args: SpawnArgs) -> Outcome {
             result = Err(Failure::call(e, &what));
         }
     }
+    if args.interactive && result.is_ok() {
+        session(&peer, codec, attributes(&args.headers), args.timeout, &what).await;
+    }
     let reason = if args.listen && result.is_ok() {
         tokio::select! {
             reason = peer.closed() => reason,
@@ -448,6 +451,57 @@ pub(crate) async fn spawn(args: SpawnArgs) -> Outcome {
         return result.and(Err(failure));
     }
     result
+}
+
+/// Reads `METHOD [JSON]` (a call) and `!METHOD [JSON]` (a notification) lines from stdin
+/// until its end, printing each answer as a JSON line and each failure on stderr.
+async fn session(
+    peer: &Dispatcher,
+    codec: Codec,
+    attributes: Attributes,
+    timeout: Duration,
+    what: &str,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (notify, line) = match line.strip_prefix('!') {
+            Some(rest) => (true, rest.trim_start()),
+            None => (false, line),
+        };
+        let (method, json) = line
+            .split_once(char::is_whitespace)
+            .unwrap_or((line, "null"));
+        let payload = match read_payload(Some(json.trim())).and_then(|v| encode(codec, &v)) {
+            Ok(payload) => payload,
+            Err(failure) => {
+                eprintln!("chd: {failure}");
+                continue;
+            }
+        };
+        let outcome = match notify {
+            true => peer
+                .notify_raw(method.to_owned(), attributes.clone(), payload)
+                .await
+                .map_err(|e| Failure::call(e, what)),
+            false => {
+                let call = (method.to_owned(), payload);
+                call_once(peer, call, attributes.clone(), timeout, what)
+                    .await
+                    .map(|value| print_line(&value.to_string()))
+            }
+        };
+        if let Err(failure) = outcome {
+            eprintln!("chd: {failure}");
+            if peer.is_closed() {
+                return;
+            }
+        }
+    }
 }
 
 pub(crate) async fn serve_stdio(args: ServeStdioArgs) -> Outcome {

@@ -831,6 +831,35 @@ fn spawn_calls_a_child_over_stdio() {
 }
 
 #[test]
+fn spawn_interactive_calls_and_notifies_line_by_line() {
+    let input = "echo {\"a\": 1}\n!log \"x\"\nbad {json\necho [1, 2]\n";
+    let output = chd(
+        &[
+            "spawn",
+            "--interactive",
+            "--",
+            CHD,
+            "serve-stdio",
+            "--error",
+            "9:nope",
+        ],
+        Some(input),
+    );
+    // Every call answered with the child's error, the bad line skipped, the session going on.
+    assert_status(&output, 0);
+    let errors = stderr(&output);
+    assert_eq!(errors.matches("error 9: nope").count(), 2, "{errors}");
+    assert!(errors.contains("not valid JSON"), "{errors}");
+
+    let output = chd(
+        &["spawn", "-i", "--", CHD, "serve-stdio"],
+        Some("echo {\"a\": 1}\n!log \"x\"\necho [1, 2]\n"),
+    );
+    assert_status(&output, 0);
+    assert_eq!(stdout(&output), "{\"a\":1}\n[1,2]\n");
+}
+
+#[test]
 fn spawn_listen_prints_what_the_child_sends() {
     let output = chd(
         &[
