@@ -125,6 +125,9 @@ struct ReadmeDoctests;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use transport::tls;
+#[cfg(feature = "php")]
+#[cfg_attr(docsrs, doc(cfg(feature = "php")))]
+pub mod php;
 #[cfg(feature = "pool")]
 #[cfg_attr(docsrs, doc(cfg(feature = "pool")))]
 pub mod pool;

@@ -1,0 +1,342 @@
+//! Reading `serialize()` bytes into a [`PhpValue`], within limits, never trusting a count or
+//! a length before the bytes are there, and never instantiating anything.
+
+use super::value::{canonical_int, ArrayKey, PhpObject, PhpValue, Property};
+
+/// What the decoder accepts at most. PHP has no such limits; a peer that exceeds them is
+/// refused with a [`PhpError`] that names the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// How deeply arrays and objects nest. Default: 64.
+    pub max_depth: usize,
+    /// How many values (scalars, array entries, properties) one payload holds. Default:
+    /// 1,000,000.
+    pub max_values: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_depth: 64,
+            max_values: 1_000_000,
+        }
+    }
+}
+
+/// Why bytes are not a PHP value this decoder accepts.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PhpError {
+    /// The bytes end before the value does.
+    #[error("the PHP value ends early, at byte {at}: it was cut off")]
+    Truncated {
+        /// Where.
+        at: usize,
+    },
+    /// A byte that the `serialize()` grammar does not allow there.
+    #[error("byte {at} of the PHP value is {found:?} where {expected} was expected: it is not PHP serialize() output")]
+    Unexpected {
+        /// Where.
+        at: usize,
+        /// What was there.
+        found: char,
+        /// What the grammar wants.
+        expected: &'static str,
+    },
+    /// A number that does not parse, or does not fit (an integer beyond `i64`, a length
+    /// beyond the input).
+    #[error("byte {at} of the PHP value starts a malformed or out-of-range number")]
+    BadNumber {
+        /// Where.
+        at: usize,
+    },
+    /// A kind this decoder refuses on purpose: references (`r:`, `R:`), custom
+    /// serialization (`C:`), enums (`E:`).
+    #[error("the PHP value uses `{kind}:` at byte {at} ({what}), which is refused: send plain values and objects")]
+    Refused {
+        /// The type letter.
+        kind: char,
+        /// What it is.
+        what: &'static str,
+        /// Where.
+        at: usize,
+    },
+    /// Arrays and objects nest deeper than [`DecodeLimits::max_depth`].
+    #[error("the PHP value nests deeper than {limit} levels")]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
+    /// More values than [`DecodeLimits::max_values`].
+    #[error("the PHP value holds more than {limit} values")]
+    TooMany {
+        /// The limit.
+        limit: usize,
+    },
+    /// Bytes left over after the value.
+    #[error("{left} bytes follow the PHP value: one payload holds one value")]
+    Trailing {
+        /// How many.
+        left: usize,
+    },
+}
+
+impl PhpValue {
+    /// Reads one value that takes all of `bytes`.
+    ///
+    /// # Errors
+    /// A [`PhpError`] for bytes that are not one whole value, or that exceed `limits`.
+    pub fn from_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<Self, PhpError> {
+        let mut reader = Reader {
+            bytes,
+            at: 0,
+            limits,
+            values: 0,
+        };
+        let value = reader.value(0)?;
+        match bytes.len() - reader.at {
+            0 => Ok(value),
+            left => Err(PhpError::Trailing { left }),
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    limits: &'a DecodeLimits,
+    values: usize,
+}
+
+impl Reader<'_> {
+    fn peek(&self) -> Result<u8, PhpError> {
+        self.bytes
+            .get(self.at)
+            .copied()
+            .ok_or(PhpError::Truncated { at: self.at })
+    }
+
+    fn expect(&mut self, byte: u8, expected: &'static str) -> Result<(), PhpError> {
+        let found = self.peek()?;
+        if found != byte {
+            return Err(PhpError::Unexpected {
+                at: self.at,
+                found: found as char,
+                expected,
+            });
+        }
+        self.at += 1;
+        Ok(())
+    }
+
+    /// The bytes up to `end` (not included), which must come before the input ends.
+    fn until(&mut self, end: u8) -> Result<&[u8], PhpError> {
+        let rest = &self.bytes[self.at..];
+        let Some(len) = rest.iter().position(|&b| b == end) else {
+            return Err(PhpError::Truncated {
+                at: self.bytes.len(),
+            });
+        };
+        let start = self.at;
+        self.at += len + 1;
+        Ok(&self.bytes[start..start + len])
+    }
+
+    fn integer(&mut self, end: u8) -> Result<i64, PhpError> {
+        let at = self.at;
+        let text = self.until(end)?;
+        let digits = text
+            .strip_prefix(b"-")
+            .or(text.strip_prefix(b"+"))
+            .unwrap_or(text);
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(PhpError::BadNumber { at });
+        }
+        std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or(PhpError::BadNumber { at })
+    }
+
+    /// A length or count: an unsigned decimal no larger than the input left.
+    fn count(&mut self, end: u8) -> Result<usize, PhpError> {
+        let at = self.at;
+        let text = self.until(end)?;
+        if text.is_empty() || !text.iter().all(u8::is_ascii_digit) || text.len() > 19 {
+            return Err(PhpError::BadNumber { at });
+        }
+        let count: usize = std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or(PhpError::BadNumber { at })?;
+        // Every counted thing takes at least one byte: a larger count cannot be honest.
+        if count > self.bytes.len() - self.at {
+            return Err(PhpError::BadNumber { at });
+        }
+        Ok(count)
+    }
+
+    /// `<len>:"<bytes>"` (after `s:`), then `end`.
+    fn quoted(&mut self, end: u8) -> Result<Vec<u8>, PhpError> {
+        let len = self.count(b':')?;
+        self.expect(b'"', "`\"`")?;
+        let start = self.at;
+        if self.bytes.len() - start < len {
+            return Err(PhpError::Truncated {
+                at: self.bytes.len(),
+            });
+        }
+        self.at += len;
+        self.expect(b'"', "`\"` after the string's length in bytes")?;
+        self.expect(end, "the end of the string")?;
+        Ok(self.bytes[start..start + len].to_vec())
+    }
+
+    fn counted(&mut self) -> Result<(), PhpError> {
+        self.values += 1;
+        if self.values > self.limits.max_values {
+            return Err(PhpError::TooMany {
+                limit: self.limits.max_values,
+            });
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, depth: usize) -> Result<PhpValue, PhpError> {
+        self.counted()?;
+        let at = self.at;
+        let kind = self.peek()?;
+        self.at += 1;
+        if kind == b'N' {
+            self.expect(b';', "`;` after `N`")?;
+            return Ok(PhpValue::Null);
+        }
+        match kind {
+            b'r' | b'R' => {
+                return Err(PhpError::Refused {
+                    kind: kind as char,
+                    what: "a reference",
+                    at,
+                })
+            }
+            b'C' => {
+                return Err(PhpError::Refused {
+                    kind: 'C',
+                    what: "custom serialization",
+                    at,
+                })
+            }
+            b'E' => {
+                return Err(PhpError::Refused {
+                    kind: 'E',
+                    what: "an enum case",
+                    at,
+                })
+            }
+            _ => {}
+        }
+        self.expect(b':', "`:` after the type letter")?;
+        match kind {
+            b'b' => match self.until(b';')? {
+                b"0" => Ok(PhpValue::Bool(false)),
+                b"1" => Ok(PhpValue::Bool(true)),
+                _ => Err(PhpError::BadNumber { at: at + 2 }),
+            },
+            b'i' => Ok(PhpValue::Int(self.integer(b';')?)),
+            b'd' => {
+                let start = self.at;
+                let text = self.until(b';')?;
+                parse_float(text)
+                    .map(PhpValue::Float)
+                    .ok_or(PhpError::BadNumber { at: start })
+            }
+            b's' => Ok(PhpValue::String(self.quoted(b';')?)),
+            b'a' => {
+                let depth = self.deeper(depth)?;
+                let count = self.count(b':')?;
+                self.expect(b'{', "`{`")?;
+                let mut entries = Vec::with_capacity(count.min(1024));
+                for _ in 0..count {
+                    let key = self.key()?;
+                    entries.push((key, self.value(depth)?));
+                }
+                self.expect(b'}', "`}` after the array's last entry")?;
+                Ok(PhpValue::Array(entries))
+            }
+            b'O' => {
+                let depth = self.deeper(depth)?;
+                let class = self.quoted(b':')?;
+                let count = self.count(b':')?;
+                self.expect(b'{', "`{`")?;
+                let mut properties = Vec::with_capacity(count.min(64));
+                for _ in 0..count {
+                    let name = match self.key()? {
+                        ArrayKey::String(name) => name,
+                        ArrayKey::Int(i) => i.to_string().into_bytes(),
+                    };
+                    properties.push((Property::from_mangled(&name), self.value(depth)?));
+                }
+                self.expect(b'}', "`}` after the object's last property")?;
+                Ok(PhpValue::Object(PhpObject { class, properties }))
+            }
+            other => Err(PhpError::Unexpected {
+                at,
+                found: other as char,
+                expected: "a type letter (N, b, i, d, s, a, O)",
+            }),
+        }
+    }
+
+    fn deeper(&self, depth: usize) -> Result<usize, PhpError> {
+        match depth < self.limits.max_depth {
+            true => Ok(depth + 1),
+            false => Err(PhpError::TooDeep {
+                limit: self.limits.max_depth,
+            }),
+        }
+    }
+
+    /// An array key or property name: `i:<n>;` or `s:<len>:"<bytes>";`.
+    fn key(&mut self) -> Result<ArrayKey, PhpError> {
+        self.counted()?;
+        let at = self.at;
+        match self.peek()? {
+            b'i' => {
+                self.at += 1;
+                self.expect(b':', "`:`")?;
+                Ok(ArrayKey::Int(self.integer(b';')?))
+            }
+            b's' => {
+                self.at += 1;
+                self.expect(b':', "`:`")?;
+                let key = self.quoted(b';')?;
+                // PHP makes a canonical decimal string key an integer key.
+                Ok(match canonical_int(&key) {
+                    Some(int) => ArrayKey::Int(int),
+                    None => ArrayKey::String(key),
+                })
+            }
+            other => Err(PhpError::Unexpected {
+                at,
+                found: other as char,
+                expected: "an array key (`i:` or `s:`)",
+            }),
+        }
+    }
+}
+
+/// PHP's float forms: decimal, exponential (`1.0E+25`, `2.5E-7`), `NAN`, `INF`, `-INF`.
+fn parse_float(text: &[u8]) -> Option<f64> {
+    match text {
+        b"NAN" => return Some(f64::NAN),
+        b"INF" => return Some(f64::INFINITY),
+        b"-INF" => return Some(f64::NEG_INFINITY),
+        _ => {}
+    }
+    // Rust would take `inf`, `nan` and `infinity` too: PHP's digits only.
+    let allowed = |b: &u8| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-');
+    if text.is_empty() || !text.iter().all(allowed) {
+        return None;
+    }
+    std::str::from_utf8(text).ok()?.parse().ok()
+}
