@@ -338,3 +338,135 @@ proptest! {
         prop_assert!(decode(&bytes[..cut]).is_err());
     }
 }
+
+mod mapping {
+    use super::*;
+    use channel_dispatcher::php::{from_object, from_value, to_object, to_value};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct PingRequest {
+        note: String,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct PongResponse {
+        reply: String,
+        #[serde(rename = "requestId")]
+        request_id: Option<i64>,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct EchoRequest {
+        payload: PhpValue,
+    }
+
+    fn object(bytes: &[u8]) -> PhpObject {
+        match decode(bytes).unwrap() {
+            PhpValue::Object(object) => object,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_struct_is_an_object_of_its_class_with_the_private_id_last() {
+        let ping = PingRequest {
+            note: "hello".into(),
+        };
+        let object = to_object("PingRequest", &ping, Some(PhpValue::Int(0))).unwrap();
+        assert_eq!(PhpValue::Object(object).to_bytes(), sample("PingRequest"));
+
+        let (pong, id): (PongResponse, _) = from_object(object_of("PongResponse")).unwrap();
+        assert_eq!(
+            pong,
+            PongResponse {
+                reply: "pong: hello".into(),
+                request_id: Some(0)
+            }
+        );
+        assert_eq!(id, Some(PhpValue::Int(0)));
+    }
+
+    fn object_of(title: &str) -> PhpObject {
+        object(&sample(title))
+    }
+
+    #[test]
+    fn any_php_value_passes_through_a_struct_exactly() {
+        let bytes = sample("EchoRequest");
+        let (echo, id): (EchoRequest, _) = from_object(object(&bytes)).unwrap();
+        // Types, key order and raw bytes survive: encoding it again gives PHP's bytes.
+        let again = to_object("EchoRequest", &echo, id).unwrap();
+        assert_eq!(PhpValue::Object(again).to_bytes(), bytes);
+    }
+
+    #[test]
+    fn properties_match_by_name_in_any_order_unknown_ones_ignored() {
+        let bytes = b"O:12:\"PongResponse\":4:{s:9:\"requestId\";i:5;s:7:\"\0*\0zzzz\";b:1;s:5:\"\0*\0id\";i:9;s:5:\"reply\";s:2:\"ok\";}";
+        let (pong, id): (PongResponse, _) = from_object(object(bytes)).unwrap();
+        assert_eq!(pong.reply, "ok");
+        assert_eq!(pong.request_id, Some(5));
+        assert_eq!(id, Some(PhpValue::Int(9)));
+        // A missing field is an error that names it.
+        let missing = b"O:12:\"PongResponse\":1:{s:9:\"requestId\";N;}";
+        let error = from_object::<PongResponse>(object(missing)).unwrap_err();
+        assert!(error.to_string().contains("reply"), "{error}");
+    }
+
+    #[test]
+    fn rust_types_map_onto_php_values() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        enum Shape {
+            Dot,
+            Circle(f64),
+            Rect { w: u32, h: u32 },
+        }
+        let shapes = vec![Shape::Dot, Shape::Circle(1.5), Shape::Rect { w: 2, h: 3 }];
+        let value = to_value(&shapes).unwrap();
+        assert_eq!(
+            value.to_bytes(),
+            b"a:3:{i:0;s:3:\"Dot\";i:1;a:1:{s:6:\"Circle\";d:1.5;}i:2;a:1:{s:4:\"Rect\";a:2:{s:1:\"w\";i:2;s:1:\"h\";i:3;}}}"
+        );
+        assert_eq!(from_value::<Vec<Shape>>(value).unwrap(), shapes);
+
+        let map: std::collections::BTreeMap<String, Option<u8>> =
+            [("7".to_owned(), Some(1)), ("x".to_owned(), None)].into();
+        let value = to_value(&map).unwrap();
+        assert_eq!(value.to_bytes(), b"a:2:{i:7;i:1;s:1:\"x\";N;}");
+        assert_eq!(
+            from_value::<std::collections::BTreeMap<String, Option<u8>>>(value).unwrap(),
+            map
+        );
+        assert!(matches!(to_value(&u64::MAX), Err(PhpError::Mapping { .. })));
+        let bool_keys: std::collections::BTreeMap<bool, u8> = [(true, 1)].into();
+        assert!(matches!(
+            to_value(&bool_keys),
+            Err(PhpError::Mapping { .. })
+        ));
+        // Bytes that are not UTF-8 reach a byte buffer, not a string.
+        let raw: Vec<u8> = from_value::<serde_bytes_like::Buf>(PhpValue::String(vec![0xff, 0]))
+            .unwrap()
+            .0;
+        assert_eq!(raw, [0xff, 0]);
+    }
+
+    /// A byte buffer that takes bytes as bytes (what `serde_bytes` does).
+    mod serde_bytes_like {
+        pub(super) struct Buf(pub(super) Vec<u8>);
+        impl<'de> serde::Deserialize<'de> for Buf {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = Buf;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("bytes")
+                    }
+                    fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Buf, E> {
+                        Ok(Buf(v))
+                    }
+                }
+                d.deserialize_byte_buf(V)
+            }
+        }
+    }
+}

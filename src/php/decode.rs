@@ -73,6 +73,13 @@ pub enum PhpError {
         /// The limit.
         limit: usize,
     },
+    /// A Rust value that does not map onto PHP, or a PHP value that does not have the shape
+    /// of the Rust type asked for.
+    #[error("the value does not map between PHP and Rust: {message}")]
+    Mapping {
+        /// What did not fit.
+        message: String,
+    },
     /// Bytes left over after the value.
     #[error("{left} bytes follow the PHP value: one payload holds one value")]
     Trailing {

@@ -24,7 +24,9 @@
 //! ```
 
 mod decode;
+mod serde;
 mod value;
 
+pub use self::serde::{from_object, from_value, to_object, to_value};
 pub use decode::{DecodeLimits, PhpError};
 pub use value::{ArrayKey, PhpObject, PhpValue, Property, Visibility};
