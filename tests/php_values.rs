@@ -470,3 +470,27 @@ mod mapping {
         }
     }
 }
+
+#[test]
+fn the_recorded_frames_are_cut_from_one_stream_and_written_back_the_same() {
+    use bytes::BytesMut;
+    use channel_dispatcher::php::framing::Frames;
+    let payloads: Vec<Vec<u8>> = samples().into_iter().map(|(_, p)| p).collect();
+    let mut stream = BytesMut::new();
+    for payload in &payloads {
+        Frames::encode(payload, &mut stream);
+    }
+    let text = include_str!("data/php-wire-samples.txt");
+    let recorded: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let written: String = stream.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(written, recorded, "our frames are PHP's, byte for byte");
+    let frames = Frames::new(1 << 20);
+    let mut cut = Vec::new();
+    while let Some(payload) = frames.decode(&mut stream).unwrap() {
+        cut.push(payload.to_vec());
+    }
+    assert_eq!(cut, payloads);
+}

@@ -1,5 +1,6 @@
 //! The PHP original's wire (the `php` feature): its `serialize()` payloads as [`PhpValue`]s,
-//! written byte for byte as PHP 8 writes them and read back within [`DecodeLimits`].
+//! written byte for byte as PHP 8 writes them and read back within [`DecodeLimits`], serde
+//! types mapped onto them ([`to_object`], [`from_object`]), and its frames ([`framing`]).
 //!
 //! PHP's `unserialize()` instantiates whatever class the bytes name; this decoder instantiates
 //! nothing: an object is its class name and properties, for the application to map onto the
@@ -24,6 +25,7 @@
 //! ```
 
 mod decode;
+pub mod framing;
 mod serde;
 mod value;
 
