@@ -341,7 +341,7 @@ proptest! {
 
 mod mapping {
     use super::*;
-    use channel_dispatcher::php::{from_object, from_value, to_object, to_value};
+    use channel_dispatcher::php::{from_object, from_value, to_message, to_object, to_value};
     use serde::{Deserialize, Serialize};
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -389,6 +389,42 @@ mod mapping {
 
     fn object_of(title: &str) -> PhpObject {
         object(&sample(title))
+    }
+
+    #[test]
+    fn a_structs_serde_name_is_its_class() {
+        #[derive(Serialize)]
+        #[serde(rename = "Flyokai\\AmpChannelDispatcher\\ErrorResponse")]
+        struct ErrorResponse {
+            message: String,
+            code: i64,
+            #[serde(rename = "requestId")]
+            request_id: Option<i64>,
+        }
+        let error = ErrorResponse {
+            message: "No handler for UnknownRequest".into(),
+            code: 404,
+            request_id: Some(1),
+        };
+        let object = to_message(&error, Some(PhpValue::Int(1))).unwrap();
+        assert_eq!(
+            PhpValue::Object(object).to_bytes(),
+            sample("ErrorResponse (router")
+        );
+        let ping = to_message(
+            &PingRequest {
+                note: "hello".into(),
+            },
+            Some(PhpValue::Int(0)),
+        );
+        assert_eq!(
+            PhpValue::Object(ping.unwrap()).to_bytes(),
+            sample("PingRequest")
+        );
+        assert!(matches!(
+            to_message(&vec![1, 2], None),
+            Err(PhpError::Mapping { .. })
+        ));
     }
 
     #[test]

@@ -29,6 +29,6 @@ pub mod framing;
 mod serde;
 mod value;
 
-pub use self::serde::{from_object, from_value, to_object, to_value};
+pub use self::serde::{from_object, from_value, to_message, to_object, to_value};
 pub use decode::{DecodeLimits, PhpError};
 pub use value::{ArrayKey, PhpObject, PhpValue, Property, Visibility};

@@ -180,7 +180,78 @@ impl ser::Serializer for Capture {
         PhpValue::from_bytes(bytes, &DecodeLimits::default())
     }
 
+    fn serialize_struct(
+        self,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStruct, PhpError> {
+        Err(not_captured())
+    }
+
     serde_impossible!();
+}
+
+/// Finds a struct's serde name (its class) without serializing its fields.
+struct NameProbe;
+
+impl ser::Serializer for NameProbe {
+    type Ok = PhpValue;
+    type Error = PhpError;
+    type SerializeSeq = ser::Impossible<PhpValue, PhpError>;
+    type SerializeTuple = ser::Impossible<PhpValue, PhpError>;
+    type SerializeTupleStruct = ser::Impossible<PhpValue, PhpError>;
+    type SerializeTupleVariant = ser::Impossible<PhpValue, PhpError>;
+    type SerializeMap = ser::Impossible<PhpValue, PhpError>;
+    type SerializeStruct = ser::Impossible<PhpValue, PhpError>;
+    type SerializeStructVariant = ser::Impossible<PhpValue, PhpError>;
+
+    fn serialize_bytes(self, _: &[u8]) -> Result<PhpValue, PhpError> {
+        Err(not_a_struct())
+    }
+
+    fn serialize_struct(
+        self,
+        name: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStruct, PhpError> {
+        Err(PhpError::Mapping {
+            message: format!("{CLASS_FOUND}{name}"),
+        })
+    }
+
+    serde_impossible!();
+}
+
+/// How [`NameProbe`] hands the name back (through the error, the only way out early).
+const CLASS_FOUND: &str = "\0class:";
+
+fn not_a_struct() -> PhpError {
+    mapping("a message must be a struct: its name is the PHP class")
+}
+
+/// The class of a message struct: its serde name (`#[serde(rename = "Ns\\Class")]` sets a
+/// namespaced one).
+fn class_of<T: Serialize + ?Sized>(message: &T) -> Result<String, PhpError> {
+    match message.serialize(NameProbe) {
+        Err(PhpError::Mapping { message }) => match message.strip_prefix(CLASS_FOUND) {
+            Some(class) => Ok(class.to_owned()),
+            None => Err(not_a_struct()),
+        },
+        _ => Err(not_a_struct()),
+    }
+}
+
+/// A message struct as an object of the class its serde name gives (`PingRequest`, or what
+/// `#[serde(rename = "...")]` says), the private `id` last when there is one; see
+/// [`to_object`].
+///
+/// # Errors
+/// As [`to_object`]; [`PhpError::Mapping`] when `message` is not a struct.
+pub fn to_message<T: Serialize + ?Sized>(
+    message: &T,
+    id: Option<PhpValue>,
+) -> Result<PhpObject, PhpError> {
+    to_object(&class_of(message)?, message, id)
 }
 
 macro_rules! serde_impossible {
@@ -283,13 +354,6 @@ macro_rules! serde_impossible {
             Err(not_captured())
         }
         fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_struct(
-            self,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Self::SerializeStruct, PhpError> {
             Err(not_captured())
         }
         fn serialize_struct_variant(
