@@ -303,7 +303,21 @@ impl TlsListener {
                     Some(channel(tls, PeerInfo::new(address).with_identity(identity)))
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(peer = %address, %error, "TLS handshake failed (a plaintext or untrusted client?)");
+                    let plaintext = error
+                        .get_ref()
+                        .and_then(|e| e.downcast_ref::<rustls::Error>())
+                        .is_some_and(|e| {
+                            matches!(
+                                e,
+                                rustls::Error::InvalidMessage(
+                                    rustls::InvalidMessage::InvalidContentType
+                                )
+                            )
+                        });
+                    match plaintext {
+                        true => tracing::warn!(peer = %address, "a client that does not speak TLS connected (a plaintext peer?): dropped"),
+                        false => tracing::warn!(peer = %address, %error, "TLS handshake failed (an untrusted client certificate?)"),
+                    }
                     None
                 }
                 Err(_) => {
