@@ -39,7 +39,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -108,9 +108,9 @@ impl PoolBuilder {
         let (closing, closed) = watch::channel(false);
         let inner = Arc::new(Inner {
             balancer: Mutex::new(Balance::new(changes)),
-            codec: std::sync::OnceLock::new(),
+            codec: watch::channel(None).0,
             timeout: self.timeout,
-            live: AtomicUsize::new(0),
+            live: watch::channel(0).0,
             restarts: AtomicU64::new(0),
             closing,
         });
@@ -171,7 +171,8 @@ async fn supervise<F, Fut, E>(
                 continue;
             }
         };
-        let _ = pool.codec.set(worker.codec());
+        pool.codec
+            .send_if_modified(|codec| codec.replace(worker.codec()).is_none());
         let key = KEYS.fetch_add(1, Ordering::Relaxed);
         let service =
             PendingRequests::new(worker.service::<RawCall>(), CompleteOnResponse::default());
@@ -179,7 +180,7 @@ async fn supervise<F, Fut, E>(
             worker.stop().await;
             return;
         }
-        pool.live.fetch_add(1, Ordering::SeqCst);
+        pool.live.send_modify(|live| *live += 1);
         tracing::debug!(worker = index, key, "a worker joined the pool");
         let ended = {
             let end = std::pin::pin!(worker.closed());
@@ -190,7 +191,7 @@ async fn supervise<F, Fut, E>(
             }
         };
         let _ = changes.send(Change::Remove(key));
-        pool.live.fetch_sub(1, Ordering::SeqCst);
+        pool.live.send_modify(|live| *live -= 1);
         let Some(reason) = ended else {
             worker.stop().await;
             return;
@@ -220,9 +221,11 @@ pub struct Pool {
 
 struct Inner {
     balancer: Mutex<Balancer>,
-    codec: std::sync::OnceLock<Codec>,
+    /// The workers' codec, once one connected.
+    codec: watch::Sender<Option<Codec>>,
     timeout: Duration,
-    live: AtomicUsize,
+    /// Workers connected now.
+    live: watch::Sender<usize>,
     restarts: AtomicU64,
     closing: watch::Sender<bool>,
 }
@@ -275,7 +278,7 @@ impl Pool {
 
     /// How many workers are connected now.
     pub fn workers(&self) -> usize {
-        self.inner.live.load(Ordering::SeqCst)
+        *self.inner.live.borrow()
     }
 
     /// How many times a worker was connected again (after its end or a failed start).
@@ -286,25 +289,25 @@ impl Pool {
     /// Stops every worker and connects no more; calls made after fail.
     pub async fn close(&self) {
         self.inner.closing.send_replace(true);
-        while self.workers() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let mut live = self.inner.live.subscribe();
+        let _ = live.wait_for(|live| *live == 0).await;
     }
 
     /// The workers' codec, known once one has connected.
     async fn codec(&self) -> Result<Codec, CallError> {
         let timeout = self.inner.timeout;
+        let mut codec = self.inner.codec.subscribe();
         let known = async {
-            loop {
-                if let Some(codec) = self.inner.codec.get() {
-                    return *codec;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            codec
+                .wait_for(Option::is_some)
+                .await
+                .map(|codec| codec.expect("waited for it"))
         };
-        tokio::time::timeout(timeout, known)
-            .await
-            .map_err(|_| CallError::Timeout(timeout))
+        match tokio::time::timeout(timeout, known).await {
+            Ok(Ok(codec)) => Ok(codec),
+            Ok(Err(_)) => Err(CallError::Terminated(Termination::Stopped)),
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
     }
 }
 
