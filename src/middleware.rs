@@ -9,6 +9,12 @@
 //! concurrency limit anywhere in the stack makes the connection wait before it starts more
 //! handlers (it keeps reading answers, cancels and credit).
 //!
+//! A tower limit holds back every request, the peer's nested calls too: a handler that calls
+//! the peer, whose handler calls back, waits for itself once the limit is reached. Where
+//! handlers make such calls, bound them with
+//! [`Builder::max_concurrent_handlers`](crate::Builder::max_concurrent_handlers), which admits
+//! nested calls beyond it, rather than with tower's `ConcurrencyLimit`.
+//!
 //! The pipeline comes in two kinds, each with its own message types:
 //! - **inbound**, around the handler: [`Incoming`] messages, answered with a [`Reply`] (or a
 //!   [`HandlerError`]); notifications pass through it too ([`Incoming::is_notification`]), and

@@ -106,12 +106,16 @@ impl PoolBuilder {
             changes_rx.poll_recv(cx).map(|change| change.map(Ok))
         }));
         let (closing, closed) = watch::channel(false);
+        let status = Arc::new(Status {
+            codec: watch::channel(None).0,
+            live: watch::channel(0).0,
+            running: watch::channel(0).0,
+            restarts: AtomicU64::new(0),
+        });
         let inner = Arc::new(Inner {
             balancer: Mutex::new(Balance::new(changes)),
-            codec: watch::channel(None).0,
+            status: Arc::clone(&status),
             timeout: self.timeout,
-            live: watch::channel(0).0,
-            restarts: AtomicU64::new(0),
             closing,
         });
         let connect = Arc::new(connect);
@@ -120,7 +124,7 @@ impl PoolBuilder {
                 index,
                 Arc::clone(&connect),
                 changes_tx.clone(),
-                Arc::clone(&inner),
+                Arc::clone(&status),
                 closed.clone(),
                 self.backoff,
             );
@@ -133,12 +137,13 @@ impl PoolBuilder {
 /// Worker keys in the balancer: never reused, so a restarted worker is a new endpoint.
 static KEYS: AtomicU64 = AtomicU64::new(1);
 
-/// Keeps worker `index` connected until the pool closes.
+/// Keeps worker `index` connected until the pool closes (or every `Pool` handle is gone,
+/// which drops the closing watch's sender).
 async fn supervise<F, Fut, E>(
     index: usize,
     connect: Arc<F>,
     changes: mpsc::UnboundedSender<Change<u64, Worker>>,
-    pool: Arc<Inner>,
+    pool: Arc<Status>,
     mut closed: watch::Receiver<bool>,
     backoff: (Duration, Duration),
 ) where
@@ -163,7 +168,17 @@ async fn supervise<F, Fut, E>(
         }
         first = false;
         let started = tokio::time::Instant::now();
-        let worker = match connect(index).await {
+        // Counted from the start, so that `close` waits for a worker still starting.
+        let _running = Running::new(&pool.running);
+        let connecting = {
+            let connecting = std::pin::pin!(connect(index));
+            let close = std::pin::pin!(closed.wait_for(|closed| *closed));
+            match futures_util::future::select(connecting, close).await {
+                futures_util::future::Either::Left((connected, _)) => connected,
+                futures_util::future::Either::Right(_) => return,
+            }
+        };
+        let worker = match connecting {
             Ok(worker) => worker,
             Err(error) => {
                 tracing::warn!(worker = index, %error, retry_in = ?pause, "a worker failed to start");
@@ -171,6 +186,10 @@ async fn supervise<F, Fut, E>(
                 continue;
             }
         };
+        if closed.has_changed().is_err() || *closed.borrow() {
+            worker.stop().await;
+            return;
+        }
         pool.codec
             .send_if_modified(|codec| codec.replace(worker.codec()).is_none());
         let key = KEYS.fetch_add(1, Ordering::Relaxed);
@@ -204,6 +223,22 @@ async fn supervise<F, Fut, E>(
     }
 }
 
+/// One worker starting, connected or stopping, for [`Pool::close`] to wait for.
+struct Running<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Running<'a> {
+    fn new(running: &'a watch::Sender<usize>) -> Self {
+        running.send_modify(|running| *running += 1);
+        Self(running)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|running| *running -= 1);
+    }
+}
+
 /// A fraction in [0, 1) that differs per worker and per call, without a random number crate.
 fn jitter_fraction(index: usize) -> f64 {
     use std::hash::{BuildHasher, Hasher};
@@ -221,13 +256,21 @@ pub struct Pool {
 
 struct Inner {
     balancer: Mutex<Balancer>,
+    status: Arc<Status>,
+    timeout: Duration,
+    closing: watch::Sender<bool>,
+}
+
+/// What the supervisors share with the handles (not the balancer: when the last handle goes,
+/// the balancer and the closing watch go with it, and the supervisors stop their workers).
+struct Status {
     /// The workers' codec, once one connected.
     codec: watch::Sender<Option<Codec>>,
-    timeout: Duration,
     /// Workers connected now.
     live: watch::Sender<usize>,
+    /// Workers starting, connected or stopping.
+    running: watch::Sender<usize>,
     restarts: AtomicU64,
-    closing: watch::Sender<bool>,
 }
 
 impl Pool {
@@ -245,9 +288,12 @@ impl Pool {
     /// # Errors
     /// As [`Dispatcher::request`]; [`CallError::Timeout`] when no worker was ready in time.
     pub async fn request<R: Request>(&self, request: R) -> Result<R::Response, CallError> {
-        let codec = self.codec().await?;
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let codec = self.codec(deadline).await?;
         let payload = codec.encode(&request).map_err(CallError::Encode)?;
-        let answer = self.call_raw(RawCall::new(R::METHOD, payload)).await?;
+        let answer = self
+            .call_by(RawCall::new(R::METHOD, payload), deadline)
+            .await?;
         answer.decode().map_err(CallError::Decode)
     }
 
@@ -256,21 +302,40 @@ impl Pool {
     /// # Errors
     /// As [`request`](Self::request).
     pub async fn call_raw(&self, call: RawCall) -> Result<RawResponse, CallError> {
-        if *self.inner.closing.borrow() {
-            return Err(CallError::Terminated(Termination::Stopped));
-        }
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        self.call_by(call, deadline).await
+    }
+
+    /// One call, waiting for a ready worker, answered by `deadline`.
+    async fn call_by(
+        &self,
+        call: RawCall,
+        deadline: tokio::time::Instant,
+    ) -> Result<RawResponse, CallError> {
         let timeout = self.inner.timeout;
+        let mut closed = self.inner.closing.subscribe();
         let answer = async {
             let sent = {
                 let mut balancer = self.inner.balancer.lock().await;
-                std::future::poll_fn(|cx| balancer.poll_ready(cx))
-                    .await
-                    .map_err(into_call_error)?;
+                // A close while this call waits for a worker ends the wait.
+                let ready = std::pin::pin!(std::future::poll_fn(|cx| balancer.poll_ready(cx)));
+                let close = std::pin::pin!(closed.wait_for(|closed| *closed));
+                match futures_util::future::select(ready, close).await {
+                    futures_util::future::Either::Left((ready, _)) => {
+                        ready.map_err(into_call_error)?
+                    }
+                    futures_util::future::Either::Right(_) => {
+                        return Err(CallError::Terminated(Termination::Stopped))
+                    }
+                }
                 balancer.call(call)
             };
             sent.await.map_err(into_call_error)
         };
-        match tokio::time::timeout(timeout, answer).await {
+        if *self.inner.closing.borrow() {
+            return Err(CallError::Terminated(Termination::Stopped));
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(answer) => answer,
             Err(_) => Err(CallError::Timeout(timeout)),
         }
@@ -278,35 +343,34 @@ impl Pool {
 
     /// How many workers are connected now.
     pub fn workers(&self) -> usize {
-        *self.inner.live.borrow()
+        *self.inner.status.live.borrow()
     }
 
     /// How many times a worker was connected again (after its end or a failed start).
     pub fn restarts(&self) -> u64 {
-        self.inner.restarts.load(Ordering::Relaxed)
+        self.inner.status.restarts.load(Ordering::Relaxed)
     }
 
     /// Stops every worker and connects no more; calls made after fail.
     pub async fn close(&self) {
         self.inner.closing.send_replace(true);
-        let mut live = self.inner.live.subscribe();
-        let _ = live.wait_for(|live| *live == 0).await;
+        let mut running = self.inner.status.running.subscribe();
+        let _ = running.wait_for(|running| *running == 0).await;
     }
 
     /// The workers' codec, known once one has connected.
-    async fn codec(&self) -> Result<Codec, CallError> {
-        let timeout = self.inner.timeout;
-        let mut codec = self.inner.codec.subscribe();
+    async fn codec(&self, deadline: tokio::time::Instant) -> Result<Codec, CallError> {
+        let mut codec = self.inner.status.codec.subscribe();
         let known = async {
             codec
                 .wait_for(Option::is_some)
                 .await
                 .map(|codec| codec.expect("waited for it"))
         };
-        match tokio::time::timeout(timeout, known).await {
+        match tokio::time::timeout_at(deadline, known).await {
             Ok(Ok(codec)) => Ok(codec),
             Ok(Err(_)) => Err(CallError::Terminated(Termination::Stopped)),
-            Err(_) => Err(CallError::Timeout(timeout)),
+            Err(_) => Err(CallError::Timeout(self.inner.timeout)),
         }
     }
 }

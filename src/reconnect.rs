@@ -110,17 +110,20 @@ impl ReconnectingBuilder {
         E: fmt::Display + Send + 'static,
     {
         let (link, _) = watch::channel(Link::Down);
-        let inner = Arc::new(Inner {
-            link,
-            timeout: self.timeout,
-            connections: AtomicU64::new(0),
-        });
+        let connections = Arc::new(AtomicU64::new(0));
         tokio::spawn(keep_up(
-            Arc::clone(&inner),
+            link.clone(),
+            Arc::clone(&connections),
             connect,
             self.on_connect,
             self.backoff,
+            self.timeout,
         ));
+        let inner = Arc::new(Inner {
+            link,
+            timeout: self.timeout,
+            connections,
+        });
         Reconnecting { inner }
     }
 }
@@ -135,21 +138,30 @@ enum Link {
 struct Inner {
     link: watch::Sender<Link>,
     timeout: Duration,
-    connections: AtomicU64,
+    connections: Arc<AtomicU64>,
+}
+
+/// The last handle gone: the supervisor stops the link and connects no more.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.link.send_replace(Link::Closed);
+    }
 }
 
 /// Connects, publishes the link, waits for its end, and again, until closed.
 async fn keep_up<F, Fut, E>(
-    inner: Arc<Inner>,
+    published: watch::Sender<Link>,
+    connections: Arc<AtomicU64>,
     connect: F,
     on_connect: Option<OnConnect>,
     backoff: (Duration, Duration),
+    timeout: Duration,
 ) where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Dispatcher, E>> + Send + 'static,
     E: fmt::Display + Send + 'static,
 {
-    let mut closed = inner.link.subscribe();
+    let mut closed = published.subscribe();
     let mut pause = backoff.0;
     let mut attempt: u64 = 0;
     loop {
@@ -164,7 +176,15 @@ async fn keep_up<F, Fut, E>(
             }
         }
         attempt += 1;
-        let link = match connect().await {
+        let connecting = {
+            let connecting = std::pin::pin!(connect());
+            let close = std::pin::pin!(closed.wait_for(|link| matches!(link, Link::Closed)));
+            match select(connecting, close).await {
+                Either::Left((connected, _)) => connected,
+                Either::Right(_) => return,
+            }
+        };
+        let link = match connecting {
             Ok(link) => link,
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?pause, "connecting failed");
@@ -173,7 +193,25 @@ async fn keep_up<F, Fut, E>(
             }
         };
         if let Some(hook) = &on_connect {
-            if let Err(error) = hook(link.clone()).await {
+            // Within the client's timeout, and not past a close.
+            let hooked = {
+                let hooked = std::pin::pin!(tokio::time::timeout(timeout, hook(link.clone())));
+                let close = std::pin::pin!(closed.wait_for(|link| matches!(link, Link::Closed)));
+                match select(hooked, close).await {
+                    Either::Left((hooked, _)) => Some(hooked),
+                    Either::Right(_) => None,
+                }
+            };
+            let failure = match hooked {
+                None => {
+                    link.stop().await;
+                    return;
+                }
+                Some(Ok(Ok(()))) => None,
+                Some(Ok(Err(error))) => Some(error.to_string()),
+                Some(Err(_)) => Some(format!("it took more than {timeout:?}")),
+            };
+            if let Some(error) = failure {
                 tracing::warn!(%error, "the on_connect hook failed: connecting again");
                 link.stop().await;
                 pause = (pause * 2).min(backoff.1);
@@ -181,15 +219,15 @@ async fn keep_up<F, Fut, E>(
             }
         }
         let started = tokio::time::Instant::now();
-        inner.connections.fetch_add(1, Ordering::Relaxed);
-        let published = inner.link.send_if_modified(|current| match current {
+        connections.fetch_add(1, Ordering::Relaxed);
+        let up = published.send_if_modified(|current| match current {
             Link::Closed => false,
             _ => {
                 *current = Link::Up(link.clone());
                 true
             }
         });
-        if !published {
+        if !up {
             link.stop().await;
             return;
         }
@@ -206,7 +244,7 @@ async fn keep_up<F, Fut, E>(
             link.stop().await;
             return;
         };
-        inner.link.send_if_modified(|current| match current {
+        published.send_if_modified(|current| match current {
             Link::Up(_) => {
                 *current = Link::Down;
                 true
@@ -302,7 +340,7 @@ impl Reconnecting {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let link = self.link(self.inner.timeout).await?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        link.request(request).timeout(left).await
+        link.request(request).timeout_at_most(Some(left)).await
     }
 
     /// As [`request`](Self::request), untyped.
@@ -317,7 +355,9 @@ impl Reconnecting {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let link = self.link(self.inner.timeout).await?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        link.call_raw(method, payload).timeout(left).await
+        link.call_raw(method, payload)
+            .timeout_at_most(Some(left))
+            .await
     }
 
     /// Sends a notification on the current link, waiting for one if it is down.
@@ -325,10 +365,11 @@ impl Reconnecting {
     /// # Errors
     /// As [`Dispatcher::notify`]; [`CallError::Timeout`] when no link came up in time.
     pub async fn notify<N: Notification>(&self, notification: N) -> Result<(), CallError> {
-        self.link(self.inner.timeout)
-            .await?
-            .notify(notification)
+        let timeout = self.inner.timeout;
+        let sent = async { self.link(timeout).await?.notify(notification).await };
+        tokio::time::timeout(timeout, sent)
             .await
+            .unwrap_or(Err(CallError::Timeout(timeout)))
     }
 
     /// Stops the current link and connects no more; calls made after fail.

@@ -247,6 +247,29 @@ async fn with_no_worker_a_call_fails_when_its_timeout_passes() {
     pool.close().await;
 }
 
+async fn a_close_ends_the_calls_waiting_for_a_worker() {
+    let pool = Pool::builder()
+        .size(1)
+        .timeout(PATIENCE)
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .spawn(|_| async { Err::<Dispatcher, _>("no worker today") });
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            pool.call_raw(RawCall::new("work", Default::default()))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished());
+    pool.close().await;
+    let ended = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the waiting call ends with the close, not at its timeout")
+        .unwrap();
+    assert!(matches!(ended, Err(CallError::Terminated(_))), "{ended:?}");
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     if std::env::var_os(WORKER).is_some() {
@@ -269,6 +292,10 @@ async fn main() -> ExitCode {
         (
             "with_no_worker_a_call_fails_when_its_timeout_passes",
             Box::pin(with_no_worker_a_call_fails_when_its_timeout_passes()),
+        ),
+        (
+            "a_close_ends_the_calls_waiting_for_a_worker",
+            Box::pin(a_close_ends_the_calls_waiting_for_a_worker()),
         ),
     ];
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));

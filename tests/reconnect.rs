@@ -182,6 +182,33 @@ async fn a_call_during_an_outage_fails_when_its_timeout_passes() {
     kill(&mut server, &path).await;
 }
 
+async fn dropping_the_last_handle_ends_the_link() {
+    let path = socket_path("drop");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = Server::builder().serve(listener, |_: &PeerInfo| {
+        Dispatcher::builder().with_state(Arc::new(AtomicBool::new(false)))
+    });
+    let dial = path.clone();
+    let client = Reconnecting::builder().connect(move || {
+        let path = dial.clone();
+        async move {
+            let stream = UnixStream::connect(&path).await?;
+            Dispatcher::builder()
+                .connect(Channel::from(stream))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        }
+    });
+    let clone = client.clone();
+    until(|| server.peers().len() == 1).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.peers().len(), 1, "a clone still holds the link");
+    drop(clone);
+    until(|| server.peers().is_empty()).await;
+    server.shutdown().await;
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     if let Some(path) = std::env::var_os(SOCKET) {
@@ -196,6 +223,10 @@ async fn main() -> ExitCode {
         (
             "a_call_during_an_outage_fails_when_its_timeout_passes",
             Box::pin(a_call_during_an_outage_fails_when_its_timeout_passes()),
+        ),
+        (
+            "dropping_the_last_handle_ends_the_link",
+            Box::pin(dropping_the_last_handle_ends_the_link()),
         ),
     ];
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));

@@ -323,3 +323,23 @@ async fn a_rate_limit_on_the_handlers_side_spaces_them_out() {
     let elapsed = start.elapsed();
     assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
 }
+
+#[tokio::test]
+async fn a_ready_service_of_a_stopping_connection_is_no_longer_ready() {
+    let (client, _peer, _) = connected(4);
+    let mut service = client.service::<RawCall>();
+    assert_eq!(within(poll_once(&mut service)).await, Poll::Ready(true));
+    let stopping = tokio::spawn({
+        let client = client.clone();
+        async move { client.stop().await }
+    });
+    within(async {
+        while !client.is_stopping() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // A balancer that asks now is told to drop this endpoint.
+    assert_eq!(within(poll_once(&mut service)).await, Poll::Ready(false));
+    within(stopping).await.unwrap();
+}

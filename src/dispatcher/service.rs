@@ -84,12 +84,16 @@ impl<R> CallService<R> {
     }
 
     fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CallError>> {
+        let shared = &self.dispatcher.shared;
+        // Checked first: a service that stays ready while its connection drains would keep a
+        // balancer sending it calls that can only fail.
+        if shared.lifecycle.is_stopping() {
+            self.reserved = None;
+            self.reserving = None;
+            return Poll::Ready(Err(shared.terminated()));
+        }
         if self.reserved.is_some() {
             return Poll::Ready(Ok(()));
-        }
-        let shared = &self.dispatcher.shared;
-        if shared.lifecycle.is_stopping() {
-            return Poll::Ready(Err(shared.terminated()));
         }
         if self.reserving.is_none() {
             if let Some(reserved) = Reserved::try_new(shared) {
