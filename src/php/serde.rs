@@ -15,6 +15,122 @@ use serde::ser::{self, Serialize};
 use super::value::{ArrayKey, PhpObject, PhpValue, Property};
 use super::{DecodeLimits, PhpError};
 
+/// The serializer methods of a serializer that takes one kind of value only: every other one
+/// fails with `$error`.
+macro_rules! serde_impossible {
+    ($error:expr) => {
+        fn serialize_bool(self, _: bool) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_i8(self, _: i8) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_i16(self, _: i16) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_i32(self, _: i32) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_i64(self, _: i64) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_u8(self, _: u8) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_u16(self, _: u16) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_u32(self, _: u32) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_u64(self, _: u64) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_f32(self, _: f32) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_f64(self, _: f64) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_char(self, _: char) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_str(self, _: &str) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_none(self) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_unit(self) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_unit_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+        ) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: &T,
+        ) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<Self::Ok, PhpError> {
+            Err($error)
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, PhpError> {
+            Err($error)
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, PhpError> {
+            Err($error)
+        }
+        fn serialize_tuple_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleStruct, PhpError> {
+            Err($error)
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleVariant, PhpError> {
+            Err($error)
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, PhpError> {
+            Err($error)
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeStructVariant, PhpError> {
+            Err($error)
+        }
+    };
+}
+
 /// The newtype name a [`PhpValue`] uses to pass through this module's serializer and
 /// deserializer whole: its `serialize()` bytes travel inside.
 const PASSTHROUGH: &str = "\0channel_dispatcher::php::PhpValue";
@@ -188,42 +304,53 @@ impl ser::Serializer for Capture {
         Err(not_captured())
     }
 
-    serde_impossible!();
+    serde_impossible!(not_captured());
 }
 
 /// Finds a struct's serde name (its class) without serializing its fields.
 struct NameProbe;
 
 impl ser::Serializer for NameProbe {
-    type Ok = PhpValue;
+    type Ok = &'static str;
     type Error = PhpError;
-    type SerializeSeq = ser::Impossible<PhpValue, PhpError>;
-    type SerializeTuple = ser::Impossible<PhpValue, PhpError>;
-    type SerializeTupleStruct = ser::Impossible<PhpValue, PhpError>;
-    type SerializeTupleVariant = ser::Impossible<PhpValue, PhpError>;
-    type SerializeMap = ser::Impossible<PhpValue, PhpError>;
-    type SerializeStruct = ser::Impossible<PhpValue, PhpError>;
-    type SerializeStructVariant = ser::Impossible<PhpValue, PhpError>;
+    type SerializeSeq = ser::Impossible<&'static str, PhpError>;
+    type SerializeTuple = ser::Impossible<&'static str, PhpError>;
+    type SerializeTupleStruct = ser::Impossible<&'static str, PhpError>;
+    type SerializeTupleVariant = ser::Impossible<&'static str, PhpError>;
+    type SerializeMap = ser::Impossible<&'static str, PhpError>;
+    type SerializeStruct = NameOnly;
+    type SerializeStructVariant = ser::Impossible<&'static str, PhpError>;
 
-    fn serialize_bytes(self, _: &[u8]) -> Result<PhpValue, PhpError> {
+    fn serialize_bytes(self, _: &[u8]) -> Result<&'static str, PhpError> {
         Err(not_a_struct())
     }
 
-    fn serialize_struct(
-        self,
-        name: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, PhpError> {
-        Err(PhpError::Mapping {
-            message: format!("{CLASS_FOUND}{name}"),
-        })
+    fn serialize_struct(self, name: &'static str, _: usize) -> Result<NameOnly, PhpError> {
+        Ok(NameOnly(name))
     }
 
-    serde_impossible!();
+    serde_impossible!(not_a_struct());
 }
 
-/// How [`NameProbe`] hands the name back (through the error, the only way out early).
-const CLASS_FOUND: &str = "\0class:";
+/// A struct's name; its fields are skipped.
+struct NameOnly(&'static str);
+
+impl ser::SerializeStruct for NameOnly {
+    type Ok = &'static str;
+    type Error = PhpError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        _: &'static str,
+        _: &T,
+    ) -> Result<(), PhpError> {
+        Ok(())
+    }
+
+    fn end(self) -> Result<&'static str, PhpError> {
+        Ok(self.0)
+    }
+}
 
 fn not_a_struct() -> PhpError {
     mapping("a message must be a struct: its name is the PHP class")
@@ -231,14 +358,8 @@ fn not_a_struct() -> PhpError {
 
 /// The class of a message struct: its serde name (`#[serde(rename = "Ns\\Class")]` sets a
 /// namespaced one).
-fn class_of<T: Serialize + ?Sized>(message: &T) -> Result<String, PhpError> {
-    match message.serialize(NameProbe) {
-        Err(PhpError::Mapping { message }) => match message.strip_prefix(CLASS_FOUND) {
-            Some(class) => Ok(class.to_owned()),
-            None => Err(not_a_struct()),
-        },
-        _ => Err(not_a_struct()),
-    }
+fn class_of<T: Serialize + ?Sized>(message: &T) -> Result<&'static str, PhpError> {
+    message.serialize(NameProbe)
 }
 
 /// A message struct as an object of the class its serde name gives (`PingRequest`, or what
@@ -251,123 +372,8 @@ pub fn to_message<T: Serialize + ?Sized>(
     message: &T,
     id: Option<PhpValue>,
 ) -> Result<PhpObject, PhpError> {
-    to_object(&class_of(message)?, message, id)
+    to_object(class_of(message)?, message, id)
 }
-
-macro_rules! serde_impossible {
-    () => {
-        fn serialize_bool(self, _: bool) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_i8(self, _: i8) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_i16(self, _: i16) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_i32(self, _: i32) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_i64(self, _: i64) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_u8(self, _: u8) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_u16(self, _: u16) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_u32(self, _: u32) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_u64(self, _: u64) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_f32(self, _: f32) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_f64(self, _: f64) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_char(self, _: char) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_str(self, _: &str) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_none(self) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_unit(self) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_unit_struct(self, _: &'static str) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_unit_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-        ) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_newtype_struct<T: Serialize + ?Sized>(
-            self,
-            _: &'static str,
-            _: &T,
-        ) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_newtype_variant<T: Serialize + ?Sized>(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: &T,
-        ) -> Result<PhpValue, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_tuple_struct(
-            self,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Self::SerializeTupleStruct, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_tuple_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Self::SerializeTupleVariant, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, PhpError> {
-            Err(not_captured())
-        }
-        fn serialize_struct_variant(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: usize,
-        ) -> Result<Self::SerializeStructVariant, PhpError> {
-            Err(not_captured())
-        }
-    };
-}
-use serde_impossible;
 
 fn not_captured() -> PhpError {
     mapping("a PhpValue passes through as its bytes")
