@@ -73,6 +73,7 @@
 #![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 
 mod auth;
+mod backoff;
 pub mod codec;
 mod context;
 mod dispatcher;

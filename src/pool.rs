@@ -50,6 +50,7 @@ use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 use tower_service::Service;
 
+use crate::backoff::Backoff;
 use crate::codec::Codec;
 use crate::dispatcher::{CallService, Dispatcher, RawCall};
 use crate::error::{CallError, Termination};
@@ -151,14 +152,12 @@ async fn supervise<F, Fut, E>(
     Fut: Future<Output = Result<Dispatcher, E>> + Send + 'static,
     E: fmt::Display + Send + 'static,
 {
-    let mut pause = backoff.0;
+    let mut backoff = Backoff::new(backoff.0, backoff.1);
     let mut first = true;
     while !*closed.borrow() {
         if !first {
             pool.restarts.fetch_add(1, Ordering::Relaxed);
-            // Jittered, so that workers that died together do not all come back at once.
-            let jitter = pause.mul_f64(jitter_fraction(index));
-            let wait = std::pin::pin!(tokio::time::sleep(pause / 2 + jitter / 2));
+            let wait = std::pin::pin!(tokio::time::sleep(backoff.jittered()));
             let close = std::pin::pin!(closed.wait_for(|closed| *closed));
             if let futures_util::future::Either::Right(_) =
                 futures_util::future::select(wait, close).await
@@ -181,8 +180,8 @@ async fn supervise<F, Fut, E>(
         let worker = match connecting {
             Ok(worker) => worker,
             Err(error) => {
-                tracing::warn!(worker = index, %error, retry_in = ?pause, "a worker failed to start");
-                pause = (pause * 2).min(backoff.1);
+                tracing::warn!(worker = index, %error, retry_in = ?backoff.pause(), "a worker failed to start");
+                backoff.failed();
                 continue;
             }
         };
@@ -216,10 +215,7 @@ async fn supervise<F, Fut, E>(
             return;
         };
         tracing::warn!(worker = index, %reason, "a worker left the pool: connecting another");
-        pause = match started.elapsed() < Duration::from_secs(5) {
-            true => (pause * 2).min(backoff.1),
-            false => backoff.0,
-        };
+        backoff.lived(started.elapsed());
     }
 }
 
@@ -237,14 +233,6 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.send_modify(|running| *running -= 1);
     }
-}
-
-/// A fraction in [0, 1) that differs per worker and per call, without a random number crate.
-fn jitter_fraction(index: usize) -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_usize(index);
-    (hasher.finish() % 1_000) as f64 / 1_000.0
 }
 
 /// Workers behind one balancer: see the [module docs](self). Cloning it is cheap; every clone

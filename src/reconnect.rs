@@ -46,6 +46,7 @@ use bytes::Bytes;
 use futures_util::future::{select, Either};
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::dispatcher::Dispatcher;
 use crate::error::{CallError, Termination};
 use crate::message::{Notification, Request};
@@ -162,14 +163,14 @@ async fn keep_up<F, Fut, E>(
     E: fmt::Display + Send + 'static,
 {
     let mut closed = published.subscribe();
-    let mut pause = backoff.0;
+    let mut backoff = Backoff::new(backoff.0, backoff.1);
     let mut attempt: u64 = 0;
     loop {
         if matches!(*closed.borrow(), Link::Closed) {
             return;
         }
         if attempt > 0 {
-            let wait = std::pin::pin!(tokio::time::sleep(jittered(pause, attempt)));
+            let wait = std::pin::pin!(tokio::time::sleep(backoff.jittered()));
             let close = std::pin::pin!(closed.wait_for(|link| matches!(link, Link::Closed)));
             if let Either::Right(_) = select(wait, close).await {
                 return;
@@ -187,8 +188,8 @@ async fn keep_up<F, Fut, E>(
         let link = match connecting {
             Ok(link) => link,
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?pause, "connecting failed");
-                pause = (pause * 2).min(backoff.1);
+                tracing::warn!(%error, retry_in = ?backoff.pause(), "connecting failed");
+                backoff.failed();
                 continue;
             }
         };
@@ -214,7 +215,7 @@ async fn keep_up<F, Fut, E>(
             if let Some(error) = failure {
                 tracing::warn!(%error, "the on_connect hook failed: connecting again");
                 link.stop().await;
-                pause = (pause * 2).min(backoff.1);
+                backoff.failed();
                 continue;
             }
         }
@@ -252,21 +253,8 @@ async fn keep_up<F, Fut, E>(
             _ => false,
         });
         tracing::warn!(%reason, "the link was lost: connecting again");
-        pause = match started.elapsed() < Duration::from_secs(5) {
-            true => (pause * 2).min(backoff.1),
-            false => backoff.0,
-        };
+        backoff.lived(started.elapsed());
     }
-}
-
-/// `pause` with up to half of it taken off at random, so that clients that lost a server
-/// together do not all come back at once.
-fn jittered(pause: Duration, attempt: u64) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(attempt);
-    let fraction = (hasher.finish() % 1_000) as f64 / 2_000.0;
-    pause.mul_f64(1.0 - fraction)
 }
 
 /// A client whose link to the server is kept up: see the [module docs](self). Cloning it is

@@ -42,6 +42,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{broadcast, watch};
 use tower_service::Service;
 
+use crate::backoff::Backoff;
 use crate::codec::Codec;
 use crate::dispatcher::{Builder, Dispatcher};
 use crate::error::{CallError, CodecError, IntoHandlerError, Termination};
@@ -448,7 +449,7 @@ async fn accept_loop<A, F, S>(
         count: &server.accepting,
     };
     let refusing = Arc::new(AtomicUsize::new(0));
-    let mut backoff = ACCEPT_BACKOFF.0;
+    let mut backoff = Backoff::new(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
     loop {
         let next = {
             let down = std::pin::pin!(shutting_down.wait_for(|down| *down));
@@ -465,19 +466,19 @@ async fn accept_loop<A, F, S>(
                 break;
             }
             Some(Some(Err(error))) => {
-                tracing::warn!(%error, retry_in = ?backoff, "accepting a connection failed");
+                tracing::warn!(%error, retry_in = ?backoff.pause(), "accepting a connection failed");
                 let down = std::pin::pin!(shutting_down.wait_for(|down| *down));
                 if let Either::Left(_) =
-                    select(down, std::pin::pin!(tokio::time::sleep(backoff))).await
+                    select(down, std::pin::pin!(tokio::time::sleep(backoff.pause()))).await
                 {
                     break;
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                backoff.failed();
                 continue;
             }
             Some(Some(Ok(channel))) => channel,
         };
-        backoff = ACCEPT_BACKOFF.0;
+        backoff.reset();
         let info = channel.peer().clone();
         if server.connections.load(Ordering::SeqCst) >= max_connections {
             if refusing.load(Ordering::SeqCst) >= MAX_REFUSING {

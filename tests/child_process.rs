@@ -7,6 +7,8 @@
 //! - a child that exits by itself: the connection reports its exit status;
 //! - dropping the `ChildProcess` handle does not kill the child (the connection owns it).
 
+mod support;
+
 use std::future::IntoFuture;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,8 +38,6 @@ request!(Hang => (), "hang");
 #[derive(Serialize, Deserialize)]
 struct Exit(u8);
 request!(Exit => (), "exit");
-
-const PATIENCE: Duration = Duration::from_secs(20);
 
 fn router(name: &'static str) -> Router {
     Router::new()
@@ -194,10 +194,8 @@ async fn main() -> ExitCode {
     if std::env::var_os("CHANNEL_DISPATCHER_TEST_CHILD").is_some() {
         return child().await;
     }
-    let mut failed = 0;
-    type Test = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
     #[allow(unused_mut)]
-    let mut tests: Vec<(&str, Test)> = vec![
+    let mut tests: Vec<(&str, support::MainTest)> = vec![
         (
             "exchange_both_ways_with_nested_calls",
             Box::pin(exchange_both_ways_with_nested_calls()),
@@ -220,30 +218,5 @@ async fn main() -> ExitCode {
         "an_orphaned_child_that_does_not_exit_is_killed",
         Box::pin(an_orphaned_child_that_does_not_exit_is_killed()),
     ));
-    println!("\nrunning {} tests", tests.len());
-    let total = tests.len();
-    for (name, test) in tests {
-        let outcome = tokio::spawn(async move { tokio::time::timeout(PATIENCE, test).await });
-        match outcome.await {
-            Ok(Ok(())) => println!("test {name} ... ok"),
-            Ok(Err(_)) => {
-                println!("test {name} ... FAILED (timed out)");
-                failed += 1;
-            }
-            Err(panic) => {
-                println!("test {name} ... FAILED ({panic})");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out\n",
-        if failed == 0 { "ok" } else { "FAILED" },
-        total - failed
-    );
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    support::run_tests(tests).await
 }

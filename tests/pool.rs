@@ -6,9 +6,9 @@
 //! - a `Retry` layer around the pool re-sends an idempotent call whose worker died;
 //! - with no worker to take it, a call fails when its timeout passes.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,7 +37,7 @@ request!(Hang => (), "hang");
 struct ExitOnce(String);
 request!(ExitOnce => u32, "exit_once");
 
-const PATIENCE: Duration = Duration::from_secs(20);
+use support::PATIENCE;
 const WORKER: &str = "CHANNEL_DISPATCHER_TEST_POOL_WORKER";
 
 async fn worker() -> ExitCode {
@@ -275,8 +275,7 @@ async fn main() -> ExitCode {
     if std::env::var_os(WORKER).is_some() {
         return worker().await;
     }
-    type Test = Pin<Box<dyn Future<Output = ()> + Send>>;
-    let tests: Vec<(&str, Test)> = vec![
+    let tests: Vec<(&str, support::MainTest)> = vec![
         (
             "calls_spread_across_workers",
             Box::pin(calls_spread_across_workers()),
@@ -298,35 +297,5 @@ async fn main() -> ExitCode {
             Box::pin(a_close_ends_the_calls_waiting_for_a_worker()),
         ),
     ];
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    println!("\nrunning {} tests", tests.len());
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        let outcome = tokio::spawn(async move { tokio::time::timeout(PATIENCE, test).await });
-        match outcome.await {
-            Ok(Ok(())) => {
-                println!("test {name} ... ok");
-                passed += 1;
-            }
-            Ok(Err(_)) => {
-                println!("test {name} ... FAILED (timed out)");
-                failed += 1;
-            }
-            Err(panic) => {
-                println!("test {name} ... FAILED ({panic})");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured\n",
-        if failed == 0 { "ok" } else { "FAILED" },
-    );
-    match failed {
-        0 => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    }
+    support::run_tests(tests).await
 }

@@ -4,9 +4,9 @@
 //! `on_connect` runs on every link before calls use it. The server is this test binary again
 //! (its own `main`, not libtest's).
 
-use std::future::Future;
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,7 +34,7 @@ request!(Hello => (), "hello");
 struct Hang;
 request!(Hang => (), "hang");
 
-const PATIENCE: Duration = Duration::from_secs(20);
+use support::PATIENCE;
 const SOCKET: &str = "CHANNEL_DISPATCHER_TEST_RECONNECT_SOCKET";
 
 /// The server process: serves on the socket until it is killed.
@@ -214,8 +214,7 @@ async fn main() -> ExitCode {
     if let Some(path) = std::env::var_os(SOCKET) {
         return server(PathBuf::from(path)).await;
     }
-    type Test = Pin<Box<dyn Future<Output = ()> + Send>>;
-    let tests: Vec<(&str, Test)> = vec![
+    let tests: Vec<(&str, support::MainTest)> = vec![
         (
             "a_server_restarted_twice_mid_run",
             Box::pin(a_server_restarted_twice_mid_run()),
@@ -229,35 +228,5 @@ async fn main() -> ExitCode {
             Box::pin(dropping_the_last_handle_ends_the_link()),
         ),
     ];
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    println!("\nrunning {} tests", tests.len());
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        let outcome = tokio::spawn(async move { tokio::time::timeout(PATIENCE, test).await });
-        match outcome.await {
-            Ok(Ok(())) => {
-                println!("test {name} ... ok");
-                passed += 1;
-            }
-            Ok(Err(_)) => {
-                println!("test {name} ... FAILED (timed out)");
-                failed += 1;
-            }
-            Err(panic) => {
-                println!("test {name} ... FAILED ({panic})");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured\n",
-        if failed == 0 { "ok" } else { "FAILED" },
-    );
-    match failed {
-        0 => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    }
+    support::run_tests(tests).await
 }

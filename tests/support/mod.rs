@@ -94,3 +94,43 @@ pub fn error_text(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// A test of a suite with its own `main` (`harness = false`: the suites whose binary is also
+/// a child process, which libtest's output on stdout would disturb).
+pub type MainTest = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs `tests` one after another, each within [`PATIENCE`], printing libtest's summary lines;
+/// the first argument that is not an option filters them by name.
+pub async fn run_tests(tests: Vec<(&'static str, MainTest)>) -> std::process::ExitCode {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    println!("\nrunning {} tests", tests.len());
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let outcome = tokio::spawn(async move { tokio::time::timeout(PATIENCE, test).await });
+        match outcome.await {
+            Ok(Ok(())) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
+            Ok(Err(_)) => {
+                println!("test {name} ... FAILED (timed out)");
+                failed += 1;
+            }
+            Err(panic) => {
+                println!("test {name} ... FAILED ({panic})");
+                failed += 1;
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured\n",
+        if failed == 0 { "ok" } else { "FAILED" },
+    );
+    match failed {
+        0 => std::process::ExitCode::SUCCESS,
+        _ => std::process::ExitCode::FAILURE,
+    }
+}
