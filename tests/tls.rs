@@ -78,20 +78,29 @@ fn connector(roots: &Authority, identity: Option<&(String, String)>) -> Connecto
         .tls(tls::client_config(roots.pem.as_bytes(), identity).unwrap())
 }
 
+/// Connects to the TLS server on `port` and shakes hands; the failure's text if either fails.
+async fn dial(connector: Connector, port: u16) -> Result<Dispatcher, String> {
+    let channel = connector
+        .connect(&format!("tls:localhost:{port}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    Dispatcher::builder()
+        .connect(channel)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Who the server's handler says `client` is.
+async fn whoami_of(client: &Dispatcher) -> String {
+    within(client.request(Echo(String::new()))).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_tls_round_trip() {
     let ca = Authority::new("test CA");
     let (server, port) = tls_server(&ca, ClientAuth::None).await;
-    let channel = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
-        .await
-        .unwrap();
-    let client = within(Dispatcher::builder().connect(channel))
-        .await
-        .unwrap();
-    assert_eq!(
-        within(client.request(Echo("hi".into()))).await.unwrap(),
-        "anonymous"
-    );
+    let client = within(dial(connector(&ca, None), port)).await.unwrap();
+    assert_eq!(whoami_of(&client).await, "anonymous");
     assert_eq!(server.peers().len(), 1);
     within(server.shutdown()).await;
 }
@@ -129,16 +138,10 @@ async fn a_client_certificate_names_the_peer_to_its_handlers() {
     let clients = Authority::new("clients CA");
     let (server, port) = tls_server(&ca, ClientAuth::Optional(clients.pem.as_bytes())).await;
     let identity = clients.sign(&["worker-7.example"], "worker-7");
-    let channel = within(connector(&ca, Some(&identity)).connect(&format!("tls:localhost:{port}")))
+    let client = within(dial(connector(&ca, Some(&identity)), port))
         .await
         .unwrap();
-    let client = within(Dispatcher::builder().connect(channel))
-        .await
-        .unwrap();
-    assert_eq!(
-        within(client.request(Echo(String::new()))).await.unwrap(),
-        "worker-7"
-    );
+    assert_eq!(whoami_of(&client).await, "worker-7");
     let peer = server.peers().list().pop().unwrap();
     assert_eq!(peer.info().identity().unwrap().name(), "worker-7");
     // The server's own name, as the client sees it.
@@ -148,33 +151,14 @@ async fn a_client_certificate_names_the_peer_to_its_handlers() {
     );
 
     // Without a certificate: accepted, anonymous.
-    let channel = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
-        .await
-        .unwrap();
-    let anonymous = within(Dispatcher::builder().connect(channel))
-        .await
-        .unwrap();
-    assert_eq!(
-        within(anonymous.request(Echo(String::new())))
-            .await
-            .unwrap(),
-        "anonymous"
-    );
+    let anonymous = within(dial(connector(&ca, None), port)).await.unwrap();
+    assert_eq!(whoami_of(&anonymous).await, "anonymous");
 
     // A certificate from roots the server does not trust: refused.
     let stranger = Authority::new("someone else's CA").sign(&["x.example"], "impostor");
-    let refused = async {
-        let channel = connector(&ca, Some(&stranger))
-            .connect(&format!("tls:localhost:{port}"))
-            .await?;
-        // TLS 1.3 finishes the client's side before the server checks its certificate: the
-        // refusal arrives as the connection's end.
-        Dispatcher::builder()
-            .connect(channel)
-            .await
-            .map(drop)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    };
+    // TLS 1.3 finishes the client's side before the server checks its certificate: the
+    // refusal arrives as the connection's end.
+    let refused = dial(connector(&ca, Some(&stranger)), port);
     assert!(
         within(refused).await.is_err(),
         "an untrusted client certificate is refused"
@@ -186,31 +170,16 @@ async fn a_server_that_requires_client_certificates_refuses_a_client_without_one
     let ca = Authority::new("test CA");
     let clients = Authority::new("clients CA");
     let (server, port) = tls_server(&ca, ClientAuth::Required(clients.pem.as_bytes())).await;
-    let refused = async {
-        let channel = connector(&ca, None)
-            .connect(&format!("tls:localhost:{port}"))
-            .await?;
-        Dispatcher::builder()
-            .connect(channel)
-            .await
-            .map(drop)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    };
+    let refused = dial(connector(&ca, None), port);
     let error = within(refused).await.unwrap_err();
     assert!(error.to_string().contains("Certificate"), "{error}");
     assert!(server.peers().is_empty());
 
     let identity = clients.sign(&["worker-1.example"], "worker-1");
-    let channel = within(connector(&ca, Some(&identity)).connect(&format!("tls:localhost:{port}")))
+    let client = within(dial(connector(&ca, Some(&identity)), port))
         .await
         .unwrap();
-    let client = within(Dispatcher::builder().connect(channel))
-        .await
-        .unwrap();
-    assert_eq!(
-        within(client.request(Echo(String::new()))).await.unwrap(),
-        "worker-1"
-    );
+    assert_eq!(whoami_of(&client).await, "worker-1");
 }
 
 #[tokio::test]
@@ -236,16 +205,8 @@ async fn clients_that_never_finish_their_tls_handshake_do_not_hold_up_others() {
         );
     }
     // A real client still gets in, once the silent ones time out.
-    let channel = within(connector(&ca, None).connect(&format!("tls:localhost:{port}")))
-        .await
-        .unwrap();
-    let client = within(Dispatcher::builder().connect(channel))
-        .await
-        .unwrap();
-    assert_eq!(
-        within(client.request(Echo(String::new()))).await.unwrap(),
-        "anonymous"
-    );
+    let client = within(dial(connector(&ca, None), port)).await.unwrap();
+    assert_eq!(whoami_of(&client).await, "anonymous");
     // The silent ones were dropped by the server.
     for mut stream in silent {
         let mut byte = [0u8; 1];
@@ -455,17 +416,7 @@ async fn silent_clients_that_exhaust_descriptors_time_out_and_the_server_serves_
 
     let client = tokio::time::timeout(patience, async {
         loop {
-            let connected = async {
-                let channel = connector(&ca, None)
-                    .connect(&format!("tls:localhost:{port}"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Dispatcher::builder()
-                    .connect(channel)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            if let Ok(client) = connected.await {
+            if let Ok(client) = dial(connector(&ca, None), port).await {
                 return client;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -473,10 +424,7 @@ async fn silent_clients_that_exhaust_descriptors_time_out_and_the_server_serves_
     })
     .await
     .expect("a TLS client gets in while the silent crowd still holds its sockets");
-    assert_eq!(
-        within(client.request(Echo(String::new()))).await.unwrap(),
-        "anonymous"
-    );
+    assert_eq!(whoami_of(&client).await, "anonymous");
     drop(crowd);
     child.kill().await.unwrap();
     let _ = std::fs::remove_file(&port_file);
