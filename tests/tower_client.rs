@@ -61,14 +61,15 @@ fn connected(max_in_flight: usize) -> (Dispatcher, Dispatcher, Arc<AtomicUsize>)
     (client, peer, attempts)
 }
 
-/// Retries what the peer marked retryable, at most `left` more times.
+/// Retries what the peer marked retryable, after `pause`, at most `left` more times.
 #[derive(Clone)]
-struct RetryOverloaded {
+struct RetryRetryable {
     left: usize,
+    pause: Duration,
 }
 
-impl<Req: Clone, Res> Policy<Req, Res, CallError> for RetryOverloaded {
-    type Future = std::future::Ready<()>;
+impl<Req: Clone, Res> Policy<Req, Res, CallError> for RetryRetryable {
+    type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
@@ -78,7 +79,7 @@ impl<Req: Clone, Res> Policy<Req, Res, CallError> for RetryOverloaded {
         match result {
             Err(error) if error.is_retryable() && self.left > 0 => {
                 self.left -= 1;
-                Some(std::future::ready(()))
+                Some(tokio::time::sleep(self.pause))
             }
             _ => None,
         }
@@ -116,7 +117,10 @@ async fn a_timeout_layer_bounds_a_call_and_cancels_it_on_the_peer() {
 async fn a_retry_layer_retries_only_what_the_peer_marked_retryable() {
     let (client, _peer, attempts) = connected(16);
     let mut service = ServiceBuilder::new()
-        .retry(RetryOverloaded { left: 5 })
+        .retry(RetryRetryable {
+            left: 5,
+            pause: Duration::ZERO,
+        })
         .service(client.service());
     let overloaded = Flaky {
         code: code::OVERLOADED,
@@ -233,34 +237,6 @@ fn boxed_errors_convert(error: CallError) -> BoxError {
 #[allow(dead_code)]
 fn assert_service_future_is_send<F: Future + Send>(_: F) {}
 
-/// Retries what the peer marked retryable after a pause, at most `left` more times.
-#[derive(Clone)]
-struct RetryLater {
-    left: usize,
-}
-
-impl<Req: Clone, Res> Policy<Req, Res, CallError> for RetryLater {
-    type Future = tokio::time::Sleep;
-
-    fn retry(
-        &mut self,
-        _request: &mut Req,
-        result: &mut Result<Res, CallError>,
-    ) -> Option<Self::Future> {
-        match result {
-            Err(error) if error.is_retryable() && self.left > 0 => {
-                self.left -= 1;
-                Some(tokio::time::sleep(Duration::from_millis(50)))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, request: &Req) -> Option<Req> {
-        Some(request.clone())
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_peer_sheds_load_as_retryable_and_the_callers_retry_gets_through() {
     use channel_dispatcher::IntoHandlerError;
@@ -292,7 +268,10 @@ async fn the_peer_sheds_load_as_retryable_and_the_callers_retry_gets_through() {
 
     // With one, both get through.
     let service = ServiceBuilder::new()
-        .retry(RetryLater { left: 10 })
+        .retry(RetryRetryable {
+            left: 10,
+            pause: Duration::from_millis(50),
+        })
         .service(client.service::<Slow>());
     let (first, second) = tokio::join!(
         service.clone().oneshot(Slow(100)),
