@@ -54,6 +54,14 @@ fn router(log: Log) -> Router {
 }
 
 fn recorder(name: &'static str, log: &Log) -> Arc<dyn Middleware> {
+    recording::<Router>(name, log).boxed()
+}
+
+/// A middleware (and tower layer) that logs `<name> in` and `<name> out` around the rest.
+fn recording<S>(
+    name: &'static str,
+    log: &Log,
+) -> impl Middleware + tower::Layer<S, Service = channel_dispatcher::middleware::Stack<S>> + Clone {
     let log = Arc::clone(log);
     from_fn(move |incoming: Incoming, next: Next| {
         let log = Arc::clone(&log);
@@ -64,7 +72,6 @@ fn recorder(name: &'static str, log: &Log) -> Arc<dyn Middleware> {
             reply
         }
     })
-    .boxed()
 }
 
 async fn serve<S>(handler: S) -> Dispatcher
@@ -377,22 +384,10 @@ async fn a_concurrency_limit_inside_a_stack_holds_new_handlers_back() {
 #[tokio::test]
 async fn from_fn_is_a_tower_layer_that_mixes_with_towers_own() {
     let log = Log::default();
-    let layer = |name: &'static str| {
-        let log = Arc::clone(&log);
-        from_fn(move |incoming: Incoming, next: Next| {
-            let log = Arc::clone(&log);
-            async move {
-                log.lock().unwrap().push(format!("{name} in"));
-                let reply = next.run(incoming).await;
-                log.lock().unwrap().push(format!("{name} out"));
-                reply
-            }
-        })
-    };
     let handler = tower::ServiceBuilder::new()
-        .layer(layer("first"))
+        .layer(recording("first", &log))
         .concurrency_limit(4)
-        .layer(layer("second"))
+        .layer(recording("second", &log))
         .service(router(Arc::clone(&log)));
     let client = serve(handler).await;
     assert_eq!(within(client.request(Echo("x".into()))).await.unwrap(), "x");

@@ -94,16 +94,16 @@ fn client(path: &Path, timeout: Duration, hooks: Arc<AtomicUsize>) -> Reconnecti
                 Ok(())
             }
         })
-        .connect(move || {
-            let path = path.clone();
-            async move {
-                let stream = UnixStream::connect(&path).await?;
-                Dispatcher::builder()
-                    .connect(Channel::from(stream))
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            }
-        })
+        .connect(move || dial(path.clone()))
+}
+
+/// A connection to the server on `path`, handshake done.
+async fn dial(path: PathBuf) -> std::io::Result<Dispatcher> {
+    let stream = UnixStream::connect(&path).await?;
+    Dispatcher::builder()
+        .connect(Channel::from(stream))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 fn socket_path(name: &str) -> PathBuf {
@@ -188,17 +188,8 @@ async fn dropping_the_last_handle_ends_the_link() {
     let server = Server::builder().serve(listener, |_: &PeerInfo| {
         Dispatcher::builder().with_state(Arc::new(AtomicBool::new(false)))
     });
-    let dial = path.clone();
-    let client = Reconnecting::builder().connect(move || {
-        let path = dial.clone();
-        async move {
-            let stream = UnixStream::connect(&path).await?;
-            Dispatcher::builder()
-                .connect(Channel::from(stream))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        }
-    });
+    let dialled = path.clone();
+    let client = Reconnecting::builder().connect(move || dial(dialled.clone()));
     let clone = client.clone();
     until(|| server.peers().len() == 1).await;
     drop(client);
