@@ -10,6 +10,9 @@
 //! ```
 //! The two-process cases spawn this binary again as the peer, connected by a Unix socket.
 
+#[path = "support/raw_echo.rs"]
+mod raw_echo;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+
+use raw_echo::raw_echo;
 
 const PAYLOAD: &str = "0123456789abcdef0123456789abcdef"; // 32 bytes
 
@@ -35,23 +40,7 @@ fn echo_router() -> Router {
 
 async fn raw_echo_server(stream: UnixStream) {
     let (read, write) = stream.into_split();
-    let mut reader = BufReader::with_capacity(64 * 1024, read);
-    let mut writer = BufWriter::with_capacity(64 * 1024, write);
-    let mut body = Vec::new();
-    loop {
-        let Ok(len) = reader.read_u32().await else {
-            return;
-        };
-        body.resize(len as usize, 0);
-        if reader.read_exact(&mut body).await.is_err() {
-            return;
-        }
-        let _ = writer.write_u32(len).await;
-        let _ = writer.write_all(&body).await;
-        if reader.buffer().is_empty() && writer.flush().await.is_err() {
-            return;
-        }
-    }
+    raw_echo(read, write, 64 * 1024).await;
 }
 
 /// `total` echoes with at most `window` in flight; the writer flushes when it must wait.

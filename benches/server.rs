@@ -14,6 +14,9 @@
 //! Each case starts a fresh server process (this binary again, with `--serve`), so that memory
 //! one case freed does not flatter the next.
 
+#[path = "support/raw_echo.rs"]
+mod raw_echo;
+
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,10 +26,12 @@ use channel_dispatcher::server::Server;
 use channel_dispatcher::tls::{self, TlsListener};
 use channel_dispatcher::{request, Connector, Context, Dispatcher, PeerInfo, Router};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+use raw_echo::raw_echo;
 
 const PAYLOAD: &str = "0123456789abcdef0123456789abcdef"; // 32 bytes
 
@@ -69,7 +74,8 @@ async fn serve(kind: Kind) {
         Kind::Raw => loop {
             let (stream, _) = listener.accept().await.unwrap();
             stream.set_nodelay(true).unwrap();
-            tokio::spawn(raw_echo(stream));
+            let (read, write) = stream.into_split();
+            tokio::spawn(raw_echo(read, write, 8 * 1024));
         },
         Kind::Plain => Server::builder()
             .max_connections(100_000)
@@ -89,28 +95,6 @@ async fn serve(kind: Kind) {
     // Until the parent closes our stdin.
     let mut sink = Vec::new();
     let _ = tokio::io::stdin().read_to_end(&mut sink).await;
-}
-
-/// Echoes length-prefixed frames, flushing when no more input is buffered.
-async fn raw_echo<S: AsyncRead + AsyncWrite>(stream: S) {
-    let (read, write) = tokio::io::split(stream);
-    let mut reader = BufReader::with_capacity(8 * 1024, read);
-    let mut writer = BufWriter::with_capacity(8 * 1024, write);
-    let mut body = Vec::new();
-    loop {
-        let Ok(len) = reader.read_u32().await else {
-            return;
-        };
-        body.resize(len as usize, 0);
-        if reader.read_exact(&mut body).await.is_err() {
-            return;
-        }
-        let _ = writer.write_u32(len).await;
-        let _ = writer.write_all(&body).await;
-        if reader.buffer().is_empty() && writer.flush().await.is_err() {
-            return;
-        }
-    }
 }
 
 struct ServerProcess {
