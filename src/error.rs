@@ -273,6 +273,13 @@ pub enum ProtocolError {
         /// How long they waited over the cap.
         waited: Duration,
     },
+    /// A frame header broke the framing's rules (the PHP original's framing: a first byte
+    /// other than `0x00`, or a length of 0).
+    #[error("the peer sent a malformed frame: {reason}")]
+    MalformedFrame {
+        /// The rule it broke.
+        reason: String,
+    },
     /// End of file arrived in the middle of a frame.
     #[error(
         "connection closed in the middle of a frame ({received} of {expected} bytes received)"
@@ -463,11 +470,17 @@ impl HandlerError {
         self
     }
 
-    pub(crate) fn unknown_method(method: &str) -> Self {
+    /// No route for `method`; on the PHP wire, in the PHP router's words (a PHP caller may
+    /// check the code).
+    pub(crate) fn unknown_method(method: &str, codec: Codec) -> Self {
+        let (code, message) = match codec.is_php() {
+            true => (404, format!("No handler for {method}")),
+            false => (code::METHOD_NOT_FOUND, format!("unknown method `{method}`")),
+        };
         Self {
             kind: HandlerErrorKind::UnknownMethod,
-            code: code::METHOD_NOT_FOUND,
-            message: format!("unknown method `{method}`"),
+            code,
+            message,
             data: None,
         }
     }

@@ -26,6 +26,10 @@ pub fn frames(bytes: &[u8], max_frame: usize) -> usize {
                 assert!(len > max_frame);
                 break;
             }
+            Frame::Malformed(reason) => {
+                assert!(!reason.is_empty());
+                break;
+            }
         }
     }
     whole

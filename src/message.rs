@@ -116,12 +116,17 @@ macro_rules! notification {
     };
 }
 
-/// The generic success response: "done, nothing to return".
+/// The generic success response: "done, nothing to return". On the PHP wire it is the PHP
+/// library's `SuccessResponse`.
+// NB. The serde name is the PHP class; the other codecs write a unit struct without its name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "Flyokai\\AmpChannelDispatcher\\SuccessResponse")]
 pub struct Success;
 
-/// The acknowledgement response: "received, work goes on".
+/// The acknowledgement response: "received, work goes on". On the PHP wire it is the PHP
+/// library's `AcceptedResponse`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "Flyokai\\AmpChannelDispatcher\\AcceptedResponse")]
 pub struct Accepted;
 
 /// String-keyed metadata on every envelope, like headers: trace ids, auth tokens, tenant names.

@@ -11,11 +11,14 @@
 //! | [`Codec::MessagePackCompact`] | `msgpack` | yes | structs as arrays: smaller, both sides must declare fields alike |
 //! | [`Codec::Json`] | `json` | yes | readable on the wire; for debugging and other languages |
 //! | [`Codec::Postcard`] | `postcard` | no | smallest frames; both sides need the same Rust types |
+//! | [`Codec::Php`] | `php` | yes | the PHP original's own wire: `serialize()` objects, no handshake (see [`php`](crate::php)) |
 
 #[cfg(feature = "json")]
 mod json;
 #[cfg(feature = "msgpack")]
 mod msgpack;
+#[cfg(feature = "php")]
+pub(crate) mod php;
 #[cfg(feature = "postcard")]
 mod postcard;
 
@@ -82,6 +85,13 @@ pub enum Codec {
     #[cfg(feature = "postcard")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postcard")))]
     Postcard,
+    /// The PHP original's wire (flyokai/amp-channel-dispatcher): PHP `serialize()` values in
+    /// its own framing, with no handshake. A struct is an object of the class its serde name
+    /// gives; a request's class is its method. Choosing it picks the whole wire: see the
+    /// [`php`](crate::php) module for what maps to what and how features degrade.
+    #[cfg(feature = "php")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "php")))]
+    Php,
 }
 
 impl Default for Codec {
@@ -97,7 +107,8 @@ impl Default for Codec {
 }
 
 impl Codec {
-    /// The codec's name in the handshake: `msgpack`, `json` or `postcard`.
+    /// The codec's name in the handshake: `msgpack`, `json` or `postcard` (`php` has no
+    /// handshake).
     pub fn name(self) -> &'static str {
         match self {
             #[cfg(feature = "msgpack")]
@@ -106,7 +117,36 @@ impl Codec {
             Self::Json => "json",
             #[cfg(feature = "postcard")]
             Self::Postcard => "postcard",
+            #[cfg(feature = "php")]
+            Self::Php => "php",
         }
+    }
+
+    /// `true` for the PHP original's wire.
+    pub(crate) fn is_php(self) -> bool {
+        #[cfg(feature = "php")]
+        return self == Self::Php;
+        #[cfg(not(feature = "php"))]
+        return false;
+    }
+
+    /// The framing of this codec's wire.
+    pub(crate) fn framing(self) -> crate::transport::frame::Framing {
+        #[cfg(feature = "php")]
+        if self == Self::Php {
+            return crate::transport::frame::Framing::Php;
+        }
+        crate::transport::frame::Framing::Native
+    }
+
+    /// `false` for an envelope this codec's wire has no form for (the writer leaves it out).
+    pub(crate) fn carries(self, envelope: &Envelope) -> bool {
+        #[cfg(feature = "php")]
+        if self == Self::Php {
+            return php::carries(envelope);
+        }
+        let _ = envelope;
+        true
     }
 
     /// Encodes a value.
@@ -138,6 +178,10 @@ impl Codec {
         value: &T,
         dst: &mut BytesMut,
     ) -> Result<(), CodecError> {
+        #[cfg(feature = "php")]
+        if self == Self::Php {
+            return php::encode_value(value, dst);
+        }
         let name = self.name();
         let writer = dst.writer();
         match self {
@@ -157,6 +201,8 @@ impl Codec {
             Self::Postcard => ::postcard::to_io(value, writer)
                 .map(drop)
                 .map_err(|e| CodecError::new(name, e)),
+            #[cfg(feature = "php")]
+            Self::Php => unreachable!("written above"),
         }
     }
 
@@ -186,6 +232,8 @@ impl Codec {
                 )),
                 Err(e) => Err(CodecError::new(name, e)),
             },
+            #[cfg(feature = "php")]
+            Self::Php => php::decode_value(bytes),
         }
     }
 
@@ -210,6 +258,8 @@ impl Codec {
             Self::Postcard => ::postcard::take_from_bytes::<Varint>(bytes)
                 .map(|(Varint(len), _)| usize::try_from(len).unwrap_or(usize::MAX))
                 .map_err(|e| CodecError::new(name, format_args!("not a sequence: {e}"))),
+            #[cfg(feature = "php")]
+            Self::Php => php::sequence_len(bytes),
         }
     }
 
@@ -232,6 +282,8 @@ impl Codec {
             Self::Json => b"null",
             #[cfg(feature = "postcard")]
             Self::Postcard => &[],
+            #[cfg(feature = "php")]
+            Self::Php => b"N;",
         }
     }
 
@@ -244,6 +296,8 @@ impl Codec {
             Self::Json => json::encode(envelope, dst),
             #[cfg(feature = "postcard")]
             Self::Postcard => postcard::encode(envelope, dst),
+            #[cfg(feature = "php")]
+            Self::Php => php::encode(envelope, dst),
         }
     }
 
@@ -256,10 +310,13 @@ impl Codec {
             Self::Json => json::decode(frame),
             #[cfg(feature = "postcard")]
             Self::Postcard => postcard::decode(frame),
+            #[cfg(feature = "php")]
+            Self::Php => php::decode(frame),
         }
     }
 
-    /// Every codec this build supports.
+    /// Every codec of this crate's own protocol that this build supports ([`Codec::Php`],
+    /// another wire, is not one of them).
     pub fn all() -> &'static [Codec] {
         &[
             #[cfg(feature = "msgpack")]

@@ -93,6 +93,7 @@ impl Builder<Router> {
                 error_handler: Arc::new(DefaultErrorHandler),
                 context_factory: None,
                 observer: None,
+                notification_classes: Vec::new(),
             },
             default_timeout: None,
             max_in_flight: 4096,
@@ -138,8 +139,28 @@ impl<S> Builder<S> {
     }
 
     /// The codec; both peers must use the same one. Default: [`Codec::default`] (MessagePack).
+    /// [`Codec::Php`] picks the PHP original's whole wire (framing, no handshake).
     pub fn codec(mut self, codec: Codec) -> Self {
         self.config.codec = codec;
+        self
+    }
+
+    /// On the PHP wire ([`Codec::Php`]), a class the peer sends as a notification (a PHP
+    /// `MeekRequest`, which looks like any request on the wire): it goes to the handler's
+    /// notification of that name and is never answered. Call it once per class.
+    ///
+    /// # Examples
+    /// ```
+    /// use channel_dispatcher::{Codec, Dispatcher};
+    ///
+    /// let builder = Dispatcher::builder()
+    ///     .codec(Codec::Php)
+    ///     .php_notification("NotifyRequest");
+    /// ```
+    #[cfg(feature = "php")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "php")))]
+    pub fn php_notification(mut self, class: impl Into<String>) -> Self {
+        self.config.notification_classes.push(class.into());
         self
     }
 

@@ -265,7 +265,10 @@ impl tower_service::Service<Incoming> for Router {
                 }
                 route(incoming)
             }
-            None => failed(HandlerError::unknown_method(incoming.method())),
+            None => {
+                let codec = incoming.context().codec();
+                failed(HandlerError::unknown_method(incoming.method(), codec))
+            }
         }
     }
 }

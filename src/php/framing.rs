@@ -64,19 +64,13 @@ impl Frames {
     /// # Errors
     /// A [`FrameError`] as soon as a header is wrong (the stream cannot be framed after it).
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
-        let Some(&prefix) = buf.first() else {
-            return Ok(None);
-        };
-        if prefix != 0 {
-            return Err(FrameError::BadPrefix { found: prefix });
+        match buf.first() {
+            None => return Ok(None),
+            Some(&found) if found != 0 => return Err(FrameError::BadPrefix { found }),
+            Some(_) if buf.len() < HEADER => return Ok(None),
+            Some(_) => {}
         }
-        if buf.len() < HEADER {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        if len == 0 {
-            return Err(FrameError::Empty);
-        }
+        let len = body_len(buf)?;
         if len > self.max_len {
             return Err(FrameError::TooLarge {
                 len,
@@ -101,6 +95,18 @@ impl Frames {
         out.put_u8(0);
         out.put_u32_le(len);
         out.put_slice(payload);
+    }
+}
+
+/// The body length in the whole header at the front of `header`; the one check of a PHP
+/// frame's header, here and in the connection's reader.
+pub(crate) fn body_len(header: &[u8]) -> Result<usize, FrameError> {
+    if header[0] != 0 {
+        return Err(FrameError::BadPrefix { found: header[0] });
+    }
+    match u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize {
+        0 => Err(FrameError::Empty),
+        len => Ok(len),
     }
 }
 

@@ -16,7 +16,7 @@ use super::value::{ArrayKey, PhpObject, PhpValue, Property};
 use super::{DecodeLimits, PhpError};
 
 /// The serializer methods of a serializer that takes one kind of value only: every other one
-/// fails with `$error`.
+/// (but `serialize_unit_struct`, which each writes) fails with `$error`.
 macro_rules! serde_impossible {
     ($error:expr) => {
         fn serialize_bool(self, _: bool) -> Result<Self::Ok, PhpError> {
@@ -65,9 +65,6 @@ macro_rules! serde_impossible {
             Err($error)
         }
         fn serialize_unit(self) -> Result<Self::Ok, PhpError> {
-            Err($error)
-        }
-        fn serialize_unit_struct(self, _: &'static str) -> Result<Self::Ok, PhpError> {
             Err($error)
         }
         fn serialize_unit_variant(
@@ -162,10 +159,15 @@ pub fn to_object<T: Serialize + ?Sized>(
     message: &T,
     id: Option<PhpValue>,
 ) -> Result<PhpObject, PhpError> {
-    let PhpValue::Array(fields) = to_value(message)? else {
-        return Err(mapping(
-            "a message must be a struct, to map onto an object's properties",
-        ));
+    let fields = match to_value(message)? {
+        PhpValue::Array(fields) => fields,
+        // A unit struct: a class without properties.
+        PhpValue::Null => Vec::new(),
+        _ => {
+            return Err(mapping(
+                "a message must be a struct, to map onto an object's properties",
+            ))
+        }
     };
     let mut object = PhpObject::new(class);
     for (key, value) in fields {
@@ -304,6 +306,10 @@ impl ser::Serializer for Capture {
         Err(not_captured())
     }
 
+    fn serialize_unit_struct(self, _: &'static str) -> Result<PhpValue, PhpError> {
+        Err(not_captured())
+    }
+
     serde_impossible!(not_captured());
 }
 
@@ -327,6 +333,10 @@ impl ser::Serializer for NameProbe {
 
     fn serialize_struct(self, name: &'static str, _: usize) -> Result<NameOnly, PhpError> {
         Ok(NameOnly(name))
+    }
+
+    fn serialize_unit_struct(self, name: &'static str) -> Result<&'static str, PhpError> {
+        Ok(name)
     }
 
     serde_impossible!(not_a_struct());

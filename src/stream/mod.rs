@@ -145,7 +145,13 @@ impl<T: DeserializeOwned> RemoteStream<T> {
         Self::with_state(None, State::Failing(Some(error)), 1)
     }
 
-    fn with_state(shared: Option<Arc<Shared>>, state: State, window: u64) -> Self {
+    fn with_state(shared: Option<Arc<Shared>>, mut state: State, window: u64) -> Self {
+        // NB. The PHP wire has no credit: its iterators are pulled, one item per request.
+        if shared.as_ref().is_some_and(|shared| shared.codec.is_php()) {
+            if let State::Opening { pull, .. } | State::Unopened { pull, .. } = &mut state {
+                *pull = true;
+            }
+        }
         Self {
             shared,
             state,

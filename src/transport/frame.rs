@@ -8,6 +8,10 @@
 //! The length is checked against the maximum before anything is allocated for the body; a
 //! prefix over the maximum is reported at once, and ends the connection (the peer knows the
 //! maximum from the handshake).
+//!
+//! The PHP original's wire ([`Framing::Php`]) frames the same way with another header: a
+//! `0x00` byte and the length as a little-endian `u32`; a bad first byte or a length of 0 is
+//! a malformed frame.
 
 use std::io;
 use std::pin::{pin, Pin};
@@ -23,6 +27,53 @@ const READ_CHUNK: usize = 16 * 1024;
 pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// How frames are cut: the header before each body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Our own: the body length as a big-endian `u32`.
+    #[default]
+    Native,
+    /// The PHP original's: `0x00`, then the body length as a little-endian `u32`.
+    #[cfg(feature = "php")]
+    Php,
+}
+
+impl Framing {
+    fn header_len(self) -> usize {
+        match self {
+            Self::Native => PREFIX,
+            #[cfg(feature = "php")]
+            Self::Php => crate::php::framing::HEADER,
+        }
+    }
+
+    /// The body length the header at the front of `buf` claims (`buf` holds a whole header),
+    /// and the length's four bytes.
+    fn body_len(self, buf: &[u8]) -> Result<(usize, [u8; PREFIX]), String> {
+        match self {
+            Self::Native => {
+                let prefix = [buf[0], buf[1], buf[2], buf[3]];
+                Ok((u32::from_be_bytes(prefix) as usize, prefix))
+            }
+            #[cfg(feature = "php")]
+            Self::Php => crate::php::framing::body_len(buf)
+                .map(|len| (len, [buf[1], buf[2], buf[3], buf[4]]))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn put_header(self, len: u32, dst: &mut [u8]) {
+        match self {
+            Self::Native => dst.copy_from_slice(&len.to_be_bytes()),
+            #[cfg(feature = "php")]
+            Self::Php => {
+                dst[0] = 0;
+                dst[1..].copy_from_slice(&len.to_le_bytes());
+            }
+        }
+    }
+}
+
 /// A frame taken from the stream.
 #[derive(Debug)]
 pub(crate) enum Frame {
@@ -31,6 +82,8 @@ pub(crate) enum Frame {
     /// A length prefix over the maximum: the claimed length and the prefix's bytes. Nothing
     /// more is read from the stream after it.
     TooLarge { len: usize, prefix: [u8; PREFIX] },
+    /// A header that breaks the framing's rules (why). Nothing more is read after it.
+    Malformed(String),
 }
 
 /// The read half: buffers bytes and cuts them into frames.
@@ -38,6 +91,7 @@ pub(crate) struct FrameReader {
     io: BoxRead,
     buf: BytesMut,
     max_frame: usize,
+    framing: Framing,
     /// A prefix over the maximum was seen: the stream is out of step, nothing more is framed.
     broken: bool,
 }
@@ -48,8 +102,14 @@ impl FrameReader {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             max_frame,
+            framing: Framing::Native,
             broken: false,
         }
+    }
+
+    pub(crate) fn with_framing(mut self, framing: Framing) -> Self {
+        self.framing = framing;
+        self
     }
 
     pub(crate) fn set_max_frame(&mut self, max_frame: usize) {
@@ -58,23 +118,30 @@ impl FrameReader {
 
     /// The next complete frame in the buffer, if any.
     pub(crate) fn next_frame(&mut self) -> Option<Frame> {
-        if self.broken || self.buf.len() < PREFIX {
+        let header = self.framing.header_len();
+        if self.broken || self.buf.len() < header {
             return None;
         }
-        let prefix = [self.buf[0], self.buf[1], self.buf[2], self.buf[3]];
-        let len = u32::from_be_bytes(prefix) as usize;
+        let (len, prefix) = match self.framing.body_len(&self.buf) {
+            Ok(parsed) => parsed,
+            Err(reason) => {
+                self.broken = true;
+                self.buf.clear();
+                return Some(Frame::Malformed(reason));
+            }
+        };
         if len > self.max_frame {
             self.broken = true;
             self.buf.clear();
             return Some(Frame::TooLarge { len, prefix });
         }
-        if self.buf.len() < PREFIX + len {
+        if self.buf.len() < header + len {
             // Reserve once for the whole frame (it is within the maximum) so a large frame
             // does not regrow the buffer chunk by chunk.
-            self.buf.reserve(PREFIX + len - self.buf.len());
+            self.buf.reserve(header + len - self.buf.len());
             return None;
         }
-        self.buf.advance(PREFIX);
+        self.buf.advance(header);
         let body = self.buf.split_to(len).freeze();
         if len > READ_CHUNK {
             // NB. What follows a large frame would share its allocation: every small frame
@@ -134,10 +201,11 @@ impl FrameReader {
 
     /// The length the partial frame in the buffer claims, prefix included, if known.
     pub(crate) fn claimed(&self) -> Option<usize> {
-        (self.buf.len() >= PREFIX).then(|| {
-            PREFIX
-                + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
-        })
+        let header = self.framing.header_len();
+        (self.buf.len() >= header)
+            .then(|| self.framing.body_len(&self.buf).ok())
+            .flatten()
+            .map(|(len, _)| header + len)
     }
 }
 
@@ -149,6 +217,7 @@ pub(crate) struct FrameWriter {
     /// Bytes were written since the last flush; writers that buffer (stdout, TLS) need one even
     /// when our buffer is empty.
     unflushed: bool,
+    framing: Framing,
 }
 
 impl FrameWriter {
@@ -157,13 +226,19 @@ impl FrameWriter {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             unflushed: false,
+            framing: Framing::Native,
         }
+    }
+
+    pub(crate) fn with_framing(mut self, framing: Framing) -> Self {
+        self.framing = framing;
+        self
     }
 
     /// Starts a frame: reserves its prefix and returns where it starts.
     pub(crate) fn begin(&mut self) -> usize {
         let start = self.buf.len();
-        self.buf.put_u32(0);
+        self.buf.put_bytes(0, self.framing.header_len());
         start
     }
 
@@ -174,8 +249,13 @@ impl FrameWriter {
 
     /// Ends the frame begun at `start`: writes its prefix, returns the body length.
     pub(crate) fn finish(&mut self, start: usize) -> usize {
-        let len = self.buf.len() - start - PREFIX;
-        self.buf[start..start + PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+        let header = self.framing.header_len();
+        let len = self.buf.len() - start - header;
+        // NB. A body over `u32::MAX` never gets here: it is over every peer's maximum, and the
+        // caller abandons it.
+        let claimed = u32::try_from(len).unwrap_or(u32::MAX);
+        self.framing
+            .put_header(claimed, &mut self.buf[start..start + header]);
         len
     }
 

@@ -182,6 +182,43 @@ pub(crate) async fn handshake(
     }
 }
 
+/// For a wire without a handshake (the PHP original's): the peer is taken to keep this side's
+/// limits, and judged on what its transport tells (it presents no token). A refused peer is
+/// told why with a fatal error, the one message that ends it.
+pub(crate) async fn without_handshake(
+    writer: &mut FrameWriter,
+    codec: crate::Codec,
+    ours: Hello,
+    judge: Judge<'_>,
+    peer: PeerInfo,
+) -> Result<(Hello, PeerInfo), HandshakeError> {
+    let theirs = Hello {
+        token: None,
+        ..ours
+    };
+    let verdict = match judge.refuse_everyone {
+        Some(reason) => Err(HandshakeError::Unavailable {
+            reason: reason.to_owned(),
+        }),
+        None => authenticate(judge.authenticator, theirs, peer).await,
+    };
+    if let Err(refusal) = &verdict {
+        let code = match refusal {
+            HandshakeError::Unavailable { .. } => crate::error::code::OVERLOADED,
+            _ => crate::error::code::INVALID_REQUEST,
+        };
+        let fatal = crate::envelope::Envelope::Fatal {
+            code,
+            message: refusal.to_string(),
+        };
+        let start = writer.begin();
+        codec.encode_envelope(&fatal, writer.body());
+        writer.finish(start);
+        let _ = writer.drain().await;
+    }
+    verdict
+}
+
 /// The next handshake frame; `None` for one over the handshake limit, known from its prefix
 /// alone (whatever sent it is not a peer, and may never send the claimed bytes).
 async fn read(reader: &mut FrameReader) -> Result<Option<Frame>, HandshakeError> {

@@ -29,6 +29,7 @@ use super::handlers::{HandlerResult, Handlers};
 use super::outgoing::{Held, Outbox, Outgoing, PeerWindow, Released, Window};
 use super::write::{WriteError, WriteSide};
 use super::Config;
+use crate::codec::Codec;
 use crate::envelope::{Envelope, ErrorBody};
 use crate::error::{code, CallError, IntoHandlerError, ProtocolError, Termination};
 use crate::handler::{Incoming, Reply};
@@ -421,6 +422,10 @@ where
             let _ = reply.send(Err(CallError::Limit(error)));
             return self.released.answered(permit);
         }
+        if let Err(error) = carried(self.config.codec, &call) {
+            let _ = reply.send(Err(CallError::Encode(error)));
+            return self.released.answered(permit);
+        }
         // The peer is told the time left now, so the time the call waited here counts.
         let timeout_us = deadline.map_or(0, |deadline| {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -449,6 +454,10 @@ where
 
     fn write_notification(&mut self, notification: Outbound) {
         self.released.message(&notification);
+        if let Err(error) = carried(self.config.codec, &notification) {
+            let method = &notification.method;
+            return tracing::warn!(%method, %error, "notification the wire cannot carry dropped");
+        }
         let len = self.config.codec.payload_len(&notification.payload);
         let method = notification.method.clone();
         let envelope = Envelope::Notification {
@@ -457,7 +466,14 @@ where
             payload: notification.payload,
         };
         match self.write.write(&envelope) {
-            Ok(()) => self.window.add_notification(len),
+            Ok(()) => {
+                self.window.add_notification(len);
+                if self.config.codec.is_php() {
+                    // NB. No credit comes back on the PHP wire: the socket's back-pressure is
+                    // the only bound there.
+                    self.window.credit(1);
+                }
+            }
             Err(error) => {
                 tracing::warn!(%method, %error, "notification over the peer's frame limit dropped")
             }
@@ -564,7 +580,7 @@ where
                 match error {
                     None => Envelope::Response {
                         id,
-                        attributes: Attributes::new(),
+                        attributes: end_of_pull(codec),
                         payload: codec.encode(&[(); 0]).unwrap_or_default(),
                     },
                     Some(e) => Envelope::Error {
@@ -953,4 +969,37 @@ impl<S: Service<Incoming>> Driver<S> {
         self.lifecycle.finish();
         reason
     }
+}
+
+/// `Err` for a call or notification the codec's wire cannot carry: on the PHP wire, one whose
+/// payload is not an object (the class is the method, the properties are the payload's).
+fn carried(codec: Codec, message: &Outbound) -> Result<(), crate::error::CodecError> {
+    #[cfg(feature = "php")]
+    if codec.is_php()
+        && message.method.as_str() != crate::stream::PULL_METHOD
+        && !message.payload.starts_with(b"O:")
+    {
+        return Err(crate::error::CodecError::new(
+            "php",
+            format_args!(
+                "a message to a PHP peer is an object, and `{}` has another payload: send a \
+                 struct (its fields are the properties of the class the method names)",
+                message.method
+            ),
+        ));
+    }
+    let _ = (codec, message);
+    Ok(())
+}
+
+/// The attributes of the answer that ends a pulled stream: none, but on the PHP wire, where
+/// the end is a message of its own (`continue=false`).
+fn end_of_pull(codec: Codec) -> Attributes {
+    #[cfg(feature = "php")]
+    if codec.is_php() {
+        let end = crate::codec::php::END_POSITION;
+        return [(POSITION_ATTRIBUTE, end)].into_iter().collect();
+    }
+    let _ = codec;
+    Attributes::new()
 }

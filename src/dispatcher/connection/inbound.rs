@@ -96,9 +96,12 @@ where
                 let max = self.config.limits.max_frame_length;
                 return self.violation(ProtocolError::FrameTooLarge { len, max, text });
             }
+            Frame::Malformed(reason) => {
+                return self.violation(ProtocolError::MalformedFrame { reason });
+            }
             Frame::Whole(body) => body,
         };
-        match codec.decode_envelope(body) {
+        match codec.decode_envelope(body).map(|e| self.as_notification(e)) {
             Ok(envelope) => match self.config.limits.check_envelope(&envelope) {
                 Ok(()) => self.on_envelope(envelope, cx),
                 Err(error) => {
@@ -126,6 +129,31 @@ where
                     CallError::Decode(e.error),
                 );
             }
+        }
+    }
+
+    /// A request of a class the builder named a notification (the PHP wire has no other way
+    /// to tell them).
+    fn as_notification(&self, envelope: Envelope) -> Envelope {
+        match envelope {
+            Envelope::Request {
+                method,
+                attributes,
+                payload,
+                ..
+            } if self
+                .config
+                .notification_classes
+                .iter()
+                .any(|class| class == method.as_str()) =>
+            {
+                Envelope::Notification {
+                    method,
+                    attributes,
+                    payload,
+                }
+            }
+            envelope => envelope,
         }
     }
 

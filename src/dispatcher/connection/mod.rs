@@ -37,7 +37,7 @@ use crate::handler::{ErrorHandler, Incoming, Reply};
 use crate::limits::Limits;
 use crate::peer::PeerInfo;
 use crate::transport::frame::{FrameReader, FrameWriter};
-use crate::transport::handshake::{handshake, Hello, Judge, PROTOCOL_VERSION};
+use crate::transport::handshake::{handshake, without_handshake, Hello, Judge, PROTOCOL_VERSION};
 use crate::transport::Channel;
 use driver::Driver;
 pub(crate) use driver::Parts;
@@ -61,6 +61,8 @@ pub(crate) struct Config {
     pub(crate) error_handler: Arc<dyn ErrorHandler>,
     pub(crate) context_factory: Option<Arc<dyn ContextFactory>>,
     pub(crate) observer: Option<Observer>,
+    /// The PHP wire's requests that are notifications (`MeekRequest`s), by class.
+    pub(crate) notification_classes: Vec<String>,
 }
 
 type Handshake = Pin<Box<dyn Future<Output = HandshakeResult> + Send>>;
@@ -108,8 +110,9 @@ where
         let config = &parts.config;
         let max_frame = config.limits.max_frame_length;
         let (reader, writer, peer) = channel.into_parts();
-        let mut reader = FrameReader::new(reader, max_frame);
-        let mut writer = FrameWriter::new(writer);
+        let framing = config.codec.framing();
+        let mut reader = FrameReader::new(reader, max_frame).with_framing(framing);
+        let mut writer = FrameWriter::new(writer).with_framing(framing);
         let hello = Hello {
             version: PROTOCOL_VERSION,
             codec: config.codec.name().to_owned(),
@@ -119,23 +122,23 @@ where
         let authenticator = config.authenticator.clone();
         let refuse_everyone = config.refuse_everyone.clone();
         let timeout = config.handshake_timeout;
+        let codec = config.codec;
         let handshake: Handshake = Box::pin(async move {
-            let result = tokio::time::timeout(
-                timeout,
-                handshake(
-                    &mut reader,
-                    &mut writer,
-                    &hello,
-                    Judge {
-                        authenticator: authenticator.as_deref(),
-                        refuse_everyone: refuse_everyone.as_deref(),
-                    },
-                    peer,
-                    max_frame,
-                ),
-            )
-            .await
-            .unwrap_or(Err(HandshakeError::Timeout(timeout)));
+            let judge = Judge {
+                authenticator: authenticator.as_deref(),
+                refuse_everyone: refuse_everyone.as_deref(),
+            };
+            let handshake = async {
+                match codec.is_php() {
+                    false => {
+                        handshake(&mut reader, &mut writer, &hello, judge, peer, max_frame).await
+                    }
+                    true => without_handshake(&mut writer, codec, hello, judge, peer).await,
+                }
+            };
+            let result = tokio::time::timeout(timeout, handshake)
+                .await
+                .unwrap_or(Err(HandshakeError::Timeout(timeout)));
             (reader, writer, result)
         });
         let parts = Box::new(parts);

@@ -64,6 +64,9 @@ impl WriteSide {
     /// Encodes one envelope into the buffer; an error (and nothing written) when it exceeds
     /// the peer's maximum frame length.
     pub(crate) fn write(&mut self, envelope: &Envelope) -> Result<(), LimitExceeded> {
+        if !self.codec.carries(envelope) {
+            return Ok(());
+        }
         let start = self.frames.begin();
         self.codec.encode_envelope(envelope, self.frames.body());
         let len = self.frames.finish(start);
