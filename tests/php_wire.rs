@@ -1,0 +1,739 @@
+//! Conversations on the PHP original's wire ([`Codec::Php`]) with a scripted peer that replays
+//! the frames the PHP library itself produced (tests/data/php-wire-samples.txt) and answers as
+//! PHP does: requests and answers, PHP's 404, errors with codes, fatal errors, meek
+//! notifications, 1,000 requests with 64 in flight, iterators of 10,000 items each way, the
+//! stop marker each way, and frames PHP would never send.
+
+#[path = "../examples/php/messages.rs"]
+mod messages;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use channel_dispatcher::php::framing::Frames;
+use channel_dispatcher::php::{DecodeLimits, PhpObject, PhpValue, Property};
+use channel_dispatcher::{
+    CallError, Channel, Codec, Context, Dispatcher, HandlerError, Notification, ProtocolError,
+    RemoteStream, Router, Success, Termination,
+};
+use futures_util::{StreamExt, TryStreamExt};
+use messages::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+
+const NS: &str = "Flyokai\\AmpChannelDispatcher\\";
+const LONG: Duration = Duration::from_secs(30);
+
+/// The payload of the recorded frame whose title starts with `title`.
+fn sample(title: &str) -> Vec<u8> {
+    let text = include_str!("data/php-wire-samples.txt");
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line
+            .strip_prefix("## ")
+            .is_some_and(|t| t.starts_with(title))
+        {
+            let hex = lines.next().unwrap();
+            let frame: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            return frame[5..].to_vec();
+        }
+    }
+    panic!("no sample {title}")
+}
+
+fn decode(bytes: &[u8]) -> PhpValue {
+    PhpValue::from_bytes(bytes, &DecodeLimits::default()).unwrap()
+}
+
+fn object(value: PhpValue) -> PhpObject {
+    match value {
+        PhpValue::Object(object) => object,
+        other => panic!("expected an object, got {other}"),
+    }
+}
+
+fn s(text: &str) -> PhpValue {
+    PhpValue::String(text.as_bytes().to_vec())
+}
+
+fn int(object: &PhpObject, name: &str) -> i64 {
+    match object.get(name.as_bytes()) {
+        Some(PhpValue::Int(value)) => *value,
+        other => panic!(
+            "{name} is {other:?} in {}",
+            PhpValue::Object(object.clone())
+        ),
+    }
+}
+
+/// Sets the property `name` (whatever its visibility) to `value`.
+fn set(object: &mut PhpObject, name: &str, value: PhpValue) {
+    let slot = object
+        .properties
+        .iter_mut()
+        .find(|(property, _)| property.name == name.as_bytes())
+        .unwrap_or_else(|| panic!("no {name}"));
+    slot.1 = value;
+}
+
+/// The PHP side, scripted: writes and reads whole frames on the raw wire.
+struct Php {
+    read: ReadHalf<DuplexStream>,
+    write: WriteHalf<DuplexStream>,
+    buf: BytesMut,
+}
+
+impl Php {
+    async fn send_bytes(&mut self, payload: &[u8]) {
+        let mut out = BytesMut::new();
+        Frames::encode(payload, &mut out);
+        self.write.write_all(&out).await.unwrap();
+    }
+
+    async fn send(&mut self, value: &PhpValue) {
+        self.send_bytes(&value.to_bytes()).await;
+    }
+
+    /// The next frame's payload; `None` at end of file.
+    async fn recv_bytes(&mut self) -> Option<Vec<u8>> {
+        let frames = Frames::new(1 << 24);
+        loop {
+            if let Some(payload) = frames.decode(&mut self.buf).unwrap() {
+                return Some(payload.to_vec());
+            }
+            let read = tokio::time::timeout(LONG, self.read.read_buf(&mut self.buf))
+                .await
+                .expect("the Rust side went quiet")
+                .unwrap();
+            if read == 0 {
+                assert!(self.buf.is_empty(), "end of file inside a frame");
+                return None;
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> PhpValue {
+        decode(&self.recv_bytes().await.expect("a frame, not the end"))
+    }
+
+    async fn recv_object(&mut self) -> PhpObject {
+        object(self.recv().await)
+    }
+}
+
+/// A Rust side configured as the example's, and the scripted PHP peer on the other end.
+fn connect() -> (Dispatcher, Php) {
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let rust = Dispatcher::builder()
+        .codec(Codec::Php)
+        .php_notification(NotifyRequest::METHOD)
+        .handler(worker_router())
+        .spawn(Channel::from_io(ours));
+    let (read, write) = tokio::io::split(theirs);
+    let php = Php {
+        read,
+        write,
+        buf: BytesMut::new(),
+    };
+    (rust, php)
+}
+
+/// The example worker's routes, and one that records notifications.
+fn worker_router() -> Router {
+    Router::new()
+        .request(|_cx: Context, PingRequest { note }| async move {
+            Ok(PongResponse {
+                reply: format!("pong: {note}"),
+            })
+        })
+        .request(
+            |_cx: Context, EchoRequest { payload }| async move { Ok(EchoResponse { payload }) },
+        )
+        .request(|cx: Context, OpenIteratorRequest { count }| async move {
+            let streams = cx.streams().unwrap();
+            let items = (0..count).map(|i| Ok(format!("item-{i}")));
+            let iterator_id = streams.add(futures_util::stream::iter(items))?;
+            Ok(OpenIteratorResponse { iterator_id })
+        })
+        .request(|_cx: Context, ThrowRequest { message, code }| async move {
+            Err::<Success, _>(HandlerError::new(code, message))
+        })
+        .notification(|cx: Context, NotifyRequest { text }| async move {
+            // The notification's effect: a request of ours back to PHP, which the test sees.
+            let php = cx.dispatcher().unwrap();
+            tokio::spawn(async move {
+                let note = format!("notified: {text}");
+                let _ = php.request(PingRequest { note }).await;
+            });
+            Ok(())
+        })
+}
+
+/// Our answers' own private `id` is a per-process counter, as PHP's is: set it to `id` to
+/// compare with what PHP wrote.
+fn with_own_id(mut answer: PhpObject, id: i64) -> Vec<u8> {
+    set(&mut answer, "id", PhpValue::Int(id));
+    PhpValue::Object(answer).to_bytes()
+}
+
+// ===== A PHP client of a Rust server =====
+
+#[tokio::test]
+async fn a_recorded_ping_is_answered_with_the_pong_php_itself_wrote() {
+    let (_rust, mut php) = connect();
+    php.send_bytes(&sample("PingRequest")).await;
+    let pong = php.recv_object().await;
+    assert_eq!(with_own_id(pong, 0), sample("PongResponse"));
+}
+
+#[tokio::test]
+async fn an_echo_gives_back_the_payload_exactly() {
+    let (_rust, mut php) = connect();
+    let request = sample("EchoRequest with array payload");
+    let payload = object(decode(&request)).get(b"payload").unwrap().clone();
+    php.send_bytes(&request).await;
+    let answer = php.recv_object().await;
+    assert_eq!(answer.class, b"EchoResponse");
+    let echoed = answer.get(b"payload").unwrap();
+    assert_eq!(
+        echoed.to_bytes(),
+        payload.to_bytes(),
+        "same types, order and bytes"
+    );
+    assert_eq!(
+        int(&answer, "requestId"),
+        int(&object(decode(&request)), "id")
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_class_gets_phps_404_and_a_throwing_handler_its_code() {
+    let (_rust, mut php) = connect();
+    let unknown = PhpObject::new("UnknownRequest")
+        .with(Property::public("what"), s("x"))
+        .with(Property::private("UnknownRequest", "id"), PhpValue::Int(1));
+    php.send(&PhpValue::Object(unknown)).await;
+    let answer = php.recv_object().await;
+    assert_eq!(
+        with_own_id(answer, 1),
+        sample("ErrorResponse (router: unknown request class)")
+    );
+
+    let throw = PhpObject::new("ThrowRequest")
+        .with(Property::public("message"), s("boom"))
+        .with(Property::public("code"), PhpValue::Int(42))
+        .with(Property::private("ThrowRequest", "id"), PhpValue::Int(2));
+    php.send(&PhpValue::Object(throw)).await;
+    let answer = php.recv_object().await;
+    assert_eq!(
+        with_own_id(answer, 2),
+        sample("ErrorResponse (handler threw")
+    );
+}
+
+#[tokio::test]
+async fn a_meek_notification_is_handled_and_never_answered() {
+    let (_rust, mut php) = connect();
+    let notify = PhpObject::new("NotifyRequest")
+        .with(Property::public("text"), s("hi"))
+        .with(Property::private("NotifyRequest", "id"), PhpValue::Int(7));
+    php.send(&PhpValue::Object(notify)).await;
+    // The handler's request comes, and no answer (any answer would make PHP end the link).
+    let request = php.recv_object().await;
+    assert_eq!(
+        request.class, b"PingRequest",
+        "not an answer to the notification"
+    );
+    assert_eq!(request.get(b"note"), Some(&s("notified: hi")));
+    assert_eq!(request.get(b"requestId"), None);
+}
+
+#[tokio::test]
+async fn a_thousand_requests_with_64_in_flight_are_all_answered_to_their_ids() {
+    let (_rust, mut php) = connect();
+    let mut next = 0;
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < 1000 {
+        while next < 1000 && next - answered.len() < 64 {
+            let ping = PhpObject::new("PingRequest")
+                .with(Property::public("note"), s(&format!("n{next}")))
+                .with(
+                    Property::private("PingRequest", "id"),
+                    PhpValue::Int(next as i64),
+                );
+            php.send(&PhpValue::Object(ping)).await;
+            next += 1;
+        }
+        let pong = php.recv_object().await;
+        let id = int(&pong, "requestId");
+        assert_eq!(pong.get(b"reply"), Some(&s(&format!("pong: n{id}"))));
+        assert!(answered.insert(id), "answered twice: {id}");
+    }
+}
+
+#[tokio::test]
+async fn php_pulls_an_iterator_of_10000_items_one_at_a_time() {
+    let (_rust, mut php) = connect();
+    let open = PhpObject::new("OpenIteratorRequest")
+        .with(Property::public("count"), PhpValue::Int(10_000))
+        .with(
+            Property::private("OpenIteratorRequest", "id"),
+            PhpValue::Int(0),
+        );
+    php.send(&PhpValue::Object(open)).await;
+    let opened = php.recv_object().await;
+    assert_eq!(opened.class, b"OpenIteratorResponse");
+    let iterator = int(&opened, "iteratorId");
+    let pull = |id: i64| {
+        let class = format!("{NS}Request\\IteratorContinue");
+        PhpValue::Object(
+            PhpObject::new(class.clone())
+                .with(Property::public("iteratorId"), PhpValue::Int(iterator))
+                .with(Property::private(class, "id"), PhpValue::Int(id)),
+        )
+    };
+    for i in 0..10_000 {
+        php.send(&pull(i + 1)).await;
+        let answer = php.recv_object().await;
+        assert_eq!(answer.get(b"continue"), Some(&PhpValue::Bool(true)));
+        assert_eq!(int(&answer, "position"), i);
+        assert_eq!(answer.get(b"value"), Some(&s(&format!("item-{i}"))));
+        assert_eq!(int(&answer, "requestId"), i + 1);
+    }
+    php.send(&pull(10_001)).await;
+    let end = php.recv_object().await;
+    let mut recorded = object(decode(&sample("Response\\IteratorContinue (exhausted")));
+    set(&mut recorded, "requestId", PhpValue::Int(10_001));
+    assert_eq!(
+        with_own_id(end, 0),
+        with_own_id(recorded, 0),
+        "as PHP ends one"
+    );
+}
+
+#[tokio::test]
+async fn the_stop_marker_is_answered_and_the_connection_ends_cleanly() {
+    let (rust, mut php) = connect();
+    php.send_bytes(&sample("null sent by Dispatcher::stop()"))
+        .await;
+    assert_eq!(php.recv().await, PhpValue::Null, "null answers null");
+    assert_eq!(php.recv_bytes().await, None, "then the end");
+    let reason = tokio::time::timeout(LONG, rust.closed()).await.unwrap();
+    assert!(reason.is_graceful(), "{reason}");
+}
+
+// ===== A Rust client of a PHP server =====
+
+#[tokio::test]
+async fn a_ping_goes_out_as_php_writes_it_and_the_recorded_pong_answers_it() {
+    let (rust, mut php) = connect();
+    let call = tokio::spawn({
+        let rust = rust.clone();
+        async move {
+            rust.request(PingRequest {
+                note: "hello".into(),
+            })
+            .await
+        }
+    });
+    let request = php.recv_object().await;
+    let id = int(&request, "id");
+    // The same bytes as PHP's, but for the id, which is our own counter's.
+    assert_eq!(with_own_id(request, 0), sample("PingRequest"));
+    let mut pong = object(decode(&sample("PongResponse")));
+    set(&mut pong, "requestId", PhpValue::Int(id));
+    php.send(&PhpValue::Object(pong)).await;
+    let pong = call.await.unwrap().unwrap();
+    assert_eq!(pong.reply, "pong: hello");
+}
+
+#[tokio::test]
+async fn phps_error_answers_fail_the_call_with_their_code_and_message() {
+    let (rust, mut php) = connect();
+    let calls = tokio::spawn({
+        let rust = rust.clone();
+        async move {
+            let thrown = rust
+                .request(ThrowRequest {
+                    message: "boom".into(),
+                    code: 42,
+                })
+                .await;
+            let unknown = rust.request(UnknownRequest { what: "x".into() }).await;
+            (thrown, unknown)
+        }
+    });
+    for title in ["ErrorResponse (handler threw", "ErrorResponse (router"] {
+        let request = php.recv_object().await;
+        let mut error = object(decode(&sample(title)));
+        set(&mut error, "requestId", PhpValue::Int(int(&request, "id")));
+        php.send(&PhpValue::Object(error)).await;
+    }
+    let (thrown, unknown) = calls.await.unwrap();
+    match thrown {
+        Err(CallError::Remote(error)) => assert_eq!((error.code, &*error.message), (42, "boom")),
+        other => panic!("{other:?}"),
+    }
+    match unknown {
+        Err(CallError::Remote(error)) => {
+            assert_eq!(error.code, 404);
+            assert_eq!(error.message, "No handler for UnknownRequest");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_fatal_error_ends_our_side_and_fails_what_is_pending() {
+    let (rust, mut php) = connect();
+    let call = tokio::spawn({
+        let rust = rust.clone();
+        async move {
+            rust.request(FatalRequest {
+                message: "fatal on purpose".into(),
+            })
+            .await
+        }
+    });
+    let _request = php.recv_object().await;
+    php.send_bytes(&sample("FatalErrorResponse (returned by a handler"))
+        .await;
+    let failed = call.await.unwrap();
+    assert!(
+        matches!(failed, Err(CallError::Terminated(_))),
+        "{failed:?}"
+    );
+    match tokio::time::timeout(LONG, rust.closed()).await.unwrap() {
+        Termination::PeerFatal { message, .. } => assert_eq!(message, "fatal on purpose"),
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn our_notification_is_meek_and_phps_answer_to_it_is_swallowed() {
+    let (rust, mut php) = connect();
+    rust.notify(NotifyRequest { text: "hi".into() })
+        .await
+        .unwrap();
+    let notification = php.recv_object().await;
+    assert_eq!(notification.class, b"NotifyRequest");
+    assert_eq!(notification.get(b"text"), Some(&s("hi")));
+    // A PHP server answers a MeekRequest anyway.
+    let success = PhpObject::new(format!("{NS}SuccessResponse"))
+        .with(
+            Property::public("requestId"),
+            PhpValue::Int(int(&notification, "id")),
+        )
+        .with(
+            Property::private(format!("{NS}SuccessResponse"), "id"),
+            PhpValue::Int(0),
+        );
+    php.send(&PhpValue::Object(success)).await;
+    // Not taken for anything, not answered: the next call goes through.
+    let call = tokio::spawn({
+        let rust = rust.clone();
+        async move {
+            rust.request(PingRequest {
+                note: "after".into(),
+            })
+            .await
+        }
+    });
+    let request = php.recv_object().await;
+    assert_eq!(request.class, b"PingRequest", "nothing but the call");
+    let pong = PhpObject::new("PongResponse")
+        .with(Property::public("reply"), s("pong: after"))
+        .with(
+            Property::public("requestId"),
+            PhpValue::Int(int(&request, "id")),
+        );
+    php.send(&PhpValue::Object(pong)).await;
+    assert_eq!(call.await.unwrap().unwrap().reply, "pong: after");
+    assert!(!rust.is_closed());
+}
+
+#[tokio::test]
+async fn a_thousand_calls_with_64_in_flight_are_matched_to_their_answers() {
+    let (rust, mut php) = connect();
+    let calls = tokio::spawn({
+        let rust = rust.clone();
+        async move {
+            futures_util::stream::iter(0..1000)
+                .map(|i| {
+                    let rust = rust.clone();
+                    async move {
+                        let pong = rust
+                            .request(PingRequest {
+                                note: format!("n{i}"),
+                            })
+                            .await?;
+                        assert_eq!(pong.reply, format!("pong: n{i}"));
+                        Ok::<_, CallError>(())
+                    }
+                })
+                .buffer_unordered(64)
+                .try_collect::<Vec<()>>()
+                .await
+        }
+    });
+    // PHP answers in its own order: each batch of 64 from the last.
+    let mut answered = 0;
+    while answered < 1000 {
+        let mut batch = Vec::new();
+        while batch.len() < 64.min(1000 - answered) {
+            batch.push(php.recv_object().await);
+        }
+        for request in batch.into_iter().rev() {
+            let note = match request.get(b"note") {
+                Some(PhpValue::String(note)) => String::from_utf8(note.clone()).unwrap(),
+                other => panic!("{other:?}"),
+            };
+            let pong = PhpObject::new("PongResponse")
+                .with(Property::public("reply"), s(&format!("pong: {note}")))
+                .with(
+                    Property::public("requestId"),
+                    PhpValue::Int(int(&request, "id")),
+                );
+            php.send(&PhpValue::Object(pong)).await;
+            answered += 1;
+        }
+    }
+    assert_eq!(calls.await.unwrap().unwrap().len(), 1000);
+}
+
+#[tokio::test]
+async fn a_php_iterator_of_10000_items_is_a_remote_stream() {
+    let (rust, mut php) = connect();
+    let consumer = tokio::spawn({
+        let rust = rust.clone();
+        async move {
+            let opened = rust.request(OpenIteratorRequest { count: 10_000 }).await?;
+            RemoteStream::<String>::pull(&rust, opened.iterator_id)
+                .try_collect::<Vec<String>>()
+                .await
+        }
+    });
+    let open = php.recv_object().await;
+    assert_eq!(int(&open, "count"), 10_000);
+    let mut opened = object(decode(&sample("OpenIteratorResponse")));
+    set(&mut opened, "requestId", PhpValue::Int(int(&open, "id")));
+    php.send(&PhpValue::Object(opened)).await;
+    let continue_response = format!("{NS}Response\\IteratorContinue");
+    for i in 0..=10_000 {
+        let pull = php.recv_object().await;
+        assert_eq!(
+            pull.class,
+            format!("{NS}Request\\IteratorContinue").as_bytes()
+        );
+        assert_eq!(int(&pull, "iteratorId"), 143, "the id PHP answered");
+        let (more, position, value) = match i {
+            10_000 => (false, PhpValue::Null, PhpValue::Null),
+            i => (true, PhpValue::Int(i), s(&format!("item-{i}"))),
+        };
+        let answer = PhpObject::new(continue_response.clone())
+            .with(Property::public("continue"), PhpValue::Bool(more))
+            .with(Property::public("position"), position)
+            .with(Property::public("value"), value)
+            .with(
+                Property::public("requestId"),
+                PhpValue::Int(int(&pull, "id")),
+            );
+        php.send(&PhpValue::Object(answer)).await;
+    }
+    let items = consumer.await.unwrap().unwrap();
+    assert_eq!(items.len(), 10_000);
+    assert!(items
+        .iter()
+        .enumerate()
+        .all(|(i, item)| *item == format!("item-{i}")));
+}
+
+#[tokio::test]
+async fn stopping_sends_the_stop_marker_and_closes() {
+    let (rust, mut php) = connect();
+    let stopped = tokio::spawn({
+        let rust = rust.clone();
+        async move { rust.stop().await }
+    });
+    assert_eq!(php.recv().await, PhpValue::Null);
+    // PHP answers null with null.
+    php.send(&PhpValue::Null).await;
+    assert_eq!(php.recv_bytes().await, None);
+    let reason = tokio::time::timeout(LONG, stopped).await.unwrap().unwrap();
+    assert!(reason.is_graceful(), "{reason}");
+}
+
+#[tokio::test]
+async fn our_unit_answer_is_a_success_response_and_a_non_object_answer_an_error() {
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let router = Router::new()
+        .raw("Nothing", |_incoming| async move {
+            Ok(channel_dispatcher::Reply::value(bytes::Bytes::new()))
+        })
+        .raw("Scalar", |_incoming| async move {
+            Ok(channel_dispatcher::Reply::value(
+                Codec::Php.encode(&5).unwrap(),
+            ))
+        });
+    let _rust = Dispatcher::builder()
+        .codec(Codec::Php)
+        .handler(router)
+        .spawn(Channel::from_io(ours));
+    let (read, write) = tokio::io::split(theirs);
+    let mut php = Php {
+        read,
+        write,
+        buf: BytesMut::new(),
+    };
+    for (id, class) in [(1, "Nothing"), (2, "Scalar")] {
+        let request = PhpObject::new(class).with(Property::private(class, "id"), PhpValue::Int(id));
+        php.send(&PhpValue::Object(request)).await;
+    }
+    let success = php.recv_object().await;
+    assert_eq!(success.class, format!("{NS}SuccessResponse").as_bytes());
+    assert_eq!(int(&success, "requestId"), 1);
+    let error = php.recv_object().await;
+    assert_eq!(error.class, format!("{NS}ErrorResponse").as_bytes());
+    assert_eq!(int(&error, "requestId"), 2);
+}
+
+#[tokio::test]
+async fn a_call_whose_payload_is_not_an_object_is_refused_here() {
+    let (rust, _php) = connect();
+    let payload = Codec::Php.encode(&"just a string").unwrap();
+    match rust.call_raw("PingRequest", payload).await {
+        Err(CallError::Encode(error)) => {
+            assert!(error.to_string().contains("is an object"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ===== What PHP would never send =====
+
+#[tokio::test]
+async fn a_bad_prefix_or_a_zero_length_ends_the_connection_with_the_rule() {
+    for (bytes, rule) in [
+        (&b"\x01\x02\x00\x00\x00N;"[..], "starts with 0x00"),
+        (&b"\x00\x00\x00\x00\x00"[..], "length 0"),
+    ] {
+        let (rust, mut php) = connect();
+        php.write.write_all(bytes).await.unwrap();
+        let reason = tokio::time::timeout(LONG, rust.closed()).await.unwrap();
+        match &reason {
+            Termination::Protocol(ProtocolError::MalformedFrame { reason }) => {
+                assert!(reason.contains(rule), "{reason}")
+            }
+            other => panic!("{other}"),
+        }
+        // The PHP peer is told with the one message that ends it.
+        let fatal = php.recv_object().await;
+        assert_eq!(fatal.class, format!("{NS}FatalErrorResponse").as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn frames_split_byte_by_byte_or_coalesced_are_read_alike() {
+    let (_rust, mut php) = connect();
+    let mut bytes = BytesMut::new();
+    for id in 0..3 {
+        let ping = PhpObject::new("PingRequest")
+            .with(Property::public("note"), s("x"))
+            .with(Property::private("PingRequest", "id"), PhpValue::Int(id));
+        Frames::encode(&PhpValue::Object(ping).to_bytes(), &mut bytes);
+    }
+    // The first frame a byte at a time, the other two in one write.
+    let first = u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize + 5;
+    for byte in &bytes[..first] {
+        php.write.write_all(&[*byte]).await.unwrap();
+        php.write.flush().await.unwrap();
+    }
+    php.write.write_all(&bytes[first..]).await.unwrap();
+    let mut ids: Vec<i64> = Vec::new();
+    for _ in 0..3 {
+        ids.push(int(&php.recv_object().await, "requestId"));
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, [0, 1, 2]);
+}
+
+#[tokio::test]
+async fn hostile_payloads_are_refused_and_the_connection_goes_on() {
+    let (rust, mut php) = connect();
+    // A reference, nesting past the limit, a top-level scalar, an object with a bad id type.
+    php.send_bytes(b"O:11:\"PingRequest\":2:{s:4:\"note\";s:1:\"x\";s:4:\"more\";r:1;}")
+        .await;
+    let deep = "a:1:{i:0;".repeat(100) + "N;" + &"}".repeat(100);
+    let deep = format!("O:11:\"PingRequest\":1:{{s:4:\"note\";{deep}}}");
+    php.send_bytes(deep.as_bytes()).await;
+    php.send_bytes(b"i:42;").await;
+    php.send_bytes(b"O:11:\"PingRequest\":2:{s:4:\"note\";i:5;s:2:\"id\";i:9;}")
+        .await;
+    // The last is a request with an id: it is answered, with an error (note is not a string).
+    let error = php.recv_object().await;
+    assert_eq!(error.class, format!("{NS}ErrorResponse").as_bytes());
+    assert_eq!(int(&error, "requestId"), 9);
+    // And the connection still serves.
+    let ping = PhpObject::new("PingRequest")
+        .with(Property::public("note"), s("still"))
+        .with(Property::private("PingRequest", "id"), PhpValue::Int(10));
+    php.send(&PhpValue::Object(ping)).await;
+    let pong = php.recv_object().await;
+    assert_eq!(pong.get(b"reply"), Some(&s("pong: still")));
+    assert!(!rust.is_closed());
+}
+
+#[tokio::test]
+async fn an_iterator_yielding_null_is_refused_rather_than_sent() {
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let router = Router::new().request(|cx: Context, OpenIteratorRequest { .. }| async move {
+        let items = futures_util::stream::iter([Ok(None::<i64>)]);
+        let iterator_id = cx.streams().unwrap().add(items)?;
+        Ok(OpenIteratorResponse { iterator_id })
+    });
+    let _rust = Dispatcher::builder()
+        .codec(Codec::Php)
+        .handler(router)
+        .spawn(Channel::from_io(ours));
+    let (read, write) = tokio::io::split(theirs);
+    let mut php = Php {
+        read,
+        write,
+        buf: BytesMut::new(),
+    };
+    let open = PhpObject::new("OpenIteratorRequest")
+        .with(Property::public("count"), PhpValue::Int(1))
+        .with(
+            Property::private("OpenIteratorRequest", "id"),
+            PhpValue::Int(0),
+        );
+    php.send(&PhpValue::Object(open)).await;
+    let iterator = int(&php.recv_object().await, "iteratorId");
+    let class = format!("{NS}Request\\IteratorContinue");
+    let pull = PhpObject::new(class.clone())
+        .with(Property::public("iteratorId"), PhpValue::Int(iterator))
+        .with(Property::private(class, "id"), PhpValue::Int(1));
+    php.send(&PhpValue::Object(pull)).await;
+    let answer = php.recv_object().await;
+    assert_eq!(answer.class, format!("{NS}ErrorResponse").as_bytes());
+    assert_eq!(int(&answer, "requestId"), 1);
+}
+
+#[tokio::test]
+async fn phps_own_fatal_for_an_unknown_request_id_ends_our_side_with_its_message() {
+    let (rust, mut php) = connect();
+    // The recorded request is served first: its answer carries the recorded id.
+    php.send_bytes(&sample("OpenIteratorRequest")).await;
+    let opened = php.recv_object().await;
+    assert_eq!(int(&opened, "requestId"), 4, "the recorded request's id");
+    php.send_bytes(&sample("FatalErrorResponse (dispatcher"))
+        .await;
+    match tokio::time::timeout(LONG, rust.closed()).await.unwrap() {
+        Termination::PeerFatal { message, .. } => {
+            assert!(message.starts_with("Cannot find recipient"), "{message}")
+        }
+        other => panic!("{other}"),
+    }
+}
