@@ -13,45 +13,17 @@
 //! the notification `NotifyRequest`; it stops, with status 0, when PHP sends its stop marker.
 //! stdout carries frames only: logs go to stderr.
 
-#[path = "php/messages.rs"]
-mod messages;
+#[path = "php/protocol.rs"]
+mod protocol;
 
 use std::process::ExitCode;
 
 use channel_dispatcher::php::{ArrayKey, PhpValue};
 use channel_dispatcher::{
-    Builder, CallError, Channel, Codec, Context, Dispatcher, HandlerError, Notification,
-    RemoteStream, Router, Success,
+    Builder, CallError, Channel, Codec, Context, Dispatcher, Notification, RemoteStream, Router,
 };
 use futures_util::StreamExt;
-use messages::*;
-
-fn router() -> Router {
-    Router::new()
-        .request(|_cx: Context, PingRequest { note }| async move {
-            Ok(PongResponse {
-                reply: format!("pong: {note}"),
-            })
-        })
-        .request(
-            |_cx: Context, EchoRequest { payload }| async move { Ok(EchoResponse { payload }) },
-        )
-        .request(|cx: Context, OpenIteratorRequest { count }| async move {
-            let streams = cx
-                .streams()
-                .ok_or_else(|| HandlerError::internal("the connection has ended"))?;
-            let items = (0..count.max(0)).map(|i| Ok(format!("item-{i}")));
-            let iterator_id = streams.add(futures_util::stream::iter(items))?;
-            Ok(OpenIteratorResponse { iterator_id })
-        })
-        .request(|_cx: Context, ThrowRequest { message, code }| async move {
-            Err::<Success, _>(HandlerError::new(code, message))
-        })
-        .notification(|_cx: Context, NotifyRequest { text }| async move {
-            tracing::info!(%text, "notified");
-            Ok(())
-        })
-}
+use protocol::*;
 
 /// The PHP wire: its framing and `serialize()` payloads, no handshake; `NotifyRequest` is a
 /// PHP `MeekRequest`, so it is a notification.
@@ -59,7 +31,12 @@ fn builder() -> Builder<Router> {
     Dispatcher::builder()
         .codec(Codec::Php)
         .php_notification(NotifyRequest::METHOD)
-        .handler(router())
+        .handler(
+            router().notification(|_cx: Context, NotifyRequest { text }| async move {
+                tracing::info!(%text, "notified");
+                Ok(())
+            }),
+        )
 }
 
 #[tokio::main]

@@ -4,8 +4,8 @@
 //! notifications, 1,000 requests with 64 in flight, iterators of 10,000 items each way, the
 //! stop marker each way, and frames PHP would never send.
 
-#[path = "../examples/php/messages.rs"]
-mod messages;
+#[path = "../examples/php/protocol.rs"]
+mod protocol;
 
 use std::time::Duration;
 
@@ -13,12 +13,12 @@ use bytes::BytesMut;
 use channel_dispatcher::php::framing::Frames;
 use channel_dispatcher::php::{DecodeLimits, PhpObject, PhpValue, Property};
 use channel_dispatcher::{
-    CallError, Channel, Codec, Context, Dispatcher, HandlerError, Notification, ProtocolError,
-    RemoteStream, Router, Success, Termination,
+    CallError, Channel, Codec, Context, Dispatcher, Notification, ProtocolError, RemoteStream,
+    Router, Termination,
 };
 use futures_util::{StreamExt, TryStreamExt};
-use messages::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use protocol::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const NS: &str = "Flyokai\\AmpChannelDispatcher\\";
 const LONG: Duration = Duration::from_secs(30);
@@ -80,12 +80,30 @@ fn set(object: &mut PhpObject, name: &str, value: PhpValue) {
 
 /// The PHP side, scripted: writes and reads whole frames on the raw wire.
 struct Php {
-    read: ReadHalf<DuplexStream>,
-    write: WriteHalf<DuplexStream>,
+    read: Box<dyn AsyncRead + Unpin + Send>,
+    write: Box<dyn AsyncWrite + Unpin + Send>,
     buf: BytesMut,
 }
 
 impl Php {
+    fn new(
+        read: impl AsyncRead + Unpin + Send + 'static,
+        write: impl AsyncWrite + Unpin + Send + 'static,
+    ) -> Self {
+        Self {
+            read: Box::new(read),
+            write: Box::new(write),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The other end of a fresh duplex pipe, whose end for the Rust side comes with it.
+    fn pipe() -> (Self, Channel) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (read, write) = tokio::io::split(theirs);
+        (Self::new(read, write), Channel::from_io(ours))
+    }
+
     async fn send_bytes(&mut self, payload: &[u8]) {
         let mut out = BytesMut::new();
         Frames::encode(payload, &mut out);
@@ -125,50 +143,26 @@ impl Php {
 
 /// A Rust side configured as the example's, and the scripted PHP peer on the other end.
 fn connect() -> (Dispatcher, Php) {
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (php, channel) = Php::pipe();
     let rust = Dispatcher::builder()
         .codec(Codec::Php)
         .php_notification(NotifyRequest::METHOD)
         .handler(worker_router())
-        .spawn(Channel::from_io(ours));
-    let (read, write) = tokio::io::split(theirs);
-    let php = Php {
-        read,
-        write,
-        buf: BytesMut::new(),
-    };
+        .spawn(channel);
     (rust, php)
 }
 
-/// The example worker's routes, and one that records notifications.
+/// The example worker's routes, and a notification whose effect the test sees.
 fn worker_router() -> Router {
-    Router::new()
-        .request(|_cx: Context, PingRequest { note }| async move {
-            Ok(PongResponse {
-                reply: format!("pong: {note}"),
-            })
-        })
-        .request(
-            |_cx: Context, EchoRequest { payload }| async move { Ok(EchoResponse { payload }) },
-        )
-        .request(|cx: Context, OpenIteratorRequest { count }| async move {
-            let streams = cx.streams().unwrap();
-            let items = (0..count).map(|i| Ok(format!("item-{i}")));
-            let iterator_id = streams.add(futures_util::stream::iter(items))?;
-            Ok(OpenIteratorResponse { iterator_id })
-        })
-        .request(|_cx: Context, ThrowRequest { message, code }| async move {
-            Err::<Success, _>(HandlerError::new(code, message))
-        })
-        .notification(|cx: Context, NotifyRequest { text }| async move {
-            // The notification's effect: a request of ours back to PHP, which the test sees.
-            let php = cx.dispatcher().unwrap();
-            tokio::spawn(async move {
-                let note = format!("notified: {text}");
-                let _ = php.request(PingRequest { note }).await;
-            });
-            Ok(())
-        })
+    router().notification(|cx: Context, NotifyRequest { text }| async move {
+        // A request of ours back to PHP.
+        let php = cx.dispatcher().unwrap();
+        tokio::spawn(async move {
+            let note = format!("notified: {text}");
+            let _ = php.request(PingRequest { note }).await;
+        });
+        Ok(())
+    })
 }
 
 /// Our answers' own private `id` is a per-process counter, as PHP's is: set it to `id` to
@@ -455,6 +449,30 @@ async fn our_notification_is_meek_and_phps_answer_to_it_is_swallowed() {
 }
 
 #[tokio::test]
+async fn notifications_flow_without_credit_which_this_wire_lacks() {
+    let (mut php, channel) = Php::pipe();
+    let mut limits = channel_dispatcher::Limits::default();
+    limits.max_pending_notifications = 8;
+    let rust = Dispatcher::builder()
+        .codec(Codec::Php)
+        .limits(limits)
+        .spawn(channel);
+
+    let sender = tokio::spawn(async move {
+        for i in 0..100 {
+            let text = format!("n{i}");
+            rust.notify(NotifyRequest { text }).await.unwrap();
+        }
+        rust
+    });
+    for i in 0..100 {
+        let notification = php.recv_object().await;
+        assert_eq!(notification.get(b"text"), Some(&s(&format!("n{i}"))));
+    }
+    tokio::time::timeout(LONG, sender).await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn a_thousand_calls_with_64_in_flight_are_matched_to_their_answers() {
     let (rust, mut php) = connect();
     let calls = tokio::spawn({
@@ -567,7 +585,7 @@ async fn stopping_sends_the_stop_marker_and_closes() {
 
 #[tokio::test]
 async fn our_unit_answer_is_a_success_response_and_a_non_object_answer_an_error() {
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut php, channel) = Php::pipe();
     let router = Router::new()
         .raw("Nothing", |_incoming| async move {
             Ok(channel_dispatcher::Reply::value(bytes::Bytes::new()))
@@ -580,13 +598,8 @@ async fn our_unit_answer_is_a_success_response_and_a_non_object_answer_an_error(
     let _rust = Dispatcher::builder()
         .codec(Codec::Php)
         .handler(router)
-        .spawn(Channel::from_io(ours));
-    let (read, write) = tokio::io::split(theirs);
-    let mut php = Php {
-        read,
-        write,
-        buf: BytesMut::new(),
-    };
+        .spawn(channel);
+
     for (id, class) in [(1, "Nothing"), (2, "Scalar")] {
         let request = PhpObject::new(class).with(Property::private(class, "id"), PhpValue::Int(id));
         php.send(&PhpValue::Object(request)).await;
@@ -687,7 +700,7 @@ async fn hostile_payloads_are_refused_and_the_connection_goes_on() {
 
 #[tokio::test]
 async fn an_iterator_yielding_null_is_refused_rather_than_sent() {
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut php, channel) = Php::pipe();
     let router = Router::new().request(|cx: Context, OpenIteratorRequest { .. }| async move {
         let items = futures_util::stream::iter([Ok(None::<i64>)]);
         let iterator_id = cx.streams().unwrap().add(items)?;
@@ -696,13 +709,8 @@ async fn an_iterator_yielding_null_is_refused_rather_than_sent() {
     let _rust = Dispatcher::builder()
         .codec(Codec::Php)
         .handler(router)
-        .spawn(Channel::from_io(ours));
-    let (read, write) = tokio::io::split(theirs);
-    let mut php = Php {
-        read,
-        write,
-        buf: BytesMut::new(),
-    };
+        .spawn(channel);
+
     let open = PhpObject::new("OpenIteratorRequest")
         .with(Property::public("count"), PhpValue::Int(1))
         .with(
@@ -736,4 +744,73 @@ async fn phps_own_fatal_for_an_unknown_request_id_ends_our_side_with_its_message
         }
         other => panic!("{other}"),
     }
+}
+
+// ===== The example worker, spawned as a PHP parent spawns it =====
+
+/// `target/<profile>/examples/php_worker`, which `cargo test` builds beside this test.
+fn example_worker() -> Option<std::path::PathBuf> {
+    let deps = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    let worker = deps
+        .parent()?
+        .join("examples")
+        .join(format!("php_worker{}", std::env::consts::EXE_SUFFIX));
+    worker.exists().then_some(worker)
+}
+
+#[tokio::test]
+async fn the_example_worker_serves_a_php_parent_over_stdio_and_exits_0_on_the_stop_marker() {
+    let Some(worker) = example_worker() else {
+        panic!("the php_worker example is not built: run the tests with `--features php`");
+    };
+    let mut child = tokio::process::Command::new(worker)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut php = Php::new(child.stdout.take().unwrap(), child.stdin.take().unwrap());
+    php.send_bytes(&sample("PingRequest")).await;
+    let pong = php.recv_object().await;
+    assert_eq!(with_own_id(pong, 0), sample("PongResponse"));
+
+    let echo = sample("EchoRequest with array payload");
+    let payload = object(decode(&echo)).get(b"payload").unwrap().to_bytes();
+    php.send_bytes(&echo).await;
+    let echoed = php.recv_object().await;
+    assert_eq!(echoed.get(b"payload").unwrap().to_bytes(), payload);
+
+    let open = PhpObject::new("OpenIteratorRequest")
+        .with(Property::public("count"), PhpValue::Int(3))
+        .with(
+            Property::private("OpenIteratorRequest", "id"),
+            PhpValue::Int(10),
+        );
+    php.send(&PhpValue::Object(open)).await;
+    let opened = php.recv_object().await;
+    let iterator = int(&opened, "iteratorId");
+    let class = format!("{NS}Request\\IteratorContinue");
+    let mut items = Vec::new();
+    for id in 11.. {
+        let pull = PhpObject::new(class.clone())
+            .with(Property::public("iteratorId"), PhpValue::Int(iterator))
+            .with(Property::private(class.clone(), "id"), PhpValue::Int(id));
+        php.send(&PhpValue::Object(pull)).await;
+        let answer = php.recv_object().await;
+        if answer.get(b"continue") != Some(&PhpValue::Bool(true)) {
+            break;
+        }
+        items.push(answer.get(b"value").unwrap().clone());
+    }
+    assert_eq!(items, [s("item-0"), s("item-1"), s("item-2")]);
+
+    php.send(&PhpValue::Null).await;
+    assert_eq!(php.recv().await, PhpValue::Null, "null answers null");
+    assert_eq!(php.recv_bytes().await, None, "then stdout closes");
+    let status = tokio::time::timeout(LONG, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the worker exits with status 0: {status}");
 }
