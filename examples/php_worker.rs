@@ -22,7 +22,7 @@ use channel_dispatcher::php::{ArrayKey, PhpValue};
 use channel_dispatcher::{
     Builder, CallError, Channel, Codec, Context, Dispatcher, Notification, RemoteStream, Router,
 };
-use futures_util::StreamExt;
+use futures_util::TryStreamExt;
 use protocol::*;
 
 /// The PHP wire: its framing and `serialize()` payloads, no handshake; `NotifyRequest` is a
@@ -106,11 +106,8 @@ async fn client(command: &[String]) -> Result<(), Box<dyn std::error::Error>> {
 
     let opened = php.request(OpenIteratorRequest { count: 3 }).await?;
     let items: Vec<String> = RemoteStream::pull(&php, opened.iterator_id)
-        .map(|item| item.map_err(CallError::from))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+        .try_collect()
+        .await?;
     tracing::info!(?items, "iterator");
 
     php.notify(NotifyRequest { text: "hi".into() }).await?;

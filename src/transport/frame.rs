@@ -364,24 +364,63 @@ mod tests {
         assert_eq!(reader.claimed(), Some(14));
     }
 
+    fn framings() -> Vec<Framing> {
+        vec![
+            Framing::Native,
+            #[cfg(feature = "php")]
+            Framing::Php,
+        ]
+    }
+
+    #[cfg(feature = "php")]
+    #[tokio::test]
+    async fn php_frames_have_their_own_header_and_rules() {
+        let php = |bytes: &[u8]| {
+            FrameReader::new(Box::new(std::io::Cursor::new(bytes.to_vec())), 1024)
+                .with_framing(Framing::Php)
+        };
+        let mut reader = php(b"\x00\x02\x00\x00\x00N;\x00\x01\x00\x00\x00x");
+        for body in [&b"N;"[..], b"x"] {
+            match reader.read_frame().await.unwrap() {
+                Some(Frame::Whole(got)) => assert_eq!(got, body),
+                other => panic!("{other:?}"),
+            }
+        }
+        for (bytes, rule) in [
+            (&b"\x01\x02\x00\x00\x00N;"[..], "0x00"),
+            (b"\x00\x00\x00\x00\x00", "length 0"),
+        ] {
+            match php(bytes).read_frame().await.unwrap() {
+                Some(Frame::Malformed(reason)) => assert!(reason.contains(rule), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut writer = FrameWriter::new(Box::new(tokio::io::sink())).with_framing(Framing::Php);
+        writer.put_frame(b"N;");
+        assert_eq!(&writer.buf[..], b"\x00\x02\x00\x00\x00N;");
+    }
+
     proptest! {
         /// Any byte stream ends in a sequence of frames followed by a clean end, or an error:
-        /// never a panic, never a frame over the maximum.
+        /// never a panic, never a frame over the maximum; in every framing.
         #[test]
         fn any_bytes_end_in_frames_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            rt.block_on(async {
-                let mut reader = reader_over(bytes, 512);
-                loop {
-                    match reader.read_frame().await {
-                        Ok(Some(Frame::Whole(body))) => prop_assert!(body.len() <= 512),
-                        Ok(Some(Frame::TooLarge { len, .. })) => { prop_assert!(len > 512); break }
-                        Ok(None) => break,
-                        Err(e) => { prop_assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof); break }
+            for framing in framings() {
+                rt.block_on(async {
+                    let mut reader = reader_over(bytes.clone(), 512).with_framing(framing);
+                    loop {
+                        match reader.read_frame().await {
+                            Ok(Some(Frame::Whole(body))) => prop_assert!(body.len() <= 512),
+                            Ok(Some(Frame::TooLarge { len, .. })) => { prop_assert!(len > 512); break }
+                            Ok(Some(Frame::Malformed(reason))) => { prop_assert!(!reason.is_empty()); break }
+                            Ok(None) => break,
+                            Err(e) => { prop_assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof); break }
+                        }
                     }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                })?;
+            }
         }
     }
 }
