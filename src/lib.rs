@@ -47,6 +47,9 @@
 //! - `msgpack` (default): the MessagePack codec.
 //! - `json`: the JSON codec.
 //! - `postcard`: the postcard codec.
+//! - `php`: the PHP original's own wire (`Codec::Php` and the `php` module).
+//! - `tls`: TLS over TCP (`tls` module), with rustls.
+//! - `pool`: worker pools on tower's balancer (`pool` module).
 //!
 //! # Coming from flyokai/amp-channel-dispatcher
 //!
@@ -65,7 +68,7 @@
 //! | `Context`, `ContextFactory`, `WeakReference` | [`Context`] (holds the dispatcher weakly), [`ContextFactory`] |
 //! | `RemoteIterator`, `IteratorStorage`, `getPosition` | [`RemoteStream`] (windowed by default; [`RemoteStream::pull_mode`] is the PHP behaviour), [`Streams`], [`RemoteStream::position`] |
 //! | read-loop callback | [`Builder::on_inbound`] |
-//! | `serialize()` over an amphp `Channel` | a [`Codec`] over a [`Channel`] (the PHP wire itself is not spoken yet) |
+//! | `serialize()` over an amphp `Channel` | a [`Codec`] over a [`Channel`]; `Codec::Php` (feature `php`) is the PHP wire itself, to talk to the PHP library |
 //!
 //! # Minimum supported Rust version
 //! Rust 1.80; raising it is a minor-version change.

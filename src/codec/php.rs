@@ -35,8 +35,7 @@ macro_rules! ns {
     };
 }
 
-pub(crate) const SUCCESS: &str = ns!("SuccessResponse");
-pub(crate) const ACCEPTED: &str = ns!("AcceptedResponse");
+const SUCCESS: &str = ns!("SuccessResponse");
 const ERROR: &str = ns!("ErrorResponse");
 const FATAL: &str = ns!("FatalErrorResponse");
 const CONTINUE_REQUEST: &str = ns!("Request\\IteratorContinue");
@@ -285,6 +284,16 @@ fn iterator_continue(id: u64, position: &str, payload: &[u8]) -> PhpValue {
     PhpValue::Object(object)
 }
 
+/// `class` is the PHP library's `name`, in the namespace the wire has it in or in `Response\`,
+/// where the library's README puts its built-in responses.
+fn is_library(class: &[u8], name: &str) -> bool {
+    let Some(rest) = class.strip_prefix(ns!("").as_bytes()) else {
+        return false;
+    };
+    let rest = rest.strip_prefix(b"Response\\").unwrap_or(rest);
+    rest == name.as_bytes()
+}
+
 fn malformed(header: PartialHeader, message: impl std::fmt::Display) -> EnvelopeError {
     EnvelopeError {
         header,
@@ -337,7 +346,7 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
         message: string_property(object, b"message"),
         data: None,
     };
-    if class == FATAL.as_bytes() {
+    if is_library(class, "FatalErrorResponse") {
         let error = error_body(&object);
         return Ok(Envelope::Fatal {
             code: error.code,
@@ -371,7 +380,7 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
         // NB. A `requestId` of null answers nothing pending here (our ids are never null):
         // id 0 is never ours, so such an answer is dropped as a late one.
         let id = int_property(&object, b"requestId").map_or(0, |id| id as u64);
-        if class == ERROR.as_bytes() {
+        if is_library(class, "ErrorResponse") {
             let error = error_body(&object);
             return Ok(Envelope::Error {
                 id,
@@ -379,7 +388,7 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
                 error,
             });
         }
-        if class == SUCCESS.as_bytes() || class == ACCEPTED.as_bytes() {
+        if is_library(class, "SuccessResponse") || is_library(class, "AcceptedResponse") {
             return Ok(Envelope::Response {
                 id,
                 attributes: Attributes::new(),

@@ -2,6 +2,28 @@
 //! written byte for byte as PHP 8 writes them and read back within [`DecodeLimits`], serde
 //! types mapped onto them ([`to_object`], [`from_object`]), and its frames ([`framing`]).
 //!
+//! [`Codec::Php`](crate::Codec::Php) puts it all together: a dispatcher built with it talks to
+//! flyokai/amp-channel-dispatcher on its own wire, with no handshake. A struct is an object of
+//! the class its serde name gives, its fields the constructor's parameters in order; a
+//! request's class is its method; the codec adds and reads the private `id` and the answers'
+//! `requestId`; PHP's built-in responses are the crate's answers and errors
+//! (`SuccessResponse` is [`Success`](crate::Success), `ErrorResponse` a
+//! [`CallError::Remote`](crate::CallError::Remote), `FatalErrorResponse` ends both sides);
+//! `null` is the stop marker both ways; PHP's iterators are pull-mode
+//! [`RemoteStream`](crate::RemoteStream)s. Notifications are PHP `MeekRequest`s: name their
+//! classes with [`Builder::php_notification`](crate::Builder::php_notification), since the wire
+//! does not tell them from requests.
+//!
+//! What this wire lacks degrades here: deadlines are local (the call fails with
+//! [`CallError::Timeout`](crate::CallError::Timeout), PHP is not told), a dropped call is
+//! forgotten without a cancel, attributes are not sent, streams are pulled one item per
+//! request (there is no credit), and the peer is taken to keep this side's
+//! [`Limits`](crate::Limits) (there is no handshake to announce them; an
+//! [`Authenticator`](crate::Authenticator) sees no token). A handler's answer must be an object
+//! (a struct): anything else is answered with an `ErrorResponse`, since PHP stops on a
+//! non-object; a call whose payload is not an object fails with
+//! [`CallError::Encode`](crate::CallError::Encode).
+//!
 //! PHP's `unserialize()` instantiates whatever class the bytes name; this decoder instantiates
 //! nothing: an object is its class name and properties, for the application to map onto the
 //! types it registered. References (`r:`, `R:`), custom serialization (`C:`) and enums (`E:`)
