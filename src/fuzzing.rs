@@ -8,7 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::transport::frame::{Frame, FrameReader};
 use crate::transport::handshake::{Hello, PROTOCOL_VERSION};
 use crate::{
-    request, stream_request, Channel, Codec, Context, Dispatcher, Incoming, Limits, Reply, Router,
+    request, stream_request, Channel, Codec, Context, Dispatcher, HandlerError, Incoming, Limits,
+    Reply, Router,
 };
 
 /// Cuts `bytes` into frames, as the read loop does; returns how many whole frames.
@@ -59,20 +60,39 @@ request!(Back => u8, "back");
 /// The largest frame the fuzzed connection accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
+/// Opens an iterator of `count` numbers (a stored stream the peer pulls, as PHP's are).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Open {
+    count: u8,
+}
+request!(Open => Opened, "Open");
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Opened {
+    #[serde(rename = "iteratorId")]
+    iterator_id: u64,
+}
+
 /// Runs a connection (MessagePack, small limits, a router with echo, a nested call back, a
 /// stream and a notification that never ends) against a peer that completes the handshake
 /// and then sends `frames` (each given its length prefix; with `raw`, the bytes as they are),
 /// reads everything, and closes. The connection must end, in time, without a panic.
 pub fn connection(frames: &[Vec<u8>], raw: bool) {
+    connection_with(Codec::MessagePack, frames, raw)
+}
+
+/// As [`connection`], on the wire of `codec`: with [`Codec::Php`] the PHP original's (its
+/// framing, no handshake).
+pub fn connection_with(codec: Codec, frames: &[Vec<u8>], raw: bool) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
         .expect("a runtime");
-    runtime.block_on(run_connection(frames, raw));
+    runtime.block_on(run_connection(codec, frames, raw));
 }
 
-async fn run_connection(frames: &[Vec<u8>], raw: bool) {
+async fn run_connection(codec: Codec, frames: &[Vec<u8>], raw: bool) {
     let limits = Limits {
         max_frame_length: MAX_FRAME,
         max_attributes: 4,
@@ -99,9 +119,19 @@ async fn run_connection(frames: &[Vec<u8>], raw: bool) {
         })
         .stream(
             |_cx: Context, Numbers(n)| async move { Ok(futures_util::stream::iter(0..n).map(Ok)) },
-        );
+        )
+        .request(|cx: Context, Open { count }| async move {
+            let streams = cx
+                .streams()
+                .ok_or_else(|| HandlerError::internal("ended"))?;
+            let iterator_id = streams.add(futures_util::stream::iter(0..count).map(Ok))?;
+            Ok(Opened { iterator_id })
+        });
     let (ours, theirs) = tokio::io::duplex(16 * 1024);
-    let (dispatcher, connection) = Dispatcher::builder()
+    let builder = Dispatcher::builder().codec(codec);
+    #[cfg(feature = "php")]
+    let builder = builder.php_notification("hold");
+    let (dispatcher, connection) = builder
         .handler(router)
         .limits(limits)
         .max_concurrent_handlers(2)
@@ -113,6 +143,10 @@ async fn run_connection(frames: &[Vec<u8>], raw: bool) {
     let calls = async {
         let _ = dispatcher.call_raw("echo", bytes::Bytes::new()).await;
         let _ = dispatcher.stream(Numbers(3)).collect::<Vec<_>>().await;
+        if let Ok(opened) = dispatcher.request(Open { count: 3 }).await {
+            let pulled = crate::RemoteStream::<u8>::pull(&dispatcher, opened.iterator_id);
+            let _ = pulled.collect::<Vec<_>>().await;
+        }
     };
     let (mut read, mut write) = tokio::io::split(theirs);
     let peer = async move {
@@ -123,13 +157,21 @@ async fn run_connection(frames: &[Vec<u8>], raw: bool) {
             limits: Limits::default(),
         };
         let mut bytes = Vec::new();
-        for body in [&hello.encode()[..], &[0]] {
-            bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
-            bytes.extend_from_slice(body);
+        let php = codec.is_php();
+        if !php {
+            for body in [&hello.encode()[..], &[0]] {
+                bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                bytes.extend_from_slice(body);
+            }
         }
         for frame in frames {
-            if !raw {
-                bytes.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+            match (raw, php) {
+                (true, _) => {}
+                (false, false) => bytes.extend_from_slice(&(frame.len() as u32).to_be_bytes()),
+                (false, true) => {
+                    bytes.push(0);
+                    bytes.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+                }
             }
             bytes.extend_from_slice(frame);
         }
@@ -156,7 +198,8 @@ async fn run_connection(frames: &[Vec<u8>], raw: bool) {
 }
 
 /// The fuzz target's own input format: frames as `len: u8` (255: a `u16` LE follows) and that
-/// many bytes; the first byte's low bit asks for raw bytes (no length prefixes).
+/// many bytes; the first byte's low bit asks for raw bytes (no length prefixes), its next bit
+/// for the PHP wire (with the `php` feature).
 pub fn connection_from_bytes(data: &[u8]) {
     let Some((&mode, mut rest)) = data.split_first() else {
         return;
@@ -171,7 +214,14 @@ pub fn connection_from_bytes(data: &[u8]) {
         frames.push(tail[..len].to_vec());
         rest = &tail[len..];
     }
-    connection(&frames, mode & 1 == 1);
+    #[cfg(feature = "php")]
+    let codec = match mode & 2 {
+        0 => Codec::MessagePack,
+        _ => Codec::Php,
+    };
+    #[cfg(not(feature = "php"))]
+    let codec = Codec::MessagePack;
+    connection_with(codec, &frames, mode & 1 == 1);
 }
 
 #[cfg(test)]
@@ -220,6 +270,81 @@ mod tests {
             raw in prop::bool::weighted(0.1),
         ) {
             super::connection(&frames, raw);
+        }
+    }
+
+    /// A PHP value a field of a PHP message could hold: ids near the edges, the router's
+    /// classes as strings, bools, null, a nested array.
+    #[cfg(feature = "php")]
+    fn php_field() -> impl Strategy<Value = crate::php::PhpValue> {
+        use crate::php::{ArrayKey, PhpValue};
+        prop_oneof![
+            (-2i64..5).prop_map(PhpValue::Int),
+            Just(PhpValue::Int(i64::MAX)),
+            Just(PhpValue::Int(i64::MIN)),
+            any::<bool>().prop_map(PhpValue::Bool),
+            Just(PhpValue::Null),
+            ".{0,8}".prop_map(|s| PhpValue::String(s.into_bytes())),
+            Just(PhpValue::Array(vec![(ArrayKey::Int(0), PhpValue::Null)])),
+        ]
+    }
+
+    /// A PHP-message-shaped frame (an object of a class the connection knows, or of PHP's own,
+    /// with properties it reads), `null`, or garbage.
+    #[cfg(feature = "php")]
+    fn php_frame() -> impl Strategy<Value = Vec<u8>> {
+        use crate::php::{PhpObject, PhpValue, Property};
+        let class = prop::sample::select(vec![
+            "echo",
+            "back",
+            "hold",
+            "numbers",
+            "Open",
+            "Flyokai\\AmpChannelDispatcher\\Request\\IteratorContinue",
+            "Flyokai\\AmpChannelDispatcher\\Response\\IteratorContinue",
+            "Flyokai\\AmpChannelDispatcher\\SuccessResponse",
+            "Flyokai\\AmpChannelDispatcher\\ErrorResponse",
+            "Flyokai\\AmpChannelDispatcher\\FatalErrorResponse",
+            "Unknown",
+        ]);
+        let name = prop::sample::select(vec![
+            "id",
+            "requestId",
+            "iteratorId",
+            "count",
+            "continue",
+            "position",
+            "value",
+            "code",
+            "message",
+        ]);
+        let object = (class, prop::collection::vec((name, php_field()), 0..6)).prop_map(
+            |(class, properties)| {
+                let mut object = PhpObject::new(class);
+                for (name, value) in properties {
+                    object = object.with(Property::public(name), value);
+                }
+                PhpValue::Object(object).to_bytes()
+            },
+        );
+        prop_oneof![
+            8 => object,
+            1 => Just(b"N;".to_vec()),
+            1 => prop::collection::vec(any::<u8>(), 0..48),
+        ]
+    }
+
+    #[cfg(feature = "php")]
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The same on the PHP wire (no handshake there).
+        #[test]
+        fn any_php_peer_input_ends_the_connection_without_a_panic(
+            frames in prop::collection::vec(php_frame(), 0..24),
+            raw in prop::bool::weighted(0.1),
+        ) {
+            super::connection_with(crate::Codec::Php, &frames, raw);
         }
     }
 }

@@ -1,11 +1,11 @@
-//! Envelope decoding with each codec: any frame body decodes or fails with a typed error.
+//! Envelope decoding with each codec (the PHP wire's too): any frame body decodes or fails with a typed error.
 #![no_main]
 
 use channel_dispatcher::Codec;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    for &codec in Codec::all() {
+    for &codec in Codec::all().iter().chain([&Codec::Php]) {
         channel_dispatcher::fuzzing::envelope(codec, data);
     }
 });
