@@ -631,6 +631,7 @@ async fn a_bad_prefix_or_a_zero_length_ends_the_connection_with_the_rule() {
     for (bytes, rule) in [
         (&b"\x01\x02\x00\x00\x00N;"[..], "starts with 0x00"),
         (&b"\x00\x00\x00\x00\x00"[..], "length 0"),
+        (&b"Warning: something\n"[..], "wrote text to the channel"),
     ] {
         let (rust, mut php) = connect();
         php.write.write_all(bytes).await.unwrap();

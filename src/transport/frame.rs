@@ -58,7 +58,20 @@ impl Framing {
             #[cfg(feature = "php")]
             Self::Php => crate::php::framing::body_len(buf)
                 .map(|len| (len, [buf[1], buf[2], buf[3], buf[4]]))
-                .map_err(|e| e.to_string()),
+                .map_err(|e| {
+                    let header = &buf[..crate::php::framing::HEADER];
+                    let text = header
+                        .iter()
+                        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+                    match text {
+                        true => format!(
+                            "{e}; it reads as text ({:?}): the peer probably wrote text to the \
+                             channel (a print or echo to stdout in a worker?)",
+                            String::from_utf8_lossy(header)
+                        ),
+                        false => e.to_string(),
+                    }
+                }),
         }
     }
 
