@@ -1,6 +1,7 @@
 //! Encoding and decoding one user struct with each codec, in the same run: what writing
 //! structs as maps (`Codec::MessagePack`) costs against arrays (`Codec::MessagePackCompact`)
-//! and JSON. Best of 5 runs of 200,000 encode + decode pairs.
+//! and JSON (and, with the `php` feature, PHP `serialize()`). Best of 5 runs of 200,000
+//! encode + decode pairs.
 //!
 //! ```text
 //! cargo bench --bench codec --all-features
@@ -49,7 +50,12 @@ fn main() {
     let mut best_baseline = Duration::MAX;
     let mut rows = Vec::new();
     let only = std::env::args().skip(1).find(|arg| !arg.starts_with('-'));
-    for &codec in Codec::all() {
+    // The PHP wire's codec too: `Order` is an object of class `Order` there.
+    #[cfg(feature = "php")]
+    let codecs = Codec::all().iter().chain([&Codec::Php]);
+    #[cfg(not(feature = "php"))]
+    let codecs = Codec::all().iter();
+    for &codec in codecs {
         if only
             .as_ref()
             .is_some_and(|name| *name != format!("{codec:?}"))

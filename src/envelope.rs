@@ -201,10 +201,12 @@ impl Envelope {
 }
 
 /// What a codec could read from a frame it failed to decode: enough to answer a request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PartialHeader {
     pub(crate) kind: Option<EnvelopeKind>,
     pub(crate) id: Option<u64>,
+    /// The method, where the codec reads it before the id (the PHP wire's class).
+    pub(crate) method: Option<Method>,
 }
 
 /// A frame that is not a valid envelope.

@@ -403,6 +403,9 @@ async fn a_fatal_error_ends_our_side_and_fails_what_is_pending() {
         Termination::PeerFatal { message, .. } => assert_eq!(message, "fatal on purpose"),
         other => panic!("{other}"),
     }
+    // As PHP does: the stop marker, then the end.
+    assert_eq!(php.recv().await, PhpValue::Null);
+    assert_eq!(php.recv_bytes().await, None);
 }
 
 #[tokio::test]
@@ -676,6 +679,21 @@ async fn frames_split_byte_by_byte_or_coalesced_are_read_alike() {
 #[tokio::test]
 async fn hostile_payloads_are_refused_and_the_connection_goes_on() {
     let (rust, mut php) = connect();
+    // A request with an enum case (refused) before its id: it is answered all the same, as
+    // PHP has no timeout to give up waiting.
+    php.send_bytes(
+        b"O:11:\"PingRequest\":2:{s:4:\"note\";E:7:\"Foo:Bar\";s:15:\"\0PingRequest\0id\";i:7;}",
+    )
+    .await;
+    let error = php.recv_object().await;
+    assert_eq!(error.class, format!("{NS}ErrorResponse").as_bytes());
+    assert_eq!(int(&error, "requestId"), 7);
+    assert!(
+        matches!(error.get(b"message"), Some(PhpValue::String(m)) if m.starts_with(b"malformed request"))
+    );
+    // The same in a meek notification is not answered.
+    php.send_bytes(b"O:13:\"NotifyRequest\":2:{s:4:\"text\";E:7:\"Foo:Bar\";s:2:\"id\";i:8;}")
+        .await;
     // A reference, nesting past the limit, a top-level scalar, an object with a bad id type.
     php.send_bytes(b"O:11:\"PingRequest\":2:{s:4:\"note\";s:1:\"x\";s:4:\"more\";r:1;}")
         .await;
@@ -697,6 +715,141 @@ async fn hostile_payloads_are_refused_and_the_connection_goes_on() {
     let pong = php.recv_object().await;
     assert_eq!(pong.get(b"reply"), Some(&s("pong: still")));
     assert!(!rust.is_closed());
+}
+
+#[tokio::test]
+async fn an_answer_that_does_not_decode_fails_its_call_at_once() {
+    let (rust, mut php) = connect();
+    let call = tokio::spawn({
+        let rust = rust.clone();
+        async move {
+            rust.request(EchoRequest {
+                payload: PhpValue::Null,
+            })
+            .await
+        }
+    });
+    let request = php.recv_object().await;
+    let id = int(&request, "id");
+    let answer = format!(
+        "O:12:\"EchoResponse\":2:{{s:7:\"payload\";a:2:{{i:0;i:1;i:1;R:2;}}s:9:\"requestId\";i:{id};}}"
+    );
+    php.send_bytes(answer.as_bytes()).await;
+    let failed = tokio::time::timeout(LONG, call).await.unwrap().unwrap();
+    assert!(matches!(failed, Err(CallError::Decode(_))), "{failed:?}");
+    assert!(!rust.is_closed());
+}
+
+#[tokio::test]
+async fn php_request_0_is_a_request_like_any_other_for_nested_calls() {
+    // One handler slot: PHP's request 0 calls back into PHP, and PHP, before it answers, sends
+    // a request of its own, which must still be served (it is nested in our call).
+    let (mut php, channel) = Php::pipe();
+    let router = Router::new()
+        .request(|cx: Context, OpenIteratorRequest { count }| async move {
+            let pong = cx
+                .request(PingRequest {
+                    note: count.to_string(),
+                })
+                .await?;
+            assert_eq!(pong.reply, "pong: 3");
+            Ok(OpenIteratorResponse { iterator_id: 77 })
+        })
+        .request(|_cx: Context, PingRequest { note }| async move {
+            Ok(PongResponse {
+                reply: format!("inner {note}"),
+            })
+        });
+    let _rust = Dispatcher::builder()
+        .codec(Codec::Php)
+        .max_concurrent_handlers(1)
+        .handler(router)
+        .spawn(channel);
+    let open = PhpObject::new("OpenIteratorRequest")
+        .with(Property::public("count"), PhpValue::Int(3))
+        .with(
+            Property::private("OpenIteratorRequest", "id"),
+            PhpValue::Int(0),
+        );
+    php.send(&PhpValue::Object(open)).await;
+    let nested = php.recv_object().await;
+    assert_eq!(nested.class, b"PingRequest");
+    let inner = PhpObject::new("PingRequest")
+        .with(Property::public("note"), s("x"))
+        .with(Property::private("PingRequest", "id"), PhpValue::Int(1));
+    php.send(&PhpValue::Object(inner)).await;
+    let answer = php.recv_object().await;
+    assert_eq!(
+        answer.get(b"reply"),
+        Some(&s("inner x")),
+        "served while request 0 waits"
+    );
+    assert_eq!(int(&answer, "requestId"), 1);
+    let pong = PhpObject::new("PongResponse")
+        .with(Property::public("reply"), s("pong: 3"))
+        .with(
+            Property::public("requestId"),
+            PhpValue::Int(int(&nested, "id")),
+        );
+    php.send(&PhpValue::Object(pong)).await;
+    let opened = php.recv_object().await;
+    assert_eq!(int(&opened, "iteratorId"), 77);
+    assert_eq!(int(&opened, "requestId"), 0);
+}
+
+#[tokio::test]
+async fn an_ended_iterator_goes_on_ending_and_an_unknown_one_is_not_found() {
+    let (_rust, mut php) = connect();
+    let open = PhpObject::new("OpenIteratorRequest")
+        .with(Property::public("count"), PhpValue::Int(1))
+        .with(
+            Property::private("OpenIteratorRequest", "id"),
+            PhpValue::Int(0),
+        );
+    php.send(&PhpValue::Object(open)).await;
+    let iterator = int(&php.recv_object().await, "iteratorId");
+    let class = format!("{NS}Request\\IteratorContinue");
+    let pull = |iterator: i64, id: i64| {
+        PhpValue::Object(
+            PhpObject::new(class.clone())
+                .with(Property::public("iteratorId"), PhpValue::Int(iterator))
+                .with(Property::private(class.clone(), "id"), PhpValue::Int(id)),
+        )
+    };
+    php.send(&pull(iterator, 1)).await;
+    assert_eq!(
+        php.recv_object().await.get(b"continue"),
+        Some(&PhpValue::Bool(true))
+    );
+    for id in 2..5 {
+        php.send(&pull(iterator, id)).await;
+        let end = php.recv_object().await;
+        assert_eq!(
+            end.get(b"continue"),
+            Some(&PhpValue::Bool(false)),
+            "pull {id}"
+        );
+        assert_eq!(end.get(b"position"), Some(&PhpValue::Null));
+        assert_eq!(int(&end, "requestId"), id);
+    }
+    php.send(&pull(999, 5)).await;
+    let unknown = php.recv_object().await;
+    assert_eq!(unknown.class, format!("{NS}ErrorResponse").as_bytes());
+    assert_eq!(unknown.get(b"message"), Some(&s("Iterator not found")));
+    assert_eq!(int(&unknown, "code"), 0);
+}
+
+#[cfg(feature = "msgpack")]
+#[tokio::test]
+async fn notification_classes_are_for_the_php_wire_only() {
+    let (left, right) = Channel::pair();
+    let _server = Dispatcher::builder().php_notification("m").spawn(right);
+    let client = Dispatcher::builder().spawn(left);
+    let answer = tokio::time::timeout(LONG, client.call_raw("m", bytes::Bytes::new())).await;
+    match answer.unwrap() {
+        Err(CallError::Remote(error)) => assert_eq!(error.code, -32601, "answered"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -55,6 +55,17 @@ fn own_id() -> i64 {
     OWN_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The id a PHP peer's request has here: one more than PHP's, since PHP's first is 0 and 0
+/// means "none" to the dispatcher (a handler's nested calls name their request by its id).
+fn peer_request(php_id: i64) -> u64 {
+    (php_id as u64).wrapping_add(1)
+}
+
+/// The `requestId` that answers the peer's request `id` (see [`peer_request`]).
+fn php_request(id: u64) -> PhpValue {
+    PhpValue::Int(id.wrapping_sub(1) as i64)
+}
+
 /// Our own payloads, read back to add the envelope's properties: they are within any limit.
 const OWN_LIMITS: DecodeLimits = DecodeLimits {
     max_depth: usize::MAX,
@@ -128,7 +139,7 @@ fn set_id(object: &mut PhpObject, id: PhpValue) {
 
 /// Sets `requestId`, where the message has it, or last.
 fn set_request_id(object: &mut PhpObject, id: u64) {
-    let value = PhpValue::Int(id as i64);
+    let value = php_request(id);
     match object
         .properties
         .iter_mut()
@@ -199,7 +210,7 @@ pub(crate) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             None => response(*id, payload),
         },
         Envelope::Error { id, error, .. } => {
-            let id = PhpValue::Int(*id as i64);
+            let id = php_request(*id);
             PhpValue::Object(error_object(ERROR, error, id, PhpValue::Int(own_id())))
         }
         Envelope::Fatal { code, message } => {
@@ -237,7 +248,7 @@ fn response(id: u64, payload: &[u8]) -> PhpValue {
             message: "the handler's answer is not an object".into(),
             data: None,
         };
-        let request = PhpValue::Int(id as i64);
+        let request = php_request(id);
         return PhpValue::Object(error_object(
             ERROR,
             &error,
@@ -264,7 +275,7 @@ fn iterator_continue(id: u64, position: &str, payload: &[u8]) -> PhpValue {
                 message: "the iterator yielded null, which a PHP RemoteIterator cannot take".into(),
                 data: None,
             };
-            let request = PhpValue::Int(id as i64);
+            let request = php_request(id);
             return PhpValue::Object(error_object(
                 ERROR,
                 &error,
@@ -279,7 +290,7 @@ fn iterator_continue(id: u64, position: &str, payload: &[u8]) -> PhpValue {
         .with(Property::public("continue"), PhpValue::Bool(more))
         .with(Property::public("position"), position)
         .with(Property::public("value"), value)
-        .with(Property::public("requestId"), PhpValue::Int(id as i64));
+        .with(Property::public("requestId"), php_request(id));
     set_id(&mut object, PhpValue::Int(own_id()));
     PhpValue::Object(object)
 }
@@ -319,7 +330,7 @@ fn string_property(object: &PhpObject, name: &[u8]) -> String {
 /// (an object, read by the handler's type); PHP's own classes become the envelopes they are.
 pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
     let value = PhpValue::from_bytes(&frame, &DecodeLimits::default())
-        .map_err(|e| malformed(PartialHeader::default(), e))?;
+        .map_err(|e| malformed(salvaged_header(&frame), e))?;
     let object = match value {
         PhpValue::Null => {
             return Ok(Envelope::Goodbye {
@@ -354,10 +365,11 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
         });
     }
     if class == CONTINUE_REQUEST.as_bytes() {
-        let id = int_property(&object, b"id").map(|id| id as u64);
+        let id = int_property(&object, b"id").map(peer_request);
         let header = PartialHeader {
             kind: Some(EnvelopeKind::Request),
             id,
+            method: None,
         };
         let (Some(id), Some(stream)) = (id, int_property(&object, b"iteratorId")) else {
             return Err(malformed(
@@ -399,6 +411,7 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
             let header = PartialHeader {
                 kind: Some(EnvelopeKind::Response),
                 id: Some(id),
+                method: None,
             };
             return continued(id, &object).map_err(|message| malformed(header, message));
         }
@@ -417,7 +430,7 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
     let method = Method::from(method.to_owned());
     // PHP itself accepts the plain and protected spellings of the private `id`. A request
     // without one (PHP's `LegacyPingRequest`) gets one of ours, as PHP does.
-    let id = int_property(&object, b"id").unwrap_or_else(own_id) as u64;
+    let id = peer_request(int_property(&object, b"id").unwrap_or_else(own_id));
     Ok(Envelope::Request {
         id,
         method,
@@ -426,6 +439,29 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
         parent: 0,
         payload: frame,
     })
+}
+
+/// What can be read of a frame that does not decode, to answer it (a request: with an error)
+/// or fail the call it answers, rather than leave the peer, which has no timeouts, waiting.
+fn salvaged_header(frame: &[u8]) -> PartialHeader {
+    let Some(salvaged) = crate::php::salvage(frame) else {
+        return PartialHeader::default();
+    };
+    if let Some(request_id) = salvaged.request_id {
+        return PartialHeader {
+            kind: Some(EnvelopeKind::Response),
+            id: Some(request_id as u64),
+            method: None,
+        };
+    }
+    match (salvaged.id, String::from_utf8(salvaged.class)) {
+        (Some(id), Ok(class)) => PartialHeader {
+            kind: Some(EnvelopeKind::Request),
+            id: Some(peer_request(id)),
+            method: Some(Method::from(class)),
+        },
+        _ => PartialHeader::default(),
+    }
 }
 
 /// `Response\IteratorContinue` as the answer to a pull: a one-item sequence with its position,

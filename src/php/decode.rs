@@ -108,6 +108,64 @@ impl PhpValue {
     }
 }
 
+/// What [`salvage`] reads of an object that does not decode.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Salvaged {
+    pub(crate) class: Vec<u8>,
+    /// The `id` property (any visibility), when it is an int.
+    pub(crate) id: Option<i64>,
+    /// The `requestId` property, when it is an int.
+    pub(crate) request_id: Option<i64>,
+}
+
+/// The class, `id` and `requestId` of a top-level object that [`PhpValue::from_bytes`]
+/// refuses (a reference, an enum, too deep, too many values): the other properties are
+/// skipped, whatever they hold, so the frame can still be answered. `None` when even that
+/// cannot be read.
+pub(crate) fn salvage(bytes: &[u8]) -> Option<Salvaged> {
+    let limits = DecodeLimits {
+        max_depth: 512,
+        max_values: usize::MAX,
+    };
+    let mut reader = Reader {
+        bytes,
+        at: 0,
+        limits: &limits,
+        values: 0,
+    };
+    reader.expect(b'O', "`O`").ok()?;
+    reader.expect(b':', "`:`").ok()?;
+    let mut salvaged = Salvaged {
+        class: reader.quoted(b':').ok()?,
+        ..Salvaged::default()
+    };
+    let count = reader.count(b':').ok()?;
+    reader.expect(b'{', "`{`").ok()?;
+    for _ in 0..count {
+        let name = match reader.key() {
+            Ok(ArrayKey::String(name)) => Property::from_mangled(&name).name,
+            Ok(ArrayKey::Int(_)) => Vec::new(),
+            Err(_) => break,
+        };
+        let slot = match name.as_slice() {
+            b"id" => &mut salvaged.id,
+            b"requestId" => &mut salvaged.request_id,
+            _ => {
+                if reader.skip(0).is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        match reader.value(0) {
+            Ok(PhpValue::Int(value)) => *slot = Some(value),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Some(salvaged)
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -290,6 +348,46 @@ impl Reader<'_> {
                 at,
                 found: other as char,
                 expected: "a type letter (N, b, i, d, s, a, O)",
+            }),
+        }
+    }
+
+    /// Steps over one value of any kind, the refused ones too, building nothing.
+    fn skip(&mut self, depth: usize) -> Result<(), PhpError> {
+        let at = self.at;
+        let kind = self.peek()?;
+        self.at += 1;
+        if kind == b'N' {
+            return self.expect(b';', "`;` after `N`");
+        }
+        self.expect(b':', "`:` after the type letter")?;
+        match kind {
+            b'b' | b'i' | b'd' | b'r' | b'R' => self.until(b';').map(drop),
+            b's' | b'E' => self.quoted(b';').map(drop),
+            b'a' | b'O' => {
+                let depth = self.deeper(depth)?;
+                if kind == b'O' {
+                    self.quoted(b':')?;
+                }
+                let count = self.count(b':')?;
+                self.expect(b'{', "`{`")?;
+                for _ in 0..count {
+                    self.key()?;
+                    self.skip(depth)?;
+                }
+                self.expect(b'}', "`}`")
+            }
+            b'C' => {
+                self.quoted(b':')?;
+                let len = self.count(b':')?;
+                self.expect(b'{', "`{`")?;
+                self.at += len;
+                self.expect(b'}', "`}`")
+            }
+            other => Err(PhpError::Unexpected {
+                at,
+                found: other as char,
+                expected: "a type letter",
             }),
         }
     }

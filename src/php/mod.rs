@@ -52,5 +52,6 @@ mod serde;
 mod value;
 
 pub use self::serde::{from_object, from_value, to_message, to_object, to_value};
+pub(crate) use decode::salvage;
 pub use decode::{DecodeLimits, PhpError};
 pub use value::{ArrayKey, PhpObject, PhpValue, Property, Visibility};

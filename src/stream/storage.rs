@@ -261,6 +261,11 @@ impl Streams {
         }
     }
 
+    /// `true` for an id this storage gave out, whether or not the stream is still stored.
+    pub(crate) fn was_issued(&self, id: u64) -> bool {
+        id != 0 && id < self.table().next_id
+    }
+
     /// Stores a stream for the peer to consume and returns its id (answer it to the peer,
     /// which builds a [`RemoteStream`](crate::RemoteStream) from it).
     ///

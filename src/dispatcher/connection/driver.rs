@@ -994,7 +994,7 @@ fn carried(codec: Codec, message: &Outbound) -> Result<(), crate::error::CodecEr
 
 /// The attributes of the answer that ends a pulled stream: none, but on the PHP wire, where
 /// the end is a message of its own (`continue=false`).
-fn end_of_pull(codec: Codec) -> Attributes {
+pub(super) fn end_of_pull(codec: Codec) -> Attributes {
     #[cfg(feature = "php")]
     if codec.is_php() {
         let end = crate::codec::php::END_POSITION;

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::admission::{Queued, Verdict};
 use super::consumers::Delivery;
-use super::driver::{Driver, Phase, TURN};
+use super::driver::{end_of_pull, Driver, Phase, TURN};
 use super::handlers::{Finished, HandlerResult, Outcome, Run};
 use crate::context::Context;
 use crate::dispatcher::InboundEnvelope;
@@ -108,6 +108,7 @@ where
                     let header = PartialHeader {
                         kind: Some(envelope.kind()),
                         id: envelope.id(),
+                        method: None,
                     };
                     tracing::warn!(%error, kind = ?header.kind, id = ?header.id, "envelope over a limit discarded");
                     let message = format!("malformed request: {error}");
@@ -119,7 +120,11 @@ where
                     );
                 }
             },
-            Err(e) => {
+            Err(mut e) => {
+                if self.is_notification(e.header.method.as_ref()) {
+                    // Never answered, even when it cannot be read.
+                    e.header.kind = Some(EnvelopeKind::Notification);
+                }
                 tracing::warn!(error = %e.error, kind = ?e.header.kind, id = ?e.header.id, "undecodable frame discarded");
                 let message = format!("malformed request: {}", e.error);
                 self.reject(
@@ -141,19 +146,23 @@ where
                 attributes,
                 payload,
                 ..
-            } if self
-                .config
-                .notification_classes
-                .iter()
-                .any(|class| class == method.as_str()) =>
-            {
-                Envelope::Notification {
-                    method,
-                    attributes,
-                    payload,
-                }
-            }
+            } if self.is_notification(Some(&method)) => Envelope::Notification {
+                method,
+                attributes,
+                payload,
+            },
             envelope => envelope,
+        }
+    }
+
+    /// `true` for a method the builder named a notification, on the PHP wire.
+    fn is_notification(&self, method: Option<&Method>) -> bool {
+        let classes = &self.config.notification_classes;
+        match method {
+            Some(method) if self.config.codec.is_php() => {
+                classes.iter().any(|class| class == method.as_str())
+            }
+            _ => false,
         }
     }
 
@@ -255,8 +264,12 @@ where
                 tracing::error!(code, %message, "peer sent a fatal error");
                 self.lifecycle
                     .set_reason(Termination::PeerFatal { code, message });
-                // Nothing more is read or written: the peer is gone after a fatal.
-                self.close(None, true);
+                // Nothing more is read or written: the peer is gone after a fatal. A PHP peer
+                // still reads until our stop marker (it sends one itself).
+                let last = self.config.codec.is_php().then(|| Envelope::Goodbye {
+                    reason: String::new(),
+                });
+                self.close(last, true);
             }
             Envelope::Goodbye { reason } => self.on_goodbye(reason),
             Envelope::StreamItems {
@@ -428,6 +441,22 @@ where
         }
         let refusal = match self.streams.pull(stream, id) {
             Ok(()) => return,
+            Err(PullRefused::Unknown) if self.config.codec.is_php() => {
+                // As PHP answers: an iterator that ended goes on ending; any other id is not
+                // found.
+                self.admission.pull_done(id);
+                if self.streams.was_issued(stream) {
+                    let codec = self.config.codec;
+                    let end = Envelope::Response {
+                        id,
+                        attributes: end_of_pull(codec),
+                        payload: codec.encode(&[(); 0]).unwrap_or_default(),
+                    };
+                    let _ = self.write.write(&end);
+                    return;
+                }
+                return self.answer_error(id, 0, "Iterator not found".into());
+            }
             Err(PullRefused::Unknown) => (code::INVALID_PARAMS, format!("no stream {stream}")),
             Err(PullRefused::Released) => {
                 let idle = self.streams.idle_timeout();
@@ -496,7 +525,12 @@ where
     }
 
     fn send_reply(&mut self, id: Option<u64>, reply: Reply) {
-        let (body, attributes) = reply.into_parts();
+        let (body, mut attributes) = reply.into_parts();
+        if self.config.codec.is_php() {
+            // NB. Not on this wire; and the pull answers' position attribute means something
+            // to its writer.
+            attributes = Attributes::new();
+        }
         let id = match (body, id) {
             (ReplyBody::Fatal { code, message }, _) => return self.local_fatal(code, message),
             (_, None) => return, // notifications are never answered
