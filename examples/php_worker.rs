@@ -17,6 +17,7 @@
 mod protocol;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use channel_dispatcher::php::{ArrayKey, PhpValue};
 use channel_dispatcher::{
@@ -26,10 +27,11 @@ use futures_util::TryStreamExt;
 use protocol::*;
 
 /// The PHP wire: its framing and `serialize()` payloads, no handshake; `NotifyRequest` is a
-/// PHP `MeekRequest`, so it is a notification.
+/// PHP `MeekRequest`, so it is a notification. PHP has no timeouts: ours bounds every call.
 fn builder() -> Builder<Router> {
     Dispatcher::builder()
         .codec(Codec::Php)
+        .default_timeout(Duration::from_secs(30))
         .php_notification(NotifyRequest::METHOD)
         .handler(
             router().notification(|_cx: Context, NotifyRequest { text }| async move {

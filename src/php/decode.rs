@@ -445,3 +445,32 @@ fn parse_float(text: &[u8]) -> Option<f64> {
     }
     std::str::from_utf8(text).ok()?.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn salvage_reads_the_ids_past_what_the_decoder_refuses() {
+        let frame = b"O:4:\"Ping\":4:{s:1:\"a\";E:7:\"Foo:Bar\";s:1:\"b\";a:1:{i:0;R:2;}\
+                      s:1:\"c\";C:3:\"Foo\":2:{xy}s:8:\"\0Ping\0id\";i:7;}";
+        assert!(PhpValue::from_bytes(frame, &DecodeLimits::default()).is_err());
+        let salvaged = salvage(frame).unwrap();
+        assert_eq!(salvaged.class, b"Ping");
+        assert_eq!((salvaged.id, salvaged.request_id), (Some(7), None));
+        let answer = b"O:4:\"Pong\":2:{s:1:\"a\";r:1;s:9:\"requestId\";i:-3;}";
+        assert_eq!(salvage(answer).unwrap().request_id, Some(-3));
+        assert_eq!(salvage(b"i:5;"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn salvage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut framed = b"O:1:\"X\":3:{".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = salvage(&framed);
+            let _ = salvage(&bytes);
+        }
+    }
+}

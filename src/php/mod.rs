@@ -24,6 +24,21 @@
 //! non-object; a call whose payload is not an object fails with
 //! [`CallError::Encode`](crate::CallError::Encode).
 //!
+//! Three rules follow from the wire:
+//! - An object with a `requestId` property is an answer: a request class must not have one.
+//! - An iterator is a stream a handler stores ([`Context::streams`](crate::Context::streams))
+//!   and whose id it answers inside a struct (PHP's `OpenIteratorResponse(iteratorId)`); the
+//!   caller pulls it with [`RemoteStream::pull`](crate::RemoteStream::pull).
+//!   [`Router::stream`](crate::Router::stream) and
+//!   [`Dispatcher::stream`](crate::Dispatcher::stream) answer a bare id, which is not an
+//!   object: they do not work here.
+//! - PHP has no timeouts, and a PHP handler that never answers leaves a call waiting: give
+//!   calls one ([`Builder::default_timeout`](crate::Builder::default_timeout)).
+//!
+//! A frame that does not decode (a reference, an enum case, too deep) is still answered when
+//! its class and `id` can be read past what was refused (an `ErrorResponse`), or fails the
+//! call it answers (by its `requestId`), so that neither side waits for nothing.
+//!
 //! PHP's `unserialize()` instantiates whatever class the bytes name; this decoder instantiates
 //! nothing: an object is its class name and properties, for the application to map onto the
 //! types it registered. References (`r:`, `R:`), custom serialization (`C:`) and enums (`E:`)
