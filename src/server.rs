@@ -322,6 +322,8 @@ impl ServerBuilder {
     /// the registry and their peer's id as state (`cx.state::<Peers>()`,
     /// `cx.state::<PeerId>()`). `setup` runs on the accepting task: keep it quick (work
     /// that waits belongs in the [`Authenticator`](crate::Authenticator) or the handlers).
+    /// It runs for a peer refused at [`max_connections`](ServerBuilder::max_connections)
+    /// too: the refusal is written on its builder's wire (its codec).
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -480,13 +482,23 @@ async fn accept_loop<A, F, S>(
         };
         backoff.reset();
         let info = channel.peer().clone();
-        if server.connections.load(Ordering::SeqCst) >= max_connections {
-            if refusing.load(Ordering::SeqCst) >= MAX_REFUSING {
-                tracing::debug!(peer = %info, "closing a peer: at the connection limit, and refusing many");
+        let at_limit = server.connections.load(Ordering::SeqCst) >= max_connections;
+        if at_limit && refusing.load(Ordering::SeqCst) >= MAX_REFUSING {
+            tracing::debug!(peer = %info, "closing a peer: at the connection limit, and refusing many");
+            continue;
+        }
+        // NB. A refused peer's builder too: it says which wire the refusal is written in.
+        let builder = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| setup(&info)))
+        {
+            Ok(builder) => builder,
+            Err(_) => {
+                tracing::error!(peer = %info, "the server's setup panicked: dropping the connection");
                 continue;
             }
+        };
+        if at_limit {
             tracing::warn!(peer = %info, max_connections, "refusing a peer: at the connection limit");
-            let refused = Dispatcher::builder()
+            let refused = builder
                 .handshake_timeout(REFUSAL_TIMEOUT)
                 .refuse_everyone(format!(
                     "the server is at its limit of {max_connections} connections: try again later"
@@ -501,14 +513,6 @@ async fn accept_loop<A, F, S>(
             continue;
         }
         let id = PeerId(IDS.fetch_add(1, Ordering::Relaxed));
-        let builder = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| setup(&info)))
-        {
-            Ok(builder) => builder,
-            Err(_) => {
-                tracing::error!(peer = %info, "the server's setup panicked: dropping the connection");
-                continue;
-            }
-        };
         let dispatcher = builder
             .with_state(server.peers.clone())
             .with_state(id)

@@ -968,3 +968,52 @@ async fn the_example_worker_serves_a_php_parent_over_stdio_and_exits_0_on_the_st
         .unwrap();
     assert!(status.success(), "the worker exits with status 0: {status}");
 }
+
+// ===== PHP clients of a Rust server =====
+
+#[tokio::test]
+async fn a_server_on_the_php_wire_serves_php_clients_refuses_over_its_limit_and_stops_them() {
+    use channel_dispatcher::server::Server;
+    use channel_dispatcher::PeerInfo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = Server::builder()
+        .max_connections(2)
+        .serve(listener, |_: &PeerInfo| {
+            Dispatcher::builder()
+                .codec(Codec::Php)
+                .handler(worker_router())
+        });
+    let connect = || async move {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (read, write) = stream.into_split();
+        Php::new(read, write)
+    };
+    let mut clients = vec![connect().await, connect().await];
+    for (id, php) in clients.iter_mut().enumerate() {
+        let ping = PhpObject::new("PingRequest")
+            .with(Property::public("note"), s(&format!("client {id}")))
+            .with(Property::private("PingRequest", "id"), PhpValue::Int(0));
+        php.send(&PhpValue::Object(ping)).await;
+        let pong = php.recv_object().await;
+        assert_eq!(pong.get(b"reply"), Some(&s(&format!("pong: client {id}"))));
+    }
+    // A third is told why, with the one message that ends a PHP peer.
+    let mut third = connect().await;
+    let refusal = third.recv_object().await;
+    assert_eq!(refusal.class, format!("{NS}FatalErrorResponse").as_bytes());
+    assert!(
+        matches!(refusal.get(b"message"), Some(PhpValue::String(m)) if String::from_utf8_lossy(m).contains("limit of 2")),
+        "{}",
+        PhpValue::Object(refusal.clone())
+    );
+    // Shutting down sends each PHP client the stop marker; each answers it, as PHP does.
+    let shutdown = tokio::spawn(async move { server.shutdown().await });
+    for php in &mut clients {
+        assert_eq!(php.recv().await, PhpValue::Null);
+        php.send(&PhpValue::Null).await;
+        assert_eq!(php.recv_bytes().await, None);
+    }
+    tokio::time::timeout(LONG, shutdown).await.unwrap().unwrap();
+}
