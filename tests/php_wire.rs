@@ -78,6 +78,21 @@ fn set(object: &mut PhpObject, name: &str, value: PhpValue) {
     slot.1 = value;
 }
 
+/// A message of `class` as PHP writes one: its properties in order, then its private `id`.
+fn message(class: &str, properties: &[(&str, PhpValue)], id: i64) -> PhpValue {
+    let mut object = PhpObject::new(class);
+    for (name, value) in properties {
+        object = object.with(Property::public(*name), value.clone());
+    }
+    PhpValue::Object(object.with(Property::private(class, "id"), PhpValue::Int(id)))
+}
+
+/// What PHP's `RemoteIterator` sends for the next item of `iterator`.
+fn pull(iterator: i64, id: i64) -> PhpValue {
+    let class = format!("{NS}Request\\IteratorContinue");
+    message(&class, &[("iteratorId", PhpValue::Int(iterator))], id)
+}
+
 /// The PHP side, scripted: writes and reads whole frames on the raw wire.
 struct Php {
     read: Box<dyn AsyncRead + Unpin + Send>,
@@ -205,21 +220,16 @@ async fn an_echo_gives_back_the_payload_exactly() {
 #[tokio::test]
 async fn an_unknown_class_gets_phps_404_and_a_throwing_handler_its_code() {
     let (_rust, mut php) = connect();
-    let unknown = PhpObject::new("UnknownRequest")
-        .with(Property::public("what"), s("x"))
-        .with(Property::private("UnknownRequest", "id"), PhpValue::Int(1));
-    php.send(&PhpValue::Object(unknown)).await;
+    php.send(&message("UnknownRequest", &[("what", s("x"))], 1))
+        .await;
     let answer = php.recv_object().await;
     assert_eq!(
         with_own_id(answer, 1),
         sample("ErrorResponse (router: unknown request class)")
     );
 
-    let throw = PhpObject::new("ThrowRequest")
-        .with(Property::public("message"), s("boom"))
-        .with(Property::public("code"), PhpValue::Int(42))
-        .with(Property::private("ThrowRequest", "id"), PhpValue::Int(2));
-    php.send(&PhpValue::Object(throw)).await;
+    let throw = [("message", s("boom")), ("code", PhpValue::Int(42))];
+    php.send(&message("ThrowRequest", &throw, 2)).await;
     let answer = php.recv_object().await;
     assert_eq!(
         with_own_id(answer, 2),
@@ -230,10 +240,8 @@ async fn an_unknown_class_gets_phps_404_and_a_throwing_handler_its_code() {
 #[tokio::test]
 async fn a_meek_notification_is_handled_and_never_answered() {
     let (_rust, mut php) = connect();
-    let notify = PhpObject::new("NotifyRequest")
-        .with(Property::public("text"), s("hi"))
-        .with(Property::private("NotifyRequest", "id"), PhpValue::Int(7));
-    php.send(&PhpValue::Object(notify)).await;
+    php.send(&message("NotifyRequest", &[("text", s("hi"))], 7))
+        .await;
     // The handler's request comes, and no answer (any answer would make PHP end the link).
     let request = php.recv_object().await;
     assert_eq!(
@@ -251,13 +259,12 @@ async fn a_thousand_requests_with_64_in_flight_are_all_answered_to_their_ids() {
     let mut answered = std::collections::HashSet::new();
     while answered.len() < 1000 {
         while next < 1000 && next - answered.len() < 64 {
-            let ping = PhpObject::new("PingRequest")
-                .with(Property::public("note"), s(&format!("n{next}")))
-                .with(
-                    Property::private("PingRequest", "id"),
-                    PhpValue::Int(next as i64),
-                );
-            php.send(&PhpValue::Object(ping)).await;
+            php.send(&message(
+                "PingRequest",
+                &[("note", s(&format!("n{next}")))],
+                next as i64,
+            ))
+            .await;
             next += 1;
         }
         let pong = php.recv_object().await;
@@ -270,33 +277,24 @@ async fn a_thousand_requests_with_64_in_flight_are_all_answered_to_their_ids() {
 #[tokio::test]
 async fn php_pulls_an_iterator_of_10000_items_one_at_a_time() {
     let (_rust, mut php) = connect();
-    let open = PhpObject::new("OpenIteratorRequest")
-        .with(Property::public("count"), PhpValue::Int(10_000))
-        .with(
-            Property::private("OpenIteratorRequest", "id"),
-            PhpValue::Int(0),
-        );
-    php.send(&PhpValue::Object(open)).await;
+    php.send(&message(
+        "OpenIteratorRequest",
+        &[("count", PhpValue::Int(10_000))],
+        0,
+    ))
+    .await;
     let opened = php.recv_object().await;
     assert_eq!(opened.class, b"OpenIteratorResponse");
     let iterator = int(&opened, "iteratorId");
-    let pull = |id: i64| {
-        let class = format!("{NS}Request\\IteratorContinue");
-        PhpValue::Object(
-            PhpObject::new(class.clone())
-                .with(Property::public("iteratorId"), PhpValue::Int(iterator))
-                .with(Property::private(class, "id"), PhpValue::Int(id)),
-        )
-    };
     for i in 0..10_000 {
-        php.send(&pull(i + 1)).await;
+        php.send(&pull(iterator, i + 1)).await;
         let answer = php.recv_object().await;
         assert_eq!(answer.get(b"continue"), Some(&PhpValue::Bool(true)));
         assert_eq!(int(&answer, "position"), i);
         assert_eq!(answer.get(b"value"), Some(&s(&format!("item-{i}"))));
         assert_eq!(int(&answer, "requestId"), i + 1);
     }
-    php.send(&pull(10_001)).await;
+    php.send(&pull(iterator, 10_001)).await;
     let end = php.recv_object().await;
     let mut recorded = object(decode(&sample("Response\\IteratorContinue (exhausted")));
     set(&mut recorded, "requestId", PhpValue::Int(10_001));
@@ -604,8 +602,7 @@ async fn our_unit_answer_is_a_success_response_and_a_non_object_answer_an_error(
         .spawn(channel);
 
     for (id, class) in [(1, "Nothing"), (2, "Scalar")] {
-        let request = PhpObject::new(class).with(Property::private(class, "id"), PhpValue::Int(id));
-        php.send(&PhpValue::Object(request)).await;
+        php.send(&message(class, &[], id)).await;
     }
     let success = php.recv_object().await;
     assert_eq!(success.class, format!("{NS}SuccessResponse").as_bytes());
@@ -656,10 +653,8 @@ async fn frames_split_byte_by_byte_or_coalesced_are_read_alike() {
     let (_rust, mut php) = connect();
     let mut bytes = BytesMut::new();
     for id in 0..3 {
-        let ping = PhpObject::new("PingRequest")
-            .with(Property::public("note"), s("x"))
-            .with(Property::private("PingRequest", "id"), PhpValue::Int(id));
-        Frames::encode(&PhpValue::Object(ping).to_bytes(), &mut bytes);
+        let ping = message("PingRequest", &[("note", s("x"))], id);
+        Frames::encode(&ping.to_bytes(), &mut bytes);
     }
     // The first frame a byte at a time, the other two in one write.
     let first = u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize + 5;
@@ -708,10 +703,8 @@ async fn hostile_payloads_are_refused_and_the_connection_goes_on() {
     assert_eq!(error.class, format!("{NS}ErrorResponse").as_bytes());
     assert_eq!(int(&error, "requestId"), 9);
     // And the connection still serves.
-    let ping = PhpObject::new("PingRequest")
-        .with(Property::public("note"), s("still"))
-        .with(Property::private("PingRequest", "id"), PhpValue::Int(10));
-    php.send(&PhpValue::Object(ping)).await;
+    php.send(&message("PingRequest", &[("note", s("still"))], 10))
+        .await;
     let pong = php.recv_object().await;
     assert_eq!(pong.get(b"reply"), Some(&s("pong: still")));
     assert!(!rust.is_closed());
@@ -765,19 +758,16 @@ async fn php_request_0_is_a_request_like_any_other_for_nested_calls() {
         .max_concurrent_handlers(1)
         .handler(router)
         .spawn(channel);
-    let open = PhpObject::new("OpenIteratorRequest")
-        .with(Property::public("count"), PhpValue::Int(3))
-        .with(
-            Property::private("OpenIteratorRequest", "id"),
-            PhpValue::Int(0),
-        );
-    php.send(&PhpValue::Object(open)).await;
+    php.send(&message(
+        "OpenIteratorRequest",
+        &[("count", PhpValue::Int(3))],
+        0,
+    ))
+    .await;
     let nested = php.recv_object().await;
     assert_eq!(nested.class, b"PingRequest");
-    let inner = PhpObject::new("PingRequest")
-        .with(Property::public("note"), s("x"))
-        .with(Property::private("PingRequest", "id"), PhpValue::Int(1));
-    php.send(&PhpValue::Object(inner)).await;
+    php.send(&message("PingRequest", &[("note", s("x"))], 1))
+        .await;
     let answer = php.recv_object().await;
     assert_eq!(
         answer.get(b"reply"),
@@ -800,22 +790,13 @@ async fn php_request_0_is_a_request_like_any_other_for_nested_calls() {
 #[tokio::test]
 async fn an_ended_iterator_goes_on_ending_and_an_unknown_one_is_not_found() {
     let (_rust, mut php) = connect();
-    let open = PhpObject::new("OpenIteratorRequest")
-        .with(Property::public("count"), PhpValue::Int(1))
-        .with(
-            Property::private("OpenIteratorRequest", "id"),
-            PhpValue::Int(0),
-        );
-    php.send(&PhpValue::Object(open)).await;
+    php.send(&message(
+        "OpenIteratorRequest",
+        &[("count", PhpValue::Int(1))],
+        0,
+    ))
+    .await;
     let iterator = int(&php.recv_object().await, "iteratorId");
-    let class = format!("{NS}Request\\IteratorContinue");
-    let pull = |iterator: i64, id: i64| {
-        PhpValue::Object(
-            PhpObject::new(class.clone())
-                .with(Property::public("iteratorId"), PhpValue::Int(iterator))
-                .with(Property::private(class.clone(), "id"), PhpValue::Int(id)),
-        )
-    };
     php.send(&pull(iterator, 1)).await;
     assert_eq!(
         php.recv_object().await.get(b"continue"),
@@ -865,19 +846,14 @@ async fn an_iterator_yielding_null_is_refused_rather_than_sent() {
         .handler(router)
         .spawn(channel);
 
-    let open = PhpObject::new("OpenIteratorRequest")
-        .with(Property::public("count"), PhpValue::Int(1))
-        .with(
-            Property::private("OpenIteratorRequest", "id"),
-            PhpValue::Int(0),
-        );
-    php.send(&PhpValue::Object(open)).await;
+    php.send(&message(
+        "OpenIteratorRequest",
+        &[("count", PhpValue::Int(1))],
+        0,
+    ))
+    .await;
     let iterator = int(&php.recv_object().await, "iteratorId");
-    let class = format!("{NS}Request\\IteratorContinue");
-    let pull = PhpObject::new(class.clone())
-        .with(Property::public("iteratorId"), PhpValue::Int(iterator))
-        .with(Property::private(class, "id"), PhpValue::Int(1));
-    php.send(&PhpValue::Object(pull)).await;
+    php.send(&pull(iterator, 1)).await;
     let answer = php.recv_object().await;
     assert_eq!(answer.class, format!("{NS}ErrorResponse").as_bytes());
     assert_eq!(int(&answer, "requestId"), 1);
@@ -935,22 +911,17 @@ async fn the_example_worker_serves_a_php_parent_over_stdio_and_exits_0_on_the_st
     let echoed = php.recv_object().await;
     assert_eq!(echoed.get(b"payload").unwrap().to_bytes(), payload);
 
-    let open = PhpObject::new("OpenIteratorRequest")
-        .with(Property::public("count"), PhpValue::Int(3))
-        .with(
-            Property::private("OpenIteratorRequest", "id"),
-            PhpValue::Int(10),
-        );
-    php.send(&PhpValue::Object(open)).await;
+    php.send(&message(
+        "OpenIteratorRequest",
+        &[("count", PhpValue::Int(3))],
+        10,
+    ))
+    .await;
     let opened = php.recv_object().await;
     let iterator = int(&opened, "iteratorId");
-    let class = format!("{NS}Request\\IteratorContinue");
     let mut items = Vec::new();
     for id in 11.. {
-        let pull = PhpObject::new(class.clone())
-            .with(Property::public("iteratorId"), PhpValue::Int(iterator))
-            .with(Property::private(class.clone(), "id"), PhpValue::Int(id));
-        php.send(&PhpValue::Object(pull)).await;
+        php.send(&pull(iterator, id)).await;
         let answer = php.recv_object().await;
         if answer.get(b"continue") != Some(&PhpValue::Bool(true)) {
             break;
@@ -992,10 +963,12 @@ async fn a_server_on_the_php_wire_serves_php_clients_refuses_over_its_limit_and_
     };
     let mut clients = vec![connect().await, connect().await];
     for (id, php) in clients.iter_mut().enumerate() {
-        let ping = PhpObject::new("PingRequest")
-            .with(Property::public("note"), s(&format!("client {id}")))
-            .with(Property::private("PingRequest", "id"), PhpValue::Int(0));
-        php.send(&PhpValue::Object(ping)).await;
+        php.send(&message(
+            "PingRequest",
+            &[("note", s(&format!("client {id}")))],
+            0,
+        ))
+        .await;
         let pong = php.recv_object().await;
         assert_eq!(pong.get(b"reply"), Some(&s(&format!("pong: client {id}"))));
     }
