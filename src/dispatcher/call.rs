@@ -484,7 +484,13 @@ impl<T> ResponseFuture<T> {
                     self.state = State::start(*call, deadline);
                 }
                 State::Waiting(waiting) => {
-                    let answer = ready!(Pin::new(&mut waiting.rx).poll(cx));
+                    // NB. Outside tokio's cooperative budget: when many answers land at once
+                    // (one read brings hundreds), a budgeted receiver refuses most of them and
+                    // wakes them again, several polls per answer. Waiting here never loops
+                    // without a round trip through the connection's task, so it cannot starve
+                    // the runtime.
+                    let rx = tokio::task::unconstrained(&mut waiting.rx);
+                    let answer = ready!(std::pin::pin!(rx).poll(cx));
                     // Answered (or the connection ended): nothing to cancel.
                     waiting.answered = true;
                     return Poll::Ready(match answer {
