@@ -68,7 +68,13 @@ impl Method {
         Self(ByteString::from_static(name))
     }
 
-    /// A name that is a slice of `frame`.
+    /// A name from bytes sliced from a frame, UTF-8 checked here.
+    pub(crate) fn from_frame_bytes(name: Bytes) -> Result<Self, std::str::Utf8Error> {
+        ByteString::try_from(name).map(Self)
+    }
+
+    /// A name that is a slice of `frame`, checked already.
+    #[cfg(any(feature = "json", feature = "postcard"))]
     pub(crate) fn from_frame(frame: &Bytes, name: &str) -> Self {
         match ByteString::try_from(frame.slice_ref(name.as_bytes())) {
             Ok(name) => Self(name),

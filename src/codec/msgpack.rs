@@ -362,8 +362,21 @@ impl Reader<'_> {
     }
 
     fn uint(&mut self) -> Read<u64> {
-        rmp::decode::read_int(&mut self.rest)
-            .map_err(|e| format!("expected an unsigned integer: {e}"))
+        // NB. The forms this side writes (envelope kinds, small ids, zeros) without rmp's
+        // generic reader; anything else goes through it.
+        let (value, len) = match *self.rest {
+            [byte @ 0..=0x7f, ..] => (u64::from(byte), 1),
+            [0xcc, byte, ..] => (u64::from(byte), 2),
+            [0xcd, a, b, ..] => (u64::from(u16::from_be_bytes([a, b])), 3),
+            [0xce, a, b, c, d, ..] => (u64::from(u32::from_be_bytes([a, b, c, d])), 5),
+            [0xcf, a, b, c, d, e, f, g, h, ..] => (u64::from_be_bytes([a, b, c, d, e, f, g, h]), 9),
+            _ => {
+                return rmp::decode::read_int(&mut self.rest)
+                    .map_err(|e| format!("expected an unsigned integer: {e}"))
+            }
+        };
+        self.rest = &self.rest[len..];
+        Ok(value)
     }
 
     fn sint(&mut self) -> Read<i64> {
@@ -385,14 +398,25 @@ impl Reader<'_> {
         self.str().map(str::to_owned)
     }
 
-    /// A method name, sliced from the frame.
+    /// A method name, sliced from the frame (its UTF-8 checked once, there).
     fn method(&mut self) -> Read<Method> {
-        let frame = self.frame;
-        let name = self.str()?;
-        Ok(Method::from_frame(frame, name))
+        let len = rmp::decode::read_str_len(&mut self.rest)
+            .map_err(|e| format!("expected a string: {e}"))? as usize;
+        if len > self.rest.len() {
+            return Err(format!("string of {len} bytes runs past the frame"));
+        }
+        let (bytes, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Method::from_frame_bytes(self.frame.slice_ref(bytes))
+            .map_err(|e| format!("string is not UTF-8: {e}"))
     }
 
     fn attributes(&mut self) -> Read<Attributes> {
+        // NB. Nearly always none: no allocation, no sort.
+        if self.rest.first() == Some(&0x80) {
+            self.rest = &self.rest[1..];
+            return Ok(Attributes::new());
+        }
         let len = rmp::decode::read_map_len(&mut self.rest)
             .map_err(|e| format!("expected an attribute map: {e}"))?;
         if len as usize > crate::codec::MAX_DECODED_ATTRIBUTES {
