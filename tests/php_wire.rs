@@ -990,3 +990,138 @@ async fn a_server_on_the_php_wire_serves_php_clients_refuses_over_its_limit_and_
     }
     tokio::time::timeout(LONG, shutdown).await.unwrap().unwrap();
 }
+
+// ===== More of what PHP would never send =====
+
+#[tokio::test]
+async fn ids_at_the_edges_are_answered_with_the_same_ids() {
+    let (_rust, mut php) = connect();
+    for id in [i64::MAX, i64::MIN, -1, 0] {
+        php.send(&message("PingRequest", &[("note", s("edge"))], id))
+            .await;
+        let pong = php.recv_object().await;
+        assert_eq!(int(&pong, "requestId"), id);
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_id_in_flight_is_dropped_and_the_first_answered_once() {
+    let (mut php, channel) = Php::pipe();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let router = Router::new().request(move |_cx: Context, PingRequest { note }| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            Ok(PongResponse { reply: note })
+        }
+    });
+    let rust = Dispatcher::builder()
+        .codec(Codec::Php)
+        .handler(router)
+        .spawn(channel);
+    php.send(&message("PingRequest", &[("note", s("first"))], 5))
+        .await;
+    php.send(&message("PingRequest", &[("note", s("second"))], 5))
+        .await;
+    php.send(&message("PingRequest", &[("note", s("other"))], 6))
+        .await;
+    // Frames are handled in order: once 6 runs, the duplicate was seen.
+    tokio::time::timeout(LONG, async {
+        while rust.running_handlers() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    release.send(true).unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let pong = php.recv_object().await;
+        replies.push((int(&pong, "requestId"), pong.get(b"reply").cloned()));
+    }
+    replies.sort_by_key(|(id, _)| *id);
+    assert_eq!(replies, [(5, Some(s("first"))), (6, Some(s("other")))]);
+    // Nothing more: the duplicate got no answer (PHP would take one as a stray).
+    php.send(&message("PingRequest", &[("note", s("last"))], 7))
+        .await;
+    assert_eq!(int(&php.recv_object().await, "requestId"), 7);
+}
+
+#[tokio::test]
+async fn the_stop_marker_while_our_calls_wait_fails_them_at_once() {
+    let (rust, mut php) = connect();
+    let call = tokio::spawn({
+        let rust = rust.clone();
+        async move { rust.request(PingRequest { note: "x".into() }).await }
+    });
+    let _request = php.recv_object().await;
+    php.send(&PhpValue::Null).await;
+    let failed = tokio::time::timeout(LONG, call).await.unwrap().unwrap();
+    assert!(
+        matches!(failed, Err(CallError::Terminated(_))),
+        "{failed:?}"
+    );
+    assert_eq!(php.recv().await, PhpValue::Null);
+    tokio::time::timeout(LONG, rust.closed()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_falsy_top_level_value_ends_the_link_as_it_ends_php() {
+    for falsy in [&b"b:0;"[..], b"i:0;", b"s:0:\"\";", b"a:0:{}"] {
+        let (rust, mut php) = connect();
+        php.send_bytes(falsy).await;
+        let reason = tokio::time::timeout(LONG, rust.closed()).await.unwrap();
+        assert!(reason.is_graceful(), "{reason}");
+        assert_eq!(php.recv().await, PhpValue::Null);
+    }
+}
+
+#[tokio::test]
+async fn a_frame_over_our_maximum_and_an_end_inside_a_frame_end_the_link_with_the_rule() {
+    let (mut php, channel) = Php::pipe();
+    let mut limits = channel_dispatcher::Limits::default();
+    limits.max_frame_length = 1024;
+    let rust = Dispatcher::builder()
+        .codec(Codec::Php)
+        .limits(limits)
+        .spawn(channel);
+    php.write.write_all(b"\x00\x01\x04\x00\x00").await.unwrap(); // 1025 bytes claimed
+    match tokio::time::timeout(LONG, rust.closed()).await.unwrap() {
+        Termination::Protocol(ProtocolError::FrameTooLarge {
+            len: 1025,
+            max: 1024,
+            ..
+        }) => {}
+        other => panic!("{other}"),
+    }
+
+    let (mut php, channel) = Php::pipe();
+    let rust = Dispatcher::builder().codec(Codec::Php).spawn(channel);
+    php.write
+        .write_all(b"\x00\x10\x00\x00\x00O:1:")
+        .await
+        .unwrap();
+    php.write.shutdown().await.unwrap();
+    match tokio::time::timeout(LONG, rust.closed()).await.unwrap() {
+        Termination::Protocol(ProtocolError::TruncatedFrame { expected: 21, .. }) => {}
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn answers_to_calls_never_made_are_dropped_and_the_link_goes_on() {
+    let (rust, mut php) = connect();
+    for request_id in [PhpValue::Int(12345), PhpValue::Int(-7), s("1")] {
+        let stray = PhpObject::new("PongResponse")
+            .with(Property::public("reply"), s("?"))
+            .with(Property::public("requestId"), request_id);
+        php.send(&PhpValue::Object(stray)).await;
+    }
+    php.send(&message("PingRequest", &[("note", s("still"))], 1))
+        .await;
+    assert_eq!(
+        php.recv_object().await.get(b"reply"),
+        Some(&s("pong: still"))
+    );
+    assert!(!rust.is_closed());
+}
