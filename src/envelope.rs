@@ -69,6 +69,7 @@ impl Method {
     }
 
     /// A name from bytes sliced from a frame, UTF-8 checked here.
+    #[cfg(feature = "msgpack")]
     pub(crate) fn from_frame_bytes(name: Bytes) -> Result<Self, std::str::Utf8Error> {
         ByteString::try_from(name).map(Self)
     }

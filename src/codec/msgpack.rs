@@ -383,7 +383,8 @@ impl Reader<'_> {
         rmp::decode::read_int(&mut self.rest).map_err(|e| format!("expected an integer: {e}"))
     }
 
-    fn str(&mut self) -> Read<&str> {
+    /// A string's bytes, not checked yet.
+    fn str_bytes(&mut self) -> Read<&[u8]> {
         let len = rmp::decode::read_str_len(&mut self.rest)
             .map_err(|e| format!("expected a string: {e}"))? as usize;
         if len > self.rest.len() {
@@ -391,6 +392,11 @@ impl Reader<'_> {
         }
         let (bytes, rest) = self.rest.split_at(len);
         self.rest = rest;
+        Ok(bytes)
+    }
+
+    fn str(&mut self) -> Read<&str> {
+        let bytes = self.str_bytes()?;
         std::str::from_utf8(bytes).map_err(|e| format!("string is not UTF-8: {e}"))
     }
 
@@ -400,14 +406,9 @@ impl Reader<'_> {
 
     /// A method name, sliced from the frame (its UTF-8 checked once, there).
     fn method(&mut self) -> Read<Method> {
-        let len = rmp::decode::read_str_len(&mut self.rest)
-            .map_err(|e| format!("expected a string: {e}"))? as usize;
-        if len > self.rest.len() {
-            return Err(format!("string of {len} bytes runs past the frame"));
-        }
-        let (bytes, rest) = self.rest.split_at(len);
-        self.rest = rest;
-        Method::from_frame_bytes(self.frame.slice_ref(bytes))
+        let frame = self.frame;
+        let bytes = self.str_bytes()?;
+        Method::from_frame_bytes(frame.slice_ref(bytes))
             .map_err(|e| format!("string is not UTF-8: {e}"))
     }
 

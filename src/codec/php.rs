@@ -243,22 +243,22 @@ fn response(id: u64, payload: &[u8]) -> PhpValue {
             "a handler answered a PHP peer with a value that is not an object: answered with an \
              error instead (answer with a struct: its serde name is the PHP class)"
         );
-        let error = ErrorBody {
-            code: code::INTERNAL_ERROR,
-            message: "the handler's answer is not an object".into(),
-            data: None,
-        };
-        let request = php_request(id);
-        return PhpValue::Object(error_object(
-            ERROR,
-            &error,
-            request,
-            PhpValue::Int(own_id()),
-        ));
+        return internal_error(id, "the handler's answer is not an object");
     };
     set_request_id(&mut object, id);
     set_id(&mut object, PhpValue::Int(own_id()));
     PhpValue::Object(object)
+}
+
+/// An `ErrorResponse` to the peer's request `id`, for an answer this side cannot send.
+fn internal_error(id: u64, message: &str) -> PhpValue {
+    let error = ErrorBody {
+        code: code::INTERNAL_ERROR,
+        message: message.into(),
+        data: None,
+    };
+    let own = PhpValue::Int(own_id());
+    PhpValue::Object(error_object(ERROR, &error, php_request(id), own))
 }
 
 /// The answer to a pull: the item (our payload is a one-item sequence) or, at the end,
@@ -270,18 +270,8 @@ fn iterator_continue(id: u64, position: &str, payload: &[u8]) -> PhpValue {
     };
     let (more, position, value) = match (item, position.parse::<i64>()) {
         (Some(PhpValue::Null), _) => {
-            let error = ErrorBody {
-                code: code::INTERNAL_ERROR,
-                message: "the iterator yielded null, which a PHP RemoteIterator cannot take".into(),
-                data: None,
-            };
-            let request = php_request(id);
-            return PhpValue::Object(error_object(
-                ERROR,
-                &error,
-                request,
-                PhpValue::Int(own_id()),
-            ));
+            let message = "the iterator yielded null, which a PHP RemoteIterator cannot take";
+            return internal_error(id, message);
         }
         (Some(item), Ok(position)) => (true, PhpValue::Int(position), item),
         _ => (false, PhpValue::Null, PhpValue::Null),
