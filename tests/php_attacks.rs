@@ -8,90 +8,27 @@
 //!
 //! Tests that expose a bug are kept, marked `#[ignore = "BUG: ..."]`.
 
+#[path = "support/php_peer.rs"]
+mod php_peer;
 #[path = "../examples/php/protocol.rs"]
 mod protocol;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use channel_dispatcher::error::code;
-use channel_dispatcher::php::framing::Frames;
-use channel_dispatcher::php::{DecodeLimits, PhpObject, PhpValue, Property};
+use channel_dispatcher::php::{PhpObject, PhpValue, Property};
 use channel_dispatcher::{
-    Builder, CallError, Channel, Codec, Context, Dispatcher, HandlerError, Limit, Limits,
-    Notification, ProtocolError, RemoteStream, Request, Router, Termination,
+    Builder, CallError, Codec, Context, Dispatcher, HandlerError, Limit, Limits, Notification,
+    ProtocolError, RemoteStream, Request, Router, Termination,
 };
 use futures_util::StreamExt;
+use php_peer::*;
 use protocol::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 
-const NS: &str = "Flyokai\\AmpChannelDispatcher\\";
-const LONG: Duration = Duration::from_secs(30);
-
-// ===== The scripted PHP peer (as in tests/php_wire.rs) =====
-
-fn fqcn(name: &str) -> String {
-    format!("{NS}{name}")
-}
-
-fn decode(bytes: &[u8]) -> PhpValue {
-    PhpValue::from_bytes(bytes, &DecodeLimits::default()).unwrap()
-}
-
-fn object(value: PhpValue) -> PhpObject {
-    match value {
-        PhpValue::Object(object) => object,
-        other => panic!("expected an object, got {other}"),
-    }
-}
-
-fn s(text: &str) -> PhpValue {
-    PhpValue::String(text.as_bytes().to_vec())
-}
-
-fn int(object: &PhpObject, name: &str) -> i64 {
-    match object.get(name.as_bytes()) {
-        Some(PhpValue::Int(value)) => *value,
-        other => panic!(
-            "{name} is {other:?} in {}",
-            PhpValue::Object(object.clone())
-        ),
-    }
-}
-
-fn text(object: &PhpObject, name: &str) -> String {
-    match object.get(name.as_bytes()) {
-        Some(PhpValue::String(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
-        other => panic!(
-            "{name} is {other:?} in {}",
-            PhpValue::Object(object.clone())
-        ),
-    }
-}
-
-/// A message of `class` as PHP writes one: its properties in order, then its private `id`.
-fn message(class: &str, properties: &[(&str, PhpValue)], id: i64) -> PhpValue {
-    let mut object = PhpObject::new(class);
-    for (name, value) in properties {
-        object = object.with(Property::public(*name), value.clone());
-    }
-    PhpValue::Object(object.with(Property::private(class, "id"), PhpValue::Int(id)))
-}
-
-fn ping(note: &str, id: i64) -> PhpValue {
-    message("PingRequest", &[("note", s(note))], id)
-}
-
-/// What PHP's `RemoteIterator` sends for the next item of `iterator`.
-fn pull(iterator: i64, id: i64) -> PhpValue {
-    message(
-        &fqcn("Request\\IteratorContinue"),
-        &[("iteratorId", PhpValue::Int(iterator))],
-        id,
-    )
-}
+// ===== What only these attacks use (the scripted peer is tests/support/php_peer.rs) =====
 
 /// An answer of `class` to `request_id`: its properties, `requestId`, then its private `id`.
 fn answer(class: &str, properties: &[(&str, PhpValue)], request_id: PhpValue) -> PhpValue {
@@ -120,77 +57,7 @@ fn private_id(class: &str) -> String {
     format!("\0{class}\0id")
 }
 
-fn framed(payload: &[u8]) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    Frames::encode(payload, &mut out);
-    out.to_vec()
-}
-
-/// The PHP side, scripted: writes and reads whole frames on the raw wire.
-struct Php {
-    read: Box<dyn AsyncRead + Unpin + Send>,
-    write: Box<dyn AsyncWrite + Unpin + Send>,
-    buf: BytesMut,
-}
-
 impl Php {
-    /// The other end of a fresh duplex pipe, whose end for the Rust side comes with it.
-    fn pipe() -> (Self, Channel) {
-        let (ours, theirs) = tokio::io::duplex(64 * 1024);
-        let (read, write) = tokio::io::split(theirs);
-        let php = Self {
-            read: Box::new(read),
-            write: Box::new(write),
-            buf: BytesMut::new(),
-        };
-        (php, Channel::from_io(ours))
-    }
-
-    /// Takes the write half away (for a task of its own); this one writes nowhere after.
-    fn take_write(&mut self) -> Box<dyn AsyncWrite + Unpin + Send> {
-        std::mem::replace(&mut self.write, Box::new(tokio::io::sink()))
-    }
-
-    async fn send_bytes(&mut self, payload: &[u8]) {
-        self.write.write_all(&framed(payload)).await.unwrap();
-    }
-
-    async fn send(&mut self, value: &PhpValue) {
-        self.send_bytes(&value.to_bytes()).await;
-    }
-
-    /// The next frame's payload; `None` at end of file.
-    async fn recv_bytes(&mut self) -> Option<Vec<u8>> {
-        let frames = Frames::new(1 << 24);
-        loop {
-            if let Some(payload) = frames.decode(&mut self.buf).unwrap() {
-                return Some(payload.to_vec());
-            }
-            let read = tokio::time::timeout(LONG, self.read.read_buf(&mut self.buf))
-                .await
-                .expect("the Rust side went quiet")
-                .unwrap();
-            if read == 0 {
-                assert!(self.buf.is_empty(), "end of file inside a frame");
-                return None;
-            }
-        }
-    }
-
-    async fn recv(&mut self) -> PhpValue {
-        decode(&self.recv_bytes().await.expect("a frame, not the end"))
-    }
-
-    async fn recv_object(&mut self) -> PhpObject {
-        object(self.recv().await)
-    }
-
-    /// The stop marker, then the end of file: how our side ends a PHP peer.
-    async fn expect_stop_marker_then_eof(&mut self) {
-        assert_eq!(self.recv().await, PhpValue::Null, "the stop marker");
-        assert_eq!(self.recv_bytes().await, None, "then the end");
-    }
-
     /// A ping whose pong is the next frame: nothing else was sent before it.
     async fn still_serves(&mut self, id: i64) {
         self.send(&ping("still", id)).await;

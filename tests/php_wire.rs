@@ -4,6 +4,8 @@
 //! notifications, 1,000 requests with 64 in flight, iterators of 10,000 items each way, the
 //! stop marker each way, and frames PHP would never send.
 
+#[path = "support/php_peer.rs"]
+mod php_peer;
 #[path = "../examples/php/protocol.rs"]
 mod protocol;
 
@@ -11,17 +13,15 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use channel_dispatcher::php::framing::Frames;
-use channel_dispatcher::php::{DecodeLimits, PhpObject, PhpValue, Property};
+use channel_dispatcher::php::{PhpObject, PhpValue, Property};
 use channel_dispatcher::{
     CallError, Channel, Codec, Context, Dispatcher, Notification, ProtocolError, RemoteStream,
     Router, Termination,
 };
 use futures_util::{StreamExt, TryStreamExt};
+use php_peer::*;
 use protocol::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-const NS: &str = "Flyokai\\AmpChannelDispatcher\\";
-const LONG: Duration = Duration::from_secs(30);
+use tokio::io::AsyncWriteExt;
 
 /// The payload of the recorded frame whose title starts with `title`.
 fn sample(title: &str) -> Vec<u8> {
@@ -43,31 +43,6 @@ fn sample(title: &str) -> Vec<u8> {
     panic!("no sample {title}")
 }
 
-fn decode(bytes: &[u8]) -> PhpValue {
-    PhpValue::from_bytes(bytes, &DecodeLimits::default()).unwrap()
-}
-
-fn object(value: PhpValue) -> PhpObject {
-    match value {
-        PhpValue::Object(object) => object,
-        other => panic!("expected an object, got {other}"),
-    }
-}
-
-fn s(text: &str) -> PhpValue {
-    PhpValue::String(text.as_bytes().to_vec())
-}
-
-fn int(object: &PhpObject, name: &str) -> i64 {
-    match object.get(name.as_bytes()) {
-        Some(PhpValue::Int(value)) => *value,
-        other => panic!(
-            "{name} is {other:?} in {}",
-            PhpValue::Object(object.clone())
-        ),
-    }
-}
-
 /// Sets the property `name` (whatever its visibility) to `value`.
 fn set(object: &mut PhpObject, name: &str, value: PhpValue) {
     let slot = object
@@ -76,84 +51,6 @@ fn set(object: &mut PhpObject, name: &str, value: PhpValue) {
         .find(|(property, _)| property.name == name.as_bytes())
         .unwrap_or_else(|| panic!("no {name}"));
     slot.1 = value;
-}
-
-/// A message of `class` as PHP writes one: its properties in order, then its private `id`.
-fn message(class: &str, properties: &[(&str, PhpValue)], id: i64) -> PhpValue {
-    let mut object = PhpObject::new(class);
-    for (name, value) in properties {
-        object = object.with(Property::public(*name), value.clone());
-    }
-    PhpValue::Object(object.with(Property::private(class, "id"), PhpValue::Int(id)))
-}
-
-/// What PHP's `RemoteIterator` sends for the next item of `iterator`.
-fn pull(iterator: i64, id: i64) -> PhpValue {
-    let class = format!("{NS}Request\\IteratorContinue");
-    message(&class, &[("iteratorId", PhpValue::Int(iterator))], id)
-}
-
-/// The PHP side, scripted: writes and reads whole frames on the raw wire.
-struct Php {
-    read: Box<dyn AsyncRead + Unpin + Send>,
-    write: Box<dyn AsyncWrite + Unpin + Send>,
-    buf: BytesMut,
-}
-
-impl Php {
-    fn new(
-        read: impl AsyncRead + Unpin + Send + 'static,
-        write: impl AsyncWrite + Unpin + Send + 'static,
-    ) -> Self {
-        Self {
-            read: Box::new(read),
-            write: Box::new(write),
-            buf: BytesMut::new(),
-        }
-    }
-
-    /// The other end of a fresh duplex pipe, whose end for the Rust side comes with it.
-    fn pipe() -> (Self, Channel) {
-        let (ours, theirs) = tokio::io::duplex(64 * 1024);
-        let (read, write) = tokio::io::split(theirs);
-        (Self::new(read, write), Channel::from_io(ours))
-    }
-
-    async fn send_bytes(&mut self, payload: &[u8]) {
-        let mut out = BytesMut::new();
-        Frames::encode(payload, &mut out);
-        self.write.write_all(&out).await.unwrap();
-    }
-
-    async fn send(&mut self, value: &PhpValue) {
-        self.send_bytes(&value.to_bytes()).await;
-    }
-
-    /// The next frame's payload; `None` at end of file.
-    async fn recv_bytes(&mut self) -> Option<Vec<u8>> {
-        let frames = Frames::new(1 << 24);
-        loop {
-            if let Some(payload) = frames.decode(&mut self.buf).unwrap() {
-                return Some(payload.to_vec());
-            }
-            let read = tokio::time::timeout(LONG, self.read.read_buf(&mut self.buf))
-                .await
-                .expect("the Rust side went quiet")
-                .unwrap();
-            if read == 0 {
-                assert!(self.buf.is_empty(), "end of file inside a frame");
-                return None;
-            }
-        }
-    }
-
-    async fn recv(&mut self) -> PhpValue {
-        decode(&self.recv_bytes().await.expect("a frame, not the end"))
-    }
-
-    async fn recv_object(&mut self) -> PhpObject {
-        object(self.recv().await)
-    }
 }
 
 /// A Rust side configured as the example's, and the scripted PHP peer on the other end.
