@@ -118,8 +118,7 @@ impl Context {
                 |codec, raw| codec.decode(&raw.payload).map_err(CallError::Decode),
             ),
         };
-        call.nested(self.id.unwrap_or(0))
-            .timeout_at_most(self.remaining())
+        call.nested(self.id).timeout_at_most(self.remaining())
     }
 
     /// Opens a remote stream from the peer, as [`Dispatcher::stream`] does, nested in this
@@ -129,7 +128,7 @@ impl Context {
         let Some(shared) = self.shared.upgrade() else {
             return RemoteStream::failed(CallError::Terminated(Termination::Dropped));
         };
-        let parent = self.id.unwrap_or(0);
+        let parent = self.id;
         let answer = Call::new(
             Ok(Arc::clone(&shared)),
             Method::from_static(R::METHOD),

@@ -57,8 +57,9 @@ pub(crate) struct Outbound {
     pub(crate) permit: Permit,
     /// The queued bytes it holds (of its permit's class) until written.
     pub(crate) queued: u32,
-    /// The peer's request whose handler makes this call; 0 for none.
-    pub(crate) parent: u64,
+    /// The peer's request whose handler makes this call, if any (any id: 0 is a PHP peer's
+    /// first, and "none" only on the native wire).
+    pub(crate) parent: Option<u64>,
 }
 
 /// Which in-flight permit a message holds.

@@ -55,15 +55,14 @@ fn own_id() -> i64 {
     OWN_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The id a PHP peer's request has here: one more than PHP's, since PHP's first is 0 and 0
-/// means "none" to the dispatcher (a handler's nested calls name their request by its id).
+/// The id a PHP peer's request has here: its bits (PHP's ids are `int`s, from 0 up).
 fn peer_request(php_id: i64) -> u64 {
-    (php_id as u64).wrapping_add(1)
+    php_id as u64
 }
 
 /// The `requestId` that answers the peer's request `id` (see [`peer_request`]).
 fn php_request(id: u64) -> PhpValue {
-    PhpValue::Int(id.wrapping_sub(1) as i64)
+    PhpValue::Int(id as i64)
 }
 
 /// Our own payloads, read back to add the envelope's properties: they are within any limit.
@@ -411,16 +410,29 @@ pub(crate) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
             payload: frame,
         });
     }
+    // PHP itself accepts the plain and protected spellings of the private `id`. A request
+    // without one (PHP's `LegacyPingRequest`) gets one of ours, as PHP does; one whose `id`
+    // is not an int cannot be answered (any answer would name an id the peer never sent).
+    let id = match object.get(b"id") {
+        None => own_id(),
+        Some(PhpValue::Int(id)) => *id,
+        Some(other) => {
+            return Err(malformed(
+                PartialHeader::default(),
+                format_args!("a request whose `id` is {other}, not an int: it is not answered"),
+            ))
+        }
+    };
+    let id = peer_request(id);
     let Ok(method) = std::str::from_utf8(class) else {
-        return Err(malformed(
-            PartialHeader::default(),
-            "a class name that is not UTF-8",
-        ));
+        let header = PartialHeader {
+            kind: Some(EnvelopeKind::Request),
+            id: Some(id),
+            method: Some(Method::from(String::from_utf8_lossy(class).into_owned())),
+        };
+        return Err(malformed(header, "a class name that is not UTF-8"));
     };
     let method = Method::from(method.to_owned());
-    // PHP itself accepts the plain and protected spellings of the private `id`. A request
-    // without one (PHP's `LegacyPingRequest`) gets one of ours, as PHP does.
-    let id = peer_request(int_property(&object, b"id").unwrap_or_else(own_id));
     Ok(Envelope::Request {
         id,
         method,
@@ -444,13 +456,15 @@ fn salvaged_header(frame: &[u8]) -> PartialHeader {
             method: None,
         };
     }
-    match (salvaged.id, String::from_utf8(salvaged.class)) {
-        (Some(id), Ok(class)) => PartialHeader {
+    match salvaged.id {
+        Some(id) => PartialHeader {
             kind: Some(EnvelopeKind::Request),
             id: Some(peer_request(id)),
-            method: Some(Method::from(class)),
+            method: Some(Method::from(
+                String::from_utf8_lossy(&salvaged.class).into_owned(),
+            )),
         },
-        _ => PartialHeader::default(),
+        None => PartialHeader::default(),
     }
 }
 

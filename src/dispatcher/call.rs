@@ -51,8 +51,8 @@ pub struct Call<T> {
     target: Result<Arc<Shared>, Termination>,
     /// A handle's in-flight permit, or none for a nested call from a handler.
     permit: Permit,
-    /// The peer's request whose handler makes this call; 0 for none.
-    parent: u64,
+    /// The peer's request whose handler makes this call, if any.
+    parent: Option<u64>,
     /// Goes through the caller-side middleware (false once it has).
     pipeline: bool,
     method: Method,
@@ -82,7 +82,7 @@ impl<T> Call<T> {
         Self {
             target,
             permit: Permit::Handle,
-            parent: 0,
+            parent: None,
             pipeline: true,
             method,
             payload,
@@ -125,11 +125,11 @@ impl<T> Call<T> {
         self
     }
 
-    /// A nested call from the handler of the peer's request `parent` (0 for a notification's
-    /// handler): it takes no in-flight permit, since the handlers that make them are bounded
+    /// A nested call from the handler of the peer's request `parent` (none for a
+    /// notification's handler): it takes no in-flight permit, since the handlers that make them are bounded
     /// already, and a handler waiting for a permit held by calls that wait for that handler
     /// would deadlock. The peer admits it outside its handler limit while `parent` runs.
-    pub(crate) fn nested(mut self, parent: u64) -> Self {
+    pub(crate) fn nested(mut self, parent: Option<u64>) -> Self {
         self.permit = Permit::None;
         self.parent = parent;
         self
@@ -390,7 +390,7 @@ async fn queue_notification(
         payload,
         permit,
         queued,
-        parent: 0,
+        parent: None,
     };
     shared
         .send_command(Command::Notify(notification))

@@ -117,7 +117,7 @@ impl Dispatcher {
             Arc::clone(&self.shared),
             answer,
             self.shared.stream_window,
-            0,
+            None,
         )
     }
 
@@ -165,7 +165,7 @@ impl Dispatcher {
             Arc::clone(&self.shared),
             answer,
             self.shared.stream_window,
-            0,
+            None,
         )
     }
 

@@ -123,8 +123,9 @@ pub(crate) struct Salvaged {
 /// skipped, whatever they hold, so the frame can still be answered. `None` when even that
 /// cannot be read.
 pub(crate) fn salvage(bytes: &[u8]) -> Option<Salvaged> {
+    // PHP's own `unserialize_max_depth`: what PHP reads, this reads the ids of.
     let limits = DecodeLimits {
-        max_depth: 512,
+        max_depth: 4096,
         max_values: usize::MAX,
     };
     let mut reader = Reader {
@@ -148,19 +149,21 @@ pub(crate) fn salvage(bytes: &[u8]) -> Option<Salvaged> {
             Err(_) => break,
         };
         let slot = match name.as_slice() {
-            b"id" => &mut salvaged.id,
-            b"requestId" => &mut salvaged.request_id,
-            _ => {
-                if reader.skip(0).is_err() {
-                    break;
-                }
-                continue;
-            }
+            b"id" => Some(&mut salvaged.id),
+            b"requestId" => Some(&mut salvaged.request_id),
+            _ => None,
         };
-        match reader.value(0) {
-            Ok(PhpValue::Int(value)) => *slot = Some(value),
-            Ok(_) => {}
-            Err(_) => break,
+        // NB. Only an int is read as a value: anything else, however deep, is stepped over.
+        let read = match slot {
+            Some(slot) if reader.peek() == Ok(b'i') => reader.value(0).map(|value| {
+                if let PhpValue::Int(value) = value {
+                    *slot = Some(value);
+                }
+            }),
+            _ => reader.skip(),
+        };
+        if read.is_err() {
+            break;
         }
     }
     Some(salvaged)
@@ -352,8 +355,33 @@ impl Reader<'_> {
         }
     }
 
-    /// Steps over one value of any kind, the refused ones too, building nothing.
-    fn skip(&mut self, depth: usize) -> Result<(), PhpError> {
+    /// Steps over one value of any kind, the refused ones too, building nothing. Not
+    /// recursive, so no depth within the limit can overflow the stack: `open` holds the
+    /// entries left in each array or object it is inside.
+    fn skip(&mut self) -> Result<(), PhpError> {
+        let mut open: Vec<usize> = Vec::new();
+        loop {
+            self.skip_one(&mut open)?;
+            // Closes what has no entries left, then reads the next entry's key.
+            loop {
+                match open.last_mut() {
+                    None => return Ok(()),
+                    Some(0) => {
+                        open.pop();
+                        self.expect(b'}', "`}`")?;
+                    }
+                    Some(left) => {
+                        *left -= 1;
+                        self.key()?;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Steps over a scalar, or into an array or object (pushing its count onto `open`).
+    fn skip_one(&mut self, open: &mut Vec<usize>) -> Result<(), PhpError> {
         let at = self.at;
         let kind = self.peek()?;
         self.at += 1;
@@ -365,17 +393,14 @@ impl Reader<'_> {
             b'b' | b'i' | b'd' | b'r' | b'R' => self.until(b';').map(drop),
             b's' | b'E' => self.quoted(b';').map(drop),
             b'a' | b'O' => {
-                let depth = self.deeper(depth)?;
+                self.deeper(open.len())?;
                 if kind == b'O' {
                     self.quoted(b':')?;
                 }
                 let count = self.count(b':')?;
                 self.expect(b'{', "`{`")?;
-                for _ in 0..count {
-                    self.key()?;
-                    self.skip(depth)?;
-                }
-                self.expect(b'}', "`}`")
+                open.push(count);
+                Ok(())
             }
             b'C' => {
                 self.quoted(b':')?;
@@ -462,6 +487,30 @@ mod tests {
         let answer = b"O:4:\"Pong\":2:{s:1:\"a\";r:1;s:9:\"requestId\";i:-3;}";
         assert_eq!(salvage(answer).unwrap().request_id, Some(-3));
         assert_eq!(salvage(b"i:5;"), None);
+    }
+
+    #[test]
+    fn salvage_steps_over_any_depth_php_reads_without_recursion() {
+        let nested = |depth: usize| {
+            let mut value = "a:1:{i:0;".repeat(depth);
+            value.push_str("N;");
+            value.push_str(&"}".repeat(depth));
+            value
+        };
+        // A 4,095-deep array before the id; as the id (not an int: not read); too deep.
+        for (first, depth, last, id) in [
+            ("a", 4095, "id", Some(9)),
+            ("id", 4095, "zz", None),
+            ("a", 4097, "id", None),
+        ] {
+            let frame = format!(
+                "O:4:\"Ping\":2:{{s:{}:\"{first}\";{}s:2:\"{last}\";i:9;}}",
+                first.len(),
+                nested(depth)
+            );
+            let salvaged = salvage(frame.as_bytes()).unwrap();
+            assert_eq!(salvaged.id, id, "{first} at depth {depth}");
+        }
     }
 
     proptest! {

@@ -37,7 +37,9 @@
 //!
 //! A frame that does not decode (a reference, an enum case, too deep) is still answered when
 //! its class and `id` can be read past what was refused (an `ErrorResponse`), or fails the
-//! call it answers (by its `requestId`), so that neither side waits for nothing.
+//! call it answers (by its `requestId`), so that neither side waits for nothing. Its `id`
+//! is read past anything nested up to PHP's own 4,096 levels. A request whose `id` is there
+//! but not an int is logged and dropped: an answer would name an id the peer never sent.
 //!
 //! PHP's `unserialize()` instantiates whatever class the bytes name; this decoder instantiates
 //! nothing: an object is its class name and properties, for the application to map onto the

@@ -90,8 +90,8 @@ pub struct RemoteStream<T> {
     next_position: u64,
     /// Position of the last item yielded.
     position: Option<u64>,
-    /// The peer's request whose handler consumes this stream (0 for none): pulls are nested.
-    parent: u64,
+    /// The peer's request whose handler consumes this stream, if any: pulls are nested.
+    parent: Option<u64>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -121,12 +121,12 @@ enum State {
 
 impl<T: DeserializeOwned> RemoteStream<T> {
     /// The stream whose opening call is `answer`; `parent` is the peer's request whose
-    /// handler opens it (0 for none): its pull requests are nested in that request too.
+    /// handler opens it, if any: its pull requests are nested in that request too.
     pub(crate) fn opening(
         shared: Arc<Shared>,
         answer: ResponseFuture<u64>,
         window: u64,
-        parent: u64,
+        parent: Option<u64>,
     ) -> Self {
         let mut stream = Self::with_state(
             Some(shared),
@@ -160,7 +160,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
             buffer: VecDeque::new(),
             next_position: 0,
             position: None,
-            parent: 0,
+            parent: None,
             _item: PhantomData,
         }
     }
@@ -334,7 +334,7 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                         let pull = crate::Dispatcher::from_shared(Arc::clone(shared))
                             .call_raw(PULL_METHOD, payload);
                         match this.parent {
-                            0 => pull,
+                            None => pull,
                             parent => pull.nested(parent),
                         }
                         .into_future()

@@ -250,7 +250,9 @@ where
                 }
                 // NB. A call is nested only while the peer's request it serves still runs: after
                 // that, the peer would not find it pending and counts it as an ordinary one.
-                let nested = call.parent != 0 && self.handlers.is_running(call.parent);
+                let nested = call
+                    .parent
+                    .is_some_and(|parent| self.handlers.is_running(parent));
                 let allowed = match self.phase {
                     Phase::Open => true,
                     Phase::Draining { peer_gone, .. } => nested && !peer_gone,
@@ -261,15 +263,12 @@ where
                     return self.released.message(&call);
                 }
                 if !nested {
-                    call.parent = 0;
+                    call.parent = None;
                 }
                 // Written at once when nothing of its kind waits before it and there is room.
-                let len = self.config.codec.payload_len(&call.payload);
-                let window = match nested {
-                    true => Window::Nested {
-                        parent: call.parent,
-                    },
-                    false => Window::Request(len),
+                let window = match call.parent {
+                    Some(parent) => Window::Nested { parent },
+                    None => Window::Request(self.config.codec.payload_len(&call.payload)),
                 };
                 let room = self.write.has_room()
                     && match window {
@@ -376,10 +375,13 @@ where
                     deadline,
                     reply,
                 } => {
-                    if call.parent != 0 && !self.handlers.is_running(call.parent) {
+                    if call
+                        .parent
+                        .is_some_and(|parent| !self.handlers.is_running(parent))
+                    {
                         // Its handler finished while it waited: the peer would not find it
                         // pending, so it waits for the window like any other call.
-                        call.parent = 0;
+                        call.parent = None;
                         self.outbox.push(Command::Call {
                             id,
                             call,
@@ -389,8 +391,8 @@ where
                         continue;
                     }
                     let window = match call.parent {
-                        0 => Window::Request(codec.payload_len(&call.payload)),
-                        parent => Window::Nested { parent },
+                        None => Window::Request(codec.payload_len(&call.payload)),
+                        Some(parent) => Window::Nested { parent },
                     };
                     self.write_call(id, call, deadline, reply, window);
                 }
@@ -436,7 +438,8 @@ where
             method: call.method,
             attributes: call.attributes,
             timeout_us,
-            parent: call.parent,
+            // NB. 0 is "none" on the native wire; the PHP wire carries no parent.
+            parent: call.parent.unwrap_or(0),
             payload: call.payload,
         };
         match self.write.write(&envelope) {

@@ -26,6 +26,9 @@ use crate::stream::storage::{panic_message, Granted, PullRefused};
 use crate::stream::PULL_METHOD;
 use crate::transport::frame::Frame;
 
+/// What the PHP library answers a pull of an iterator it does not have (with code 0).
+const PHP_NOT_FOUND: &str = "Iterator not found";
+
 impl<S> Driver<S>
 where
     S: Service<Incoming, Response = Reply>,
@@ -432,7 +435,11 @@ where
     /// A pull-mode request: answered with the stream's next item once it has one.
     fn pull(&mut self, id: u64, payload: &Bytes) {
         let Ok(stream) = self.config.codec.decode::<u64>(payload) else {
-            return self.answer_error(id, code::INVALID_PARAMS, "no such stream".into());
+            // NB. A PHP peer names an iterator by any int: a negative one is none of ours.
+            return match self.config.codec.is_php() {
+                true => self.answer_error(id, 0, PHP_NOT_FOUND.into()),
+                false => self.answer_error(id, code::INVALID_PARAMS, "no such stream".into()),
+            };
         };
         match self.admission.pull(id) {
             Verdict::Admitted => {}
@@ -455,7 +462,7 @@ where
                     let _ = self.write.write(&end);
                     return;
                 }
-                return self.answer_error(id, 0, "Iterator not found".into());
+                return self.answer_error(id, 0, PHP_NOT_FOUND.into());
             }
             Err(PullRefused::Unknown) => (code::INVALID_PARAMS, format!("no stream {stream}")),
             Err(PullRefused::Released) => {

@@ -264,7 +264,8 @@ impl Outbox {
         while at < self.nested.len() {
             let (gone, waits) = match &self.nested[at] {
                 Command::Call { reply, call, .. } => {
-                    (reply.is_closed(), !window.may_nest(call.parent))
+                    let nests = call.parent.map_or(true, |parent| window.may_nest(parent));
+                    (reply.is_closed(), !nests)
                 }
                 _ => (false, false),
             };
@@ -426,7 +427,7 @@ mod tests {
             payload: Bytes::from(vec![1; len]),
             permit: Permit::Handle,
             queued: len as u32,
-            parent: 0,
+            parent: None,
         }
     }
 
