@@ -511,3 +511,56 @@ async fn a_request_nested_in_no_pending_call_is_refused() {
     );
     assert!(answer[4].as_str().unwrap().contains("999"), "{answer}");
 }
+
+/// Makes two calls back to the caller at once, through its context; answers their sum.
+#[derive(Serialize, Deserialize)]
+struct Twice;
+request!(Twice => u64, "twice");
+
+/// What `Twice` asks the caller for.
+#[derive(Serialize, Deserialize)]
+struct Back;
+request!(Back => u64, "back");
+
+// A peer's request 0 breaks PROTOCOL.md §5 (ids count from 1), and the wire cannot say that a
+// call is nested in it (parent 0 is "none"): its handler's calls keep to the peer's request
+// window like any other, or the peer would count them over the window it announced.
+#[tokio::test]
+async fn calls_of_the_handler_of_a_request_0_keep_to_the_peers_request_window() {
+    let router = Router::new().request(|cx: Context, Twice| async move {
+        let (a, b) = tokio::join!(
+            cx.request(Back).into_future(),
+            cx.request(Back).into_future()
+        );
+        Ok(a? + b?)
+    });
+    let (a, b) = tokio::net::UnixStream::pair().unwrap();
+    let _dispatcher = Dispatcher::builder()
+        .handler(router)
+        .spawn(Channel::from(a));
+    let mut peer = RawPeer::new(b);
+    // The hello's limits end it, eight u32s; the fifth is `max_pending_requests`.
+    let mut hello = support::raw::hello(support::raw::VERSION, "msgpack");
+    let at = hello.len() - 16;
+    hello[at..at + 4].copy_from_slice(&1u32.to_be_bytes());
+    peer.send_frame(&hello).await;
+    peer.send_frame(&[0]).await;
+    assert_eq!(&peer.read_frame().await.unwrap()[..4], b"CHDP");
+    assert_eq!(peer.read_frame().await.unwrap(), [0]);
+    peer.request(0, "twice", &()).await;
+    let first = peer.read_request("back").await;
+    let early = peer.read_within(Duration::from_millis(300)).await;
+    assert!(
+        early.is_none(),
+        "a second call beyond the window of 1 the peer announced: {early:?}"
+    );
+    peer.respond(first, &1u64).await;
+    let second = peer.read_request("back").await;
+    peer.respond(second, &2u64).await;
+    let answer = peer.read().await;
+    assert_eq!(
+        (&answer[0], &answer[1], &answer[3]),
+        (&json!(3), &json!(0), &json!(3)),
+        "{answer}"
+    );
+}

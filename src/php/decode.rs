@@ -123,9 +123,10 @@ pub(crate) struct Salvaged {
 /// skipped, whatever they hold, so the frame can still be answered. `None` when even that
 /// cannot be read.
 pub(crate) fn salvage(bytes: &[u8]) -> Option<Salvaged> {
-    // PHP's own `unserialize_max_depth`: what PHP reads, this reads the ids of.
+    // PHP's own `unserialize_max_depth` (4,096, the top object one of them): what PHP reads,
+    // this reads the ids of.
     let limits = DecodeLimits {
-        max_depth: 4096,
+        max_depth: 4095,
         max_values: usize::MAX,
     };
     let mut reader = Reader {
@@ -497,11 +498,12 @@ mod tests {
             value.push_str(&"}".repeat(depth));
             value
         };
-        // A 4,095-deep array before the id; as the id (not an int: not read); too deep.
+        // 4,096 levels with the top object: the id after them is read, or the array is the
+        // id (not an int: not read); 4,097 are more than PHP reads.
         for (first, depth, last, id) in [
             ("a", 4095, "id", Some(9)),
             ("id", 4095, "zz", None),
-            ("a", 4097, "id", None),
+            ("a", 4096, "id", None),
         ] {
             let frame = format!(
                 "O:4:\"Ping\":2:{{s:{}:\"{first}\";{}s:2:\"{last}\";i:9;}}",

@@ -249,10 +249,13 @@ where
                     return self.released.message(&call); // its caller gave up already
                 }
                 // NB. A call is nested only while the peer's request it serves still runs: after
-                // that, the peer would not find it pending and counts it as an ordinary one.
+                // that, the peer would not find it pending and counts it as an ordinary one. Nor
+                // is it when the native wire cannot say so: 0 is "none" there (a peer's request
+                // 0 breaks the protocol), while the PHP wire carries no parent at all.
+                let expressible = |parent: u64| parent != 0 || self.config.codec.is_php();
                 let nested = call
                     .parent
-                    .is_some_and(|parent| self.handlers.is_running(parent));
+                    .is_some_and(|parent| expressible(parent) && self.handlers.is_running(parent));
                 let allowed = match self.phase {
                     Phase::Open => true,
                     Phase::Draining { peer_gone, .. } => nested && !peer_gone,
