@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::codec::Codec;
@@ -30,6 +30,8 @@ use crate::stream::storage::Streams;
 /// What the handles share; the driver holds it weakly, so dropping every handle stops it.
 pub(crate) struct Shared {
     pub(crate) commands: mpsc::UnboundedSender<Command>,
+    /// The slots of the calls' answers.
+    pub(crate) answers: Arc<crate::answers::Answers>,
     next_id: AtomicU64,
     pub(crate) codec: Codec,
     pub(crate) lifecycle: Arc<Lifecycle>,
@@ -105,7 +107,7 @@ pub(crate) enum StreamEvent {
 /// An answer to a call, as the driver delivers it.
 pub(crate) type RawAnswer = Result<RawResponse, CallError>;
 
-pub(crate) type ReplySender = oneshot::Sender<RawAnswer>;
+pub(crate) type ReplySender = crate::answers::AnswerSender;
 
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -145,6 +147,7 @@ impl Shared {
     ) -> Self {
         Self {
             commands,
+            answers: Arc::default(),
             next_id: AtomicU64::new(1),
             codec,
             lifecycle,

@@ -6,7 +6,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::codec::Codec;
@@ -14,7 +13,8 @@ use crate::envelope::Method;
 use crate::error::{code, CallError, CodecError, Termination};
 use crate::message::Attributes;
 use crate::middleware::{Endpoint, Next, OutgoingCall};
-use crate::shared::{Command, Outbound, Permit, RawAnswer, RawResponse, Reserved, Shared};
+use crate::answers::AnswerReceiver;
+use crate::shared::{Command, Outbound, Permit, RawResponse, Reserved, Shared};
 
 type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;
 
@@ -185,7 +185,7 @@ impl<T> Call<T> {
             .check_limits(&self.method, &self.attributes, &payload)
             .map_err(fail)?;
         let id = shared.next_id();
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = shared.answers.channel();
         let call = Outbound {
             method: self.method,
             attributes: self.attributes,
@@ -201,6 +201,7 @@ impl<T> Call<T> {
             reply: tx,
         };
         if shared.send_command(command).is_err() {
+            rx.release(&shared.answers);
             return Err(fail(shared.terminated()));
         }
         Ok(Waiting {
@@ -448,7 +449,7 @@ enum State<T> {
 
 struct Waiting {
     id: u64,
-    rx: oneshot::Receiver<RawAnswer>,
+    rx: AnswerReceiver,
     shared: Arc<Shared>,
     answered: bool,
 }
@@ -484,13 +485,12 @@ impl<T> ResponseFuture<T> {
                     self.state = State::start(*call, deadline);
                 }
                 State::Waiting(waiting) => {
-                    // NB. Outside tokio's cooperative budget: when many answers land at once
-                    // (one read brings hundreds), a budgeted receiver refuses most of them and
-                    // wakes them again, several polls per answer. Waiting here never loops
-                    // without a round trip through the connection's task, so it cannot starve
-                    // the runtime.
-                    let rx = tokio::task::unconstrained(&mut waiting.rx);
-                    let answer = ready!(std::pin::pin!(rx).poll(cx));
+                    // NB. Outside tokio's cooperative budget (a slot is not a tokio resource):
+                    // when many answers land at once (one read brings hundreds), a budgeted
+                    // receiver would refuse most of them and wake them again. Waiting here never
+                    // loops without a round trip through the connection's task, so it cannot
+                    // starve the runtime.
+                    let answer = ready!(waiting.rx.poll(&waiting.shared.answers, cx));
                     // Answered (or the connection ended): nothing to cancel.
                     waiting.answered = true;
                     return Poll::Ready(match answer {
@@ -540,6 +540,7 @@ impl<T> Future for ResponseFuture<T> {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
+        self.rx.release(&self.shared.answers);
         if !self.answered {
             let _ = self.shared.send_command(Command::Cancel(self.id));
         }

@@ -409,8 +409,8 @@ mod tests {
     use crate::envelope::Method;
     use crate::message::Attributes;
     use crate::shared::RawResponse;
+    use crate::answers::{test_channel, TestReceiver};
     use bytes::Bytes;
-    use tokio::sync::oneshot;
 
     fn answer() -> RawAnswer {
         Ok(RawResponse {
@@ -431,8 +431,8 @@ mod tests {
         }
     }
 
-    fn call(id: u64, len: usize) -> (Command, oneshot::Receiver<RawAnswer>) {
-        let (reply, rx) = oneshot::channel();
+    fn call(id: u64, len: usize) -> (Command, TestReceiver) {
+        let (reply, rx) = test_channel();
         let command = Command::Call {
             id,
             call: outbound(len),
@@ -454,7 +454,7 @@ mod tests {
     #[test]
     fn an_answer_is_delivered_once_and_gives_back_what_the_call_held() {
         let mut outgoing = Outgoing::default();
-        let (tx, mut rx) = oneshot::channel();
+        let (tx, mut rx) = test_channel();
         let held = Held {
             permit: Permit::Handle,
             window: Window::Request(10),
@@ -473,13 +473,13 @@ mod tests {
     #[test]
     fn failing_calls_at_a_stop_keeps_the_nested_ones() {
         let mut outgoing = Outgoing::default();
-        let (tx, mut rx) = oneshot::channel();
+        let (tx, mut rx) = test_channel();
         let nested = Held {
             permit: Permit::None,
             window: Window::Nested { parent: 3 },
         };
         outgoing.insert_request(1, tx, nested);
-        let (tx, mut ordinary) = oneshot::channel();
+        let (tx, mut ordinary) = test_channel();
         let held = Held {
             permit: Permit::Handle,
             window: Window::Request(0),
