@@ -79,6 +79,7 @@ mod answers;
 mod auth;
 mod backoff;
 pub mod codec;
+mod commands;
 mod context;
 mod dispatcher;
 mod envelope;

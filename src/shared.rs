@@ -29,7 +29,7 @@ use crate::stream::storage::Streams;
 
 /// What the handles share; the driver holds it weakly, so dropping every handle stops it.
 pub(crate) struct Shared {
-    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    pub(crate) commands: crate::commands::CommandSender,
     /// The slots of the calls' answers.
     pub(crate) answers: Arc<crate::answers::Answers>,
     next_id: AtomicU64,
@@ -138,7 +138,7 @@ pub(crate) enum Command {
 
 impl Shared {
     pub(crate) fn new(
-        commands: mpsc::UnboundedSender<Command>,
+        commands: crate::commands::CommandSender,
         codec: Codec,
         lifecycle: Arc<Lifecycle>,
         default_timeout: Option<Duration>,

@@ -3,7 +3,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -391,7 +390,7 @@ where
                   Dispatcher stops it"]
     pub fn build(self, channel: Channel) -> (Dispatcher, Connection<S>) {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = crate::commands::channel();
         let streams = Streams::new(
             self.config.codec,
             self.stream_idle_timeout,

@@ -19,7 +19,6 @@ use std::sync::{Arc, Weak};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -30,6 +29,7 @@ use super::outgoing::{Held, Outbox, Outgoing, PeerWindow, Released, Window};
 use super::write::{WriteError, WriteSide};
 use super::Config;
 use crate::codec::Codec;
+use crate::commands::CommandReceiver;
 use crate::envelope::{Envelope, ErrorBody};
 use crate::error::{code, CallError, IntoHandlerError, ProtocolError, Termination};
 use crate::handler::{Incoming, Reply};
@@ -82,7 +82,7 @@ pub(super) struct Driver<S: Service<Incoming>> {
     pub(super) write: WriteSide,
     pub(super) service: S,
     pub(super) config: Config,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: CommandReceiver,
     commands_closed: bool,
     pub(super) shared: Weak<Shared>,
     pub(super) lifecycle: Arc<Lifecycle>,
@@ -109,7 +109,7 @@ pub(super) struct Driver<S: Service<Incoming>> {
 pub(crate) struct Parts<S> {
     pub(crate) service: S,
     pub(crate) config: Config,
-    pub(crate) commands: mpsc::UnboundedReceiver<Command>,
+    pub(crate) commands: CommandReceiver,
     pub(crate) shared: Weak<Shared>,
     pub(crate) lifecycle: Arc<Lifecycle>,
     /// Set when the stop began during the handshake: the drain ends there.
@@ -139,9 +139,9 @@ fn goodbye_reason(reason: &Termination) -> String {
 }
 
 /// Fails every command still queued for a driver that will not take it.
-fn fail_queued(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &Termination) {
+fn fail_queued(commands: &mut CommandReceiver, reason: &Termination) {
     commands.close();
-    while let Ok(command) = commands.try_recv() {
+    while let Some(command) = commands.try_recv() {
         match command {
             Command::Call { reply, .. } => {
                 let _ = reply.send(Err(CallError::Terminated(reason.clone())));
