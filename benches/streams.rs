@@ -3,7 +3,7 @@
 //! length-prefixed frames of the same items written and read by plain tokio code.
 //!
 //! ```text
-//! cargo bench --bench streams
+//! cargo bench --bench streams                     # the builder's default window
 //! cargo bench --bench streams -- --items 100000 --window 256
 //! ```
 #![allow(missing_docs)]
@@ -22,7 +22,8 @@ const ITEM: &str = "0123456789abcdef0123456789abcdef"; // 32 bytes
 struct Items(u64);
 stream_request!(Items => String, "items");
 
-async fn dispatchers(window: u64) -> (Dispatcher, Dispatcher) {
+/// The window is the builder's default unless `window` says otherwise.
+async fn dispatchers(window: Option<u64>) -> (Dispatcher, Dispatcher) {
     let (a, b) = UnixStream::pair().unwrap();
     let router = Router::new().stream(|_cx: Context, Items(n)| async move {
         Ok(stream::iter((0..n).map(|_| Ok(ITEM.to_string()))))
@@ -30,15 +31,18 @@ async fn dispatchers(window: u64) -> (Dispatcher, Dispatcher) {
     let server = Dispatcher::builder()
         .handler(router)
         .spawn(Channel::from(b));
-    let client = Dispatcher::builder()
-        .stream_window(window)
+    let client = match window {
+        Some(window) => Dispatcher::builder().stream_window(window),
+        None => Dispatcher::builder(),
+    };
+    let client = client
         .connect(Channel::from(a))
         .await
         .unwrap();
     (client, server)
 }
 
-async fn remote(items: u64, window: u64, pull: bool) -> Duration {
+async fn remote(items: u64, window: Option<u64>, pull: bool) -> Duration {
     let (client, _server) = dispatchers(window).await;
     let start = Instant::now();
     let stream = client.stream(Items(items));
@@ -90,8 +94,7 @@ fn main() {
     let window = args
         .iter()
         .position(|a| a == "--window")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(4096u64);
+        .and_then(|i| args.get(i + 1)?.parse::<u64>().ok());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -108,7 +111,8 @@ fn main() {
         let windowed = remote(items, window, false).await;
         let pull = remote(items, window, true).await;
         let rate = |d: Duration| items as f64 / d.as_secs_f64();
-        println!("streams: {items} items of 32 bytes, window {window}, Unix socket, one process, multi-thread runtime (2 workers)");
+        let window = window.map_or("the default window".into(), |w| format!("window {w}"));
+        println!("streams: {items} items of 32 bytes, {window}, Unix socket, one process, multi-thread runtime (2 workers)");
         println!("raw frames     {:>12.0} items/s", rate(raw));
         println!(
             "windowed       {:>12.0} items/s   {:.2}x the raw time",
