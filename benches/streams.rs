@@ -35,10 +35,7 @@ async fn dispatchers(window: Option<u64>) -> (Dispatcher, Dispatcher) {
         Some(window) => Dispatcher::builder().stream_window(window),
         None => Dispatcher::builder(),
     };
-    let client = client
-        .connect(Channel::from(a))
-        .await
-        .unwrap();
+    let client = client.connect(Channel::from(a)).await.unwrap();
     (client, server)
 }
 

@@ -287,7 +287,10 @@ mod tests {
         // The sender dropped: closed.
         let (tx, mut rx) = answers.channel();
         drop(tx);
-        assert!(matches!(rx.poll(&answers, &mut cx), Poll::Ready(Err(Closed))));
+        assert!(matches!(
+            rx.poll(&answers, &mut cx),
+            Poll::Ready(Err(Closed))
+        ));
         rx.release(&answers);
         assert_eq!(answers.in_use(), 0);
         // Both dropped unanswered, in either order.
@@ -314,13 +317,19 @@ mod tests {
         let waker = Waker::from(Arc::clone(&count));
         let answers = Arc::new(Answers::default());
         let (tx, mut rx) = answers.channel();
-        assert!(rx.poll(&answers, &mut Context::from_waker(&waker)).is_pending());
+        assert!(rx
+            .poll(&answers, &mut Context::from_waker(&waker))
+            .is_pending());
         tx.send(answer()).unwrap();
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         let (tx, mut rx) = answers.channel();
-        assert!(rx.poll(&answers, &mut Context::from_waker(&waker)).is_pending());
+        assert!(rx
+            .poll(&answers, &mut Context::from_waker(&waker))
+            .is_pending());
         drop(tx);
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 2);
-        assert!(rx.poll(&answers, &mut Context::from_waker(&waker)).is_ready());
+        assert!(rx
+            .poll(&answers, &mut Context::from_waker(&waker))
+            .is_ready());
     }
 }

@@ -183,10 +183,18 @@ mod tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "one wake for the burst");
         assert_eq!(ids(&mut receiver, &mut cx), [0, 1, 2, 3, 4]);
         sender.send(Command::Cancel(5)).unwrap();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2, "empty again: woken again");
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            2,
+            "empty again: woken again"
+        );
         assert_eq!(ids(&mut receiver, &mut cx), [5]);
         drop(sender);
-        assert_eq!(count.0.load(Ordering::SeqCst), 3, "the sender's drop wakes it");
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            3,
+            "the sender's drop wakes it"
+        );
         assert!(matches!(receiver.poll_recv(&mut cx), Poll::Ready(None)));
     }
 

@@ -8,12 +8,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::{Instant, Sleep};
 
+use crate::answers::AnswerReceiver;
 use crate::codec::Codec;
 use crate::envelope::Method;
 use crate::error::{code, CallError, CodecError, Termination};
 use crate::message::Attributes;
 use crate::middleware::{Endpoint, Next, OutgoingCall};
-use crate::answers::AnswerReceiver;
 use crate::shared::{Command, Outbound, Permit, RawResponse, Reserved, Shared};
 
 type Decode<T> = fn(Codec, RawResponse) -> Result<T, CallError>;

@@ -406,10 +406,10 @@ impl Released {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::answers::{test_channel, TestReceiver};
     use crate::envelope::Method;
     use crate::message::Attributes;
     use crate::shared::RawResponse;
-    use crate::answers::{test_channel, TestReceiver};
     use bytes::Bytes;
 
     fn answer() -> RawAnswer {
