@@ -269,9 +269,10 @@ impl<T: DeserializeOwned> RemoteStream<T> {
 
     fn decode_batch(&mut self, position: u64, payload: &[u8]) -> Result<(), CallError> {
         let codec = self.shared.as_ref().map(|s| s.codec).unwrap_or_default();
-        let items: Vec<T> = codec.decode(payload).map_err(CallError::Decode)?;
+        codec
+            .decode_extend(payload, &mut self.buffer)
+            .map_err(CallError::Decode)?;
         self.next_position = position;
-        self.buffer.extend(items);
         Ok(())
     }
 }
