@@ -306,6 +306,59 @@ mod tests {
     }
 
     #[test]
+    fn senders_and_receivers_on_other_threads_leave_no_slot_behind() {
+        // Each caller thread makes calls whose answers another thread sends, or drops
+        // unanswered, while the caller waits, gives up at once, or polls first: every slot is
+        // free at the end, and every answer sent to a waiting caller reaches it.
+        let answers = Arc::new(Answers::default());
+        let (to_driver, from_callers) = std::sync::mpsc::channel::<(usize, AnswerSender)>();
+        let driver = std::thread::spawn(move || {
+            for (n, sender) in from_callers {
+                match n % 3 {
+                    0 => drop(sender),
+                    _ => {
+                        let _ = sender.send(answer());
+                    }
+                }
+            }
+        });
+        let callers: Vec<_> = (0..4)
+            .map(|thread| {
+                let answers = Arc::clone(&answers);
+                let to_driver = to_driver.clone();
+                std::thread::spawn(move || {
+                    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+                    for i in 0..2_000 {
+                        let n = thread * 7 + i;
+                        let (sender, mut receiver) = answers.channel();
+                        to_driver.send((n, sender)).unwrap();
+                        match n % 4 {
+                            0 => receiver.release(&answers),
+                            1 => {
+                                let _ = receiver.poll(&answers, &mut cx);
+                                receiver.release(&answers);
+                            }
+                            _ => loop {
+                                match receiver.poll(&answers, &mut cx) {
+                                    Poll::Ready(Ok(_)) => break assert_ne!(n % 3, 0),
+                                    Poll::Ready(Err(Closed)) => break assert_eq!(n % 3, 0),
+                                    Poll::Pending => std::thread::yield_now(),
+                                }
+                            },
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(to_driver);
+        for caller in callers {
+            caller.join().unwrap();
+        }
+        driver.join().unwrap();
+        assert_eq!(answers.in_use(), 0);
+    }
+
+    #[test]
     fn an_answer_wakes_the_waker_of_the_last_poll() {
         struct Count(std::sync::atomic::AtomicUsize);
         impl std::task::Wake for Count {

@@ -199,6 +199,56 @@ mod tests {
     }
 
     #[test]
+    fn commands_from_other_threads_all_arrive_in_each_senders_order() {
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let (sender, mut receiver) = channel();
+        let sender = Arc::new(sender);
+        let threads: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let sender = Arc::clone(&sender);
+                std::thread::spawn(move || {
+                    for i in 0..5_000 {
+                        sender.send(Command::Cancel(thread << 32 | i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        drop(sender);
+        // The receiver parks when it has nothing: only the senders' wakes bring it back.
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut next = [0u64; 4];
+        loop {
+            match receiver.poll_recv(&mut cx) {
+                Poll::Ready(Some(Command::Cancel(id))) => {
+                    let thread = (id >> 32) as usize;
+                    assert_eq!(id & 0xffff_ffff, next[thread], "in order per sender");
+                    next[thread] += 1;
+                }
+                Poll::Ready(Some(_)) => unreachable!("only cancels are sent"),
+                Poll::Ready(None) => break,
+                Poll::Pending => {
+                    let parked = std::time::Instant::now();
+                    std::thread::park_timeout(std::time::Duration::from_secs(10));
+                    assert!(
+                        parked.elapsed() < std::time::Duration::from_secs(10),
+                        "a command came and nobody woke the receiver"
+                    );
+                }
+            }
+        }
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(next, [5_000; 4], "every command arrived");
+    }
+
+    #[test]
     fn a_closed_or_dropped_receiver_refuses_commands_and_drops_what_was_queued() {
         let (sender, mut receiver) = channel();
         sender.send(Command::Cancel(1)).unwrap();
