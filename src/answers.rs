@@ -174,7 +174,9 @@ impl AnswerReceiver {
         let outcome = match slot {
             Slot::Waiting(Some(waker)) if waker.will_wake(cx.waker()) => return Poll::Pending,
             Slot::Waiting(waker) => {
-                *waker = Some(cx.waker().clone());
+                let old = waker.replace(cx.waker().clone());
+                drop(table);
+                drop(old);
                 return Poll::Pending;
             }
             Slot::Answered(_) => match std::mem::replace(slot, Slot::Free) {
@@ -195,11 +197,14 @@ impl AnswerReceiver {
         }
         let mut table = answers.lock();
         let slot = &mut table.slots[self.key as usize];
-        match std::mem::replace(slot, Slot::Abandoned) {
-            // The sender frees it.
-            Slot::Waiting(_) => {}
-            _ => table.free(self.key),
+        let old = std::mem::replace(slot, Slot::Abandoned);
+        // A waiting slot is the sender's to free.
+        if !matches!(old, Slot::Waiting(_)) {
+            table.free(self.key);
         }
+        drop(table);
+        // An unread answer (or an old waker) is dropped outside the lock.
+        drop(old);
     }
 }
 
