@@ -219,10 +219,16 @@ fn main() {
     }
 
     if args.iter().any(|a| a == "--profile") {
-        // For profilers: only the dispatcher, one process, 1024 in flight.
+        // For profilers: one process, 1024 in flight (`PROFILE_WINDOW` to change it), the
+        // dispatcher (or, with `PROFILE_RAW`, the raw echo).
         let total = std::env::var("PROFILE_TOTAL").map_or(200_000, |v| v.parse().unwrap());
+        let window = std::env::var("PROFILE_WINDOW").map_or(1024, |v| v.parse().unwrap());
+        let peer = match std::env::var_os("PROFILE_RAW") {
+            Some(_) => Peer::Raw,
+            None => Peer::Dispatcher,
+        };
         let dir = std::env::temp_dir();
-        let elapsed = runtime.block_on(measure(Peer::Dispatcher, false, total, 1024, &dir));
+        let elapsed = runtime.block_on(measure(peer, false, total, window, &dir));
         println!("{total} calls in {elapsed:?}");
         return;
     }
