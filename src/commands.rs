@@ -6,9 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
-
-use futures_util::task::AtomicWaker;
+use std::task::{Context, Poll, Waker};
 
 use crate::shared::Command;
 
@@ -17,12 +15,14 @@ const KEPT: usize = 1024;
 
 struct Queue {
     commands: Mutex<Queued>,
-    driver: AtomicWaker,
 }
 
 #[derive(Default)]
 struct Queued {
     commands: VecDeque<Command>,
+    /// The driver's waker, from its last look at an empty queue. Kept under the same lock as
+    /// the commands, so that looking and registering are one step (no second atomic dance).
+    driver: Option<Waker>,
     /// The sender (the handles' shared state) is gone.
     sender_gone: bool,
     /// The driver takes no more.
@@ -40,7 +40,6 @@ impl Queue {
 pub(crate) fn channel() -> (CommandSender, CommandReceiver) {
     let queue = Arc::new(Queue {
         commands: Mutex::default(),
-        driver: AtomicWaker::new(),
     });
     let receiver = CommandReceiver {
         queue: Arc::clone(&queue),
@@ -68,11 +67,14 @@ impl CommandSender {
             drop(command);
             return Err(Closed);
         }
-        let was_empty = queued.commands.is_empty();
+        let driver = match queued.commands.is_empty() {
+            true => queued.driver.clone(),
+            false => None,
+        };
         queued.commands.push_back(command);
         drop(queued);
-        if was_empty {
-            self.queue.driver.wake();
+        if let Some(driver) = driver {
+            driver.wake();
         }
         Ok(())
     }
@@ -80,8 +82,14 @@ impl CommandSender {
 
 impl Drop for CommandSender {
     fn drop(&mut self) {
-        self.queue.lock().sender_gone = true;
-        self.queue.driver.wake();
+        let driver = {
+            let mut queued = self.queue.lock();
+            queued.sender_gone = true;
+            queued.driver.take()
+        };
+        if let Some(driver) = driver {
+            driver.wake();
+        }
     }
 }
 
@@ -99,21 +107,27 @@ impl CommandReceiver {
         if let Some(command) = self.batch.pop_front() {
             return Poll::Ready(Some(command));
         }
-        // NB. Register, then look: a command queued after the look finds the waker.
-        self.queue.driver.register(cx.waker());
         if self.batch.capacity() > KEPT {
             // A burst is over: its room goes back to the allocator, not to the next swap.
             self.batch = VecDeque::new();
         }
         let mut queued = self.queue.lock();
         std::mem::swap(&mut queued.commands, &mut self.batch);
-        let sender_gone = queued.sender_gone;
-        drop(queued);
-        match self.batch.pop_front() {
-            Some(command) => Poll::Ready(Some(command)),
-            None if sender_gone => Poll::Ready(None),
-            None => Poll::Pending,
+        if !self.batch.is_empty() {
+            drop(queued);
+            return Poll::Ready(self.batch.pop_front());
         }
+        if queued.sender_gone {
+            return Poll::Ready(None);
+        }
+        // NB. Looked and registered under one lock: a command queued after it finds the waker.
+        let old = match &queued.driver {
+            Some(waker) if waker.will_wake(cx.waker()) => None,
+            _ => queued.driver.replace(cx.waker().clone()),
+        };
+        drop(queued);
+        drop(old);
+        Poll::Pending
     }
 
     /// Takes no more: later sends fail.
