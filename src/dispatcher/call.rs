@@ -126,9 +126,10 @@ impl<T> Call<T> {
     }
 
     /// A nested call from the handler of the peer's request `parent` (none for a
-    /// notification's handler): it takes no in-flight permit, since the handlers that make them are bounded
-    /// already, and a handler waiting for a permit held by calls that wait for that handler
-    /// would deadlock. The peer admits it outside its handler limit while `parent` runs.
+    /// notification's handler): it takes no in-flight permit, since the handlers that make
+    /// them are bounded already, and a handler waiting for a permit held by calls that wait
+    /// for that handler would deadlock. The peer admits it outside its handler limit while
+    /// `parent` runs.
     pub(crate) fn nested(mut self, parent: Option<u64>) -> Self {
         self.permit = Permit::None;
         self.parent = parent;
