@@ -3,13 +3,17 @@
 //! process's resident memory grows by what those calls hold (the call futures, their answer
 //! slots, the pending maps, the handlers' futures and contexts, the frames in the buffers).
 //!
+//! The baseline, in the same run: a raw length-prefixed peer that holds each request's body
+//! until all have come (the least a pending call can cost), the client keeping only a count.
+//!
 //! ```text
 //! cargo bench --bench memory
 //! cargo bench --bench memory -- --calls 100000
 //! ```
-//! The growth is counted from before the first of the calls, on a fresh connection (memory
-//! freed earlier would be reused and hide the cost), in KiB pages: at 10,000 calls one page is
-//! under half a byte per call.
+//! Each case runs in a fresh process (this binary again, with `--only raw|dispatcher`):
+//! memory freed by one case would be reused by the next and hide its cost. The growth is
+//! counted in KiB pages from before the first call: at 10,000 calls one page is under half a
+//! byte per call.
 #![allow(missing_docs)]
 
 use std::future::IntoFuture;
@@ -19,6 +23,7 @@ use std::time::Duration;
 
 use channel_dispatcher::{request, Channel, Context, Dispatcher, Limits, Router};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
@@ -86,20 +91,89 @@ async fn pending_calls(calls: usize) -> f64 {
     heap + std::mem::size_of::<channel_dispatcher::ResponseFuture<String>>() as f64
 }
 
+/// Bytes per pending request of a raw peer: the server holds `calls` bodies, then answers.
+async fn raw_pending(calls: usize) -> f64 {
+    let (a, b) = UnixStream::pair().unwrap();
+    let before = rss_kib();
+    let server = tokio::spawn(async move {
+        let (read, write) = b.into_split();
+        let mut reader = BufReader::new(read);
+        let mut held = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let len = reader.read_u32().await.unwrap();
+            let mut body = vec![0; len as usize];
+            reader.read_exact(&mut body).await.unwrap();
+            held.push(body);
+        }
+        let during = rss_kib();
+        let mut writer = BufWriter::new(write);
+        for body in held {
+            writer.write_u32(body.len() as u32).await.unwrap();
+            writer.write_all(&body).await.unwrap();
+        }
+        writer.flush().await.unwrap();
+        during
+    });
+    let (read, write) = a.into_split();
+    let client = tokio::spawn(async move {
+        let mut writer = BufWriter::new(write);
+        for _ in 0..calls {
+            writer.write_u32(PAYLOAD.len() as u32).await.unwrap();
+            writer.write_all(PAYLOAD.as_bytes()).await.unwrap();
+        }
+        writer.flush().await.unwrap();
+        writer
+    });
+    let mut reader = BufReader::new(read);
+    let mut body = vec![0; PAYLOAD.len()];
+    for _ in 0..calls {
+        assert_eq!(reader.read_u32().await.unwrap() as usize, PAYLOAD.len());
+        reader.read_exact(&mut body).await.unwrap();
+    }
+    drop(client.await.unwrap());
+    let during = server.await.unwrap();
+    during.saturating_sub(before) as f64 * 1024.0 / calls as f64
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let calls = args
+    let calls: usize = args
         .iter()
         .position(|a| a == "--calls")
         .and_then(|i| args.get(i + 1))
         .map_or(10_000, |n| n.parse().expect("--calls <n>"));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let bytes = runtime.block_on(pending_calls(calls));
+    if let Some(i) = args.iter().position(|a| a == "--only") {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let bytes = match args.get(i + 1).map(String::as_str) {
+            Some("raw") => runtime.block_on(raw_pending(calls)),
+            _ => runtime.block_on(pending_calls(calls)),
+        };
+        return println!("{bytes}");
+    }
+    let run = |case: &str| -> f64 {
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--only", case, "--calls", &calls.to_string()])
+            .output()
+            .expect("the bench runs itself");
+        assert!(output.status.success(), "{case}: {output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (dispatcher, raw) = (run("dispatcher"), run("raw"));
     println!(
         "memory: {calls} calls pending at once, both sides in one process, current-thread runtime"
     );
-    println!("bytes per pending call (RSS growth / calls + the call future) {bytes:>8.0}");
+    println!("bytes per pending call, dispatcher (RSS growth / calls + the call future) {dispatcher:>6.0}");
+    println!(
+        "bytes per pending request, raw peer holding the bodies                     {raw:>6.0}"
+    );
+    println!(
+        "ratio                                                                     {:>5.1}x",
+        dispatcher / raw.max(1.0)
+    );
 }
