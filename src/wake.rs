@@ -3,41 +3,65 @@
 //! without a task per future.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Wake, Waker};
-
-use futures_util::task::AtomicWaker;
 
 /// The keys woken since the driver last looked, and the driver to wake.
 #[derive(Default)]
 pub(crate) struct WakeQueue {
-    keys: Mutex<Vec<u64>>,
-    driver: AtomicWaker,
+    woken: Mutex<Woken>,
+}
+
+#[derive(Default)]
+struct Woken {
+    keys: Vec<u64>,
+    /// The driver's waker, from its last look at an empty queue: kept under the same lock as
+    /// the keys, so that looking and registering are one step (as in `commands.rs`).
+    driver: Option<Waker>,
 }
 
 impl WakeQueue {
-    /// Registers the driver's waker; call before [`take`](Self::take) so no wake is lost.
-    pub(crate) fn register(&self, waker: &Waker) {
-        self.driver.register(waker);
+    fn lock(&self) -> MutexGuard<'_, Woken> {
+        self.woken.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves the woken keys into `into` (which should be empty).
-    pub(crate) fn take(&self, into: &mut Vec<u64>) {
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::swap(&mut *keys, into);
+    /// Moves the woken keys into `into` (which should be empty); when there are none, keeps
+    /// `waker` for the next key.
+    pub(crate) fn take_or_register(&self, waker: &Waker, into: &mut Vec<u64>) {
+        let mut woken = self.lock();
+        std::mem::swap(&mut woken.keys, into);
+        if !into.is_empty() {
+            return;
+        }
+        let old = match &woken.driver {
+            Some(driver) if driver.will_wake(waker) => None,
+            _ => woken.driver.replace(waker.clone()),
+        };
+        drop(woken);
+        drop(old);
     }
 
     /// Wakes the driver without queueing a key.
     pub(crate) fn wake_driver(&self) {
-        self.driver.wake();
+        let driver = self.lock().driver.clone();
+        if let Some(driver) = driver {
+            driver.wake();
+        }
     }
 
+    /// Queues `key`; the driver is woken when the queue was empty (it takes all keys at once,
+    /// so a key queued behind others is taken with them).
     fn push(&self, key: u64) {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(key);
-        self.driver.wake();
+        let mut woken = self.lock();
+        let driver = match woken.keys.is_empty() {
+            true => woken.driver.clone(),
+            false => None,
+        };
+        woken.keys.push(key);
+        drop(woken);
+        if let Some(driver) = driver {
+            driver.wake();
+        }
     }
 }
 
@@ -90,14 +114,15 @@ mod tests {
         let as_waker = Waker::from(Arc::clone(&waker));
         as_waker.wake_by_ref();
         as_waker.wake_by_ref();
+        let driver = futures_util::task::noop_waker_ref();
         let mut keys = Vec::new();
-        queue.take(&mut keys);
+        queue.take_or_register(driver, &mut keys);
         assert_eq!(keys, [7]);
 
         keys.clear();
         waker.polling();
         as_waker.wake();
-        queue.take(&mut keys);
+        queue.take_or_register(driver, &mut keys);
         assert_eq!(keys, [7], "queued again after a poll");
     }
 }

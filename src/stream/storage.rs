@@ -415,8 +415,7 @@ impl Streams {
 
     /// Registers the driver's waker and takes the ids of streams woken since the last call.
     pub(crate) fn take_woken(&self, waker: &Waker, into: &mut Vec<u64>) {
-        self.inner.woken.register(waker);
-        self.inner.woken.take(into);
+        self.inner.woken.take_or_register(waker, into);
     }
 
     /// Polls stream `id` if its consumer wants items; `max` caps the batch's items, `max_bytes`

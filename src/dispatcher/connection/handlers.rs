@@ -368,8 +368,7 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Handlers<F> {
                 }
                 continue;
             }
-            self.queue.register(cx.waker());
-            self.queue.take(&mut self.batch);
+            self.queue.take_or_register(cx.waker(), &mut self.batch);
             if self.batch.is_empty() {
                 return Poll::Pending;
             }
