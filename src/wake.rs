@@ -108,6 +108,79 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_first_key_after_a_look_at_an_empty_queue_wakes_the_driver_once() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(Default::default()));
+        let driver = Waker::from(Arc::clone(&count));
+        let queue = Arc::new(WakeQueue::default());
+        let mut keys = Vec::new();
+        queue.take_or_register(&driver, &mut keys);
+        for key in 1..=3 {
+            Waker::from(Arc::new(KeyWaker::new(key, Arc::clone(&queue)))).wake();
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "one wake for the three");
+        queue.take_or_register(&driver, &mut keys);
+        assert_eq!(keys, [1, 2, 3]);
+        Waker::from(Arc::new(KeyWaker::new(4, Arc::clone(&queue)))).wake();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            2,
+            "taken: the next key wakes it again"
+        );
+        queue.wake_driver();
+        assert_eq!(count.0.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn keys_woken_on_other_threads_all_arrive_and_wake_a_parked_driver() {
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let queue = Arc::new(WakeQueue::default());
+        let driver = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut keys = Vec::new();
+        queue.take_or_register(&driver, &mut keys);
+        assert!(keys.is_empty());
+        let threads: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let queue = Arc::clone(&queue);
+                std::thread::spawn(move || {
+                    for i in 0..1_000 {
+                        let waker = Arc::new(KeyWaker::new(thread * 1_000 + i, Arc::clone(&queue)));
+                        Waker::from(waker).wake();
+                    }
+                })
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < 4_000 {
+            keys.clear();
+            queue.take_or_register(&driver, &mut keys);
+            if keys.is_empty() {
+                let parked = std::time::Instant::now();
+                std::thread::park_timeout(std::time::Duration::from_secs(10));
+                assert!(
+                    parked.elapsed() < std::time::Duration::from_secs(10),
+                    "a key was queued and nobody woke the driver"
+                );
+            }
+            seen.extend(keys.iter().copied());
+        }
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(seen.len(), 4_000);
+    }
+
+    #[test]
     fn a_key_is_queued_once_until_polled_again() {
         let queue = Arc::new(WakeQueue::default());
         let waker = Arc::new(KeyWaker::new(7, Arc::clone(&queue)));
