@@ -410,6 +410,40 @@ async fn credit_for_a_pulled_stream_ends_it_with_an_error_at_once() {
     );
 }
 
+// A pull that waits when its stream goes (credit on a pulled stream removes it) is answered:
+// nothing else would, and a PHP-style consumer waits for ever.
+#[tokio::test]
+async fn a_pull_waiting_when_its_stream_is_removed_is_answered() {
+    let probe = Probe::default();
+    let (_feed, items) = mpsc::unbounded_channel();
+    *probe.feed.lock().unwrap() = Some(items);
+    let (_dispatcher, mut peer) = connect(probe).await;
+    let stream = peer.open_stream(1, "fed", &()).await;
+    peer.request(2, "$stream/next", &stream).await;
+    assert!(
+        peer.read_within(Duration::from_millis(200)).await.is_none(),
+        "nothing was fed: the pull waits"
+    );
+    peer.stream_credit(stream, 10).await;
+    let (mut ended, mut answered) = (false, false);
+    while !(ended && answered) {
+        let envelope = peer.read().await;
+        match envelope[0].as_u64() {
+            Some(9) => ended = true,
+            Some(4) => {
+                assert_eq!(envelope[1], json!(2), "{envelope}");
+                let message = envelope[4].as_str().unwrap();
+                assert!(
+                    message.contains("released while this pull waited"),
+                    "{envelope}"
+                );
+                answered = true;
+            }
+            _ => panic!("unexpected: {envelope}"),
+        }
+    }
+}
+
 // issue 8: admission limits are announced; a peer over them is refused, then cut off
 #[tokio::test]
 async fn requests_over_the_announced_limit_are_refused_then_the_flood_is_cut_off() {

@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -170,6 +171,9 @@ struct Storage {
     idle: Duration,
     max: usize,
     woken: Arc<WakeQueue>,
+    /// Set (after the push, under no lock) when `Table::orphaned` may hold pulls: the driver
+    /// looks at it every turn, and most connections never have one.
+    orphans: AtomicBool,
 }
 
 struct Table {
@@ -257,6 +261,7 @@ impl Streams {
                 idle,
                 max,
                 woken: Arc::default(),
+                orphans: AtomicBool::new(false),
             }),
         }
     }
@@ -334,6 +339,7 @@ impl Streams {
         };
         if orphaned {
             // The driver answers the pull that waited on it.
+            self.inner.orphans.store(true, Ordering::Release);
             self.inner.woken.wake_driver();
         }
         entry.is_some()
@@ -341,6 +347,9 @@ impl Streams {
 
     /// The pull requests whose streams were removed while they waited: (stream, request).
     pub(crate) fn take_orphaned_pulls(&self) -> Vec<(u64, u64)> {
+        if !self.inner.orphans.swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
         std::mem::take(&mut self.table().orphaned)
     }
 
@@ -368,6 +377,9 @@ impl Streams {
         match &mut entry.demand {
             Demand::Pull(_) => {
                 table.remove(id);
+                if !table.orphaned.is_empty() {
+                    self.inner.orphans.store(true, Ordering::Release);
+                }
                 return Granted::PullMode;
             }
             Demand::Unclaimed => entry.demand = Demand::Credit(credit.min(MAX_CREDIT)),
