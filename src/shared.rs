@@ -38,8 +38,10 @@ pub(crate) struct Shared {
     pub(crate) default_timeout: Option<Duration>,
     /// The caller-side pipeline, if any (`Builder::outbound`).
     pub(crate) outbound: Option<Arc<[Arc<dyn Middleware<OutgoingCall>>]>>,
-    /// The default window of remote streams (`Builder::stream_window`).
+    /// The window of remote streams (`Builder::stream_window`), and whether it may grow (it
+    /// was not set).
     pub(crate) stream_window: u64,
+    pub(crate) stream_window_grows: bool,
 }
 
 impl Drop for Shared {
@@ -143,7 +145,7 @@ impl Shared {
         lifecycle: Arc<Lifecycle>,
         default_timeout: Option<Duration>,
         outbound: Option<Arc<[Arc<dyn Middleware<OutgoingCall>>]>>,
-        stream_window: u64,
+        stream_window: Option<u64>,
     ) -> Self {
         Self {
             commands,
@@ -153,7 +155,8 @@ impl Shared {
             lifecycle,
             default_timeout,
             outbound,
-            stream_window,
+            stream_window: stream_window.unwrap_or(crate::stream::DEFAULT_WINDOW),
+            stream_window_grows: stream_window.is_none(),
         }
     }
 

@@ -598,3 +598,72 @@ async fn calls_of_the_handler_of_a_request_0_keep_to_the_peers_request_window() 
         "{answer}"
     );
 }
+
+/// The raw peer, as producer of `method`'s stream, sends `items` in batches of `per_batch`
+/// against the credit it was first given; returns that first credit and the credit the
+/// consumer grants after it took them all and waits for more.
+async fn credit_around_one_window<T: Serialize>(
+    peer: &mut RawPeer,
+    method: &str,
+    items: &[T],
+    per_batch: usize,
+) -> (u64, u64) {
+    let id = peer.read_request(method).await;
+    peer.respond(id, &STREAM).await;
+    let first = peer.read_credit(STREAM).await;
+    for (n, batch) in items.chunks(per_batch).enumerate() {
+        let position = (n * per_batch) as u64;
+        peer.send(&(8u8, STREAM, position, batch)).await;
+    }
+    let mut granted = 0;
+    while let Some(credit) = peer.read_within(Duration::from_millis(300)).await {
+        assert_eq!(
+            (&credit[0], &credit[1]),
+            (&json!(10), &json!(STREAM)),
+            "{credit}"
+        );
+        granted += credit[2].as_u64().unwrap();
+    }
+    (first, granted)
+}
+
+// issue 14: a consumer left waiting once it took its whole default window grows the window
+// (the producer is granted more than was consumed); a window set by hand stays, and so does
+// one whose items are too large for the growth's byte bound.
+#[tokio::test]
+async fn a_waiting_consumer_grows_a_default_window_but_never_a_set_one_or_past_the_byte_bound() {
+    let numbers: Vec<u64> = (0..1024).collect();
+    for fixed in [false, true] {
+        let (dispatcher, mut peer) = connect(Probe::default()).await;
+        let stream = match fixed {
+            true => dispatcher.stream(Numbers(1)).window(1024),
+            false => dispatcher.stream(Numbers(1)),
+        };
+        let consumer = tokio::spawn(stream.count());
+        let (first, granted) = credit_around_one_window(&mut peer, "numbers", &numbers, 256).await;
+        assert_eq!(first, 1024);
+        match fixed {
+            true => assert_eq!(
+                granted, 1024,
+                "a set window renews what was consumed, no more"
+            ),
+            false => assert_eq!(
+                granted,
+                1024 + 1024,
+                "the window doubled once the consumer waited"
+            ),
+        }
+        consumer.abort();
+    }
+    // Items of 2,000 bytes: 1 MiB holds 524 of them, fewer than the window already is.
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let consumer = tokio::spawn(dispatcher.stream(Kilobytes).count());
+    let large: Vec<String> = (0..1024).map(|i| format!("{i:>2000}")).collect();
+    let (first, granted) = credit_around_one_window(&mut peer, "kilobytes", &large, 128).await;
+    assert_eq!(
+        (first, granted),
+        (1024, 1024),
+        "no growth past the byte bound"
+    );
+    consumer.abort();
+}

@@ -69,7 +69,8 @@ pub struct Builder<S = Router> {
     max_queued_bytes: usize,
     token: Option<String>,
     outbound: Vec<Arc<dyn Middleware<OutgoingCall>>>,
-    stream_window: u64,
+    /// `None`: the default window, which grows for a fast consumer.
+    stream_window: Option<u64>,
     stream_idle_timeout: Duration,
     max_streams: usize,
 }
@@ -99,7 +100,7 @@ impl Builder<Router> {
             max_queued_bytes: 4 * 1024 * 1024,
             token: None,
             outbound: Vec::new(),
-            stream_window: 1024,
+            stream_window: None,
             stream_idle_timeout: Duration::from_secs(60),
             max_streams: 1024,
         }
@@ -301,12 +302,18 @@ impl<S> Builder<S> {
         self
     }
 
-    /// The default window of the remote streams this side consumes: how many items the
-    /// producer may send ahead of consumption (and so the most that are ever buffered).
-    /// Larger windows keep a fast consumer from waiting on credit (see BENCHMARKS.md); smaller
-    /// ones bound memory for large items. Default: 1024.
+    /// The window of the remote streams this side consumes: how many items the producer may
+    /// send ahead of consumption (and so the most that are ever buffered).
+    ///
+    /// Without this setting the window starts at 1024 items and grows for a consumer that
+    /// finds itself waiting for items (the credit's round trip is then what holds it back):
+    /// it doubles each time, up to 16,384 items and never past about 1 MiB of items at their
+    /// average size so far. A window set here (or on a stream, with
+    /// [`RemoteStream::window`](crate::RemoteStream::window)) is fixed: larger ones keep a
+    /// fast consumer from waiting on credit (see BENCHMARKS.md), smaller ones bound memory
+    /// for large items.
     pub fn stream_window(mut self, items: u64) -> Self {
-        self.stream_window = items.max(1);
+        self.stream_window = Some(items.max(1));
         self
     }
 

@@ -8,7 +8,9 @@
 //! - **windowed** (the default): the consumer grants credit for a window of items; the producer
 //!   sends up to that many without waiting, batched into as few frames as possible; the consumer
 //!   renews credit as it consumes. A slow consumer makes the producer wait, so at most a window
-//!   of items is ever buffered.
+//!   of items is ever buffered. The default window grows for a consumer that waits for items
+//!   (up to 16,384 items and about 1 MiB of them); one set by hand stays as set (see
+//!   [`Builder::stream_window`](crate::Builder::stream_window)).
 //! - **pull**: one request per item, answered with the item and its position (the PHP
 //!   original's remote iterators work this way).
 //!
@@ -72,6 +74,13 @@ pub(crate) const PULL_METHOD: &str = "$stream/next";
 /// The attribute carrying a pulled item's position.
 pub(crate) const POSITION_ATTRIBUTE: &str = "stream-position";
 
+/// The window a stream starts with when none is set.
+pub(crate) const DEFAULT_WINDOW: u64 = 1024;
+/// How far a default window grows, in items.
+const MAX_GROWN_WINDOW: u64 = 16 * DEFAULT_WINDOW;
+/// How far a default window grows, in bytes of items at their average size so far.
+const MAX_GROWN_BYTES: u64 = 1 << 20;
+
 /// A stream of items produced by the peer: a `futures::Stream` of `Result<T, CallError>`.
 ///
 /// After an error item the stream ends. See the [module docs](self).
@@ -83,6 +92,12 @@ pub struct RemoteStream<T> {
     shared: Option<Arc<Shared>>,
     state: State,
     window: u64,
+    /// Whether `window` may grow when the consumer waits for items (it was not set).
+    grows: bool,
+    /// Items and payload bytes received, for their average size.
+    received: (u64, u64),
+    /// Items received when the window last grew: it grows once per wait at most.
+    grown_at: u64,
     /// Items yielded since the last credit grant.
     consumed: u64,
     buffer: VecDeque<T>,
@@ -152,10 +167,16 @@ impl<T: DeserializeOwned> RemoteStream<T> {
                 *pull = true;
             }
         }
+        let grows = shared
+            .as_ref()
+            .is_some_and(|shared| shared.stream_window_grows);
         Self {
             shared,
             state,
             window: window.clamp(1, storage::MAX_CREDIT),
+            grows,
+            received: (0, 0),
+            grown_at: 0,
             consumed: 0,
             buffer: VecDeque::new(),
             next_position: 0,
@@ -190,11 +211,12 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     }
 
     /// The window: how many items the producer may send ahead of consumption (from 1 to
-    /// 2^32 - 1; other values are clamped). Default:
-    /// [`Builder::stream_window`](crate::Builder::stream_window). It applies before the first
+    /// 2^32 - 1; other values are clamped). A window set here is fixed; the default is
+    /// [`Builder::stream_window`](crate::Builder::stream_window)'s. It applies before the first
     /// poll.
     pub fn window(mut self, window: u64) -> Self {
         self.window = window.clamp(1, storage::MAX_CREDIT);
+        self.grows = false;
         self
     }
 
@@ -269,11 +291,41 @@ impl<T: DeserializeOwned> RemoteStream<T> {
 
     fn decode_batch(&mut self, position: u64, payload: &[u8]) -> Result<(), CallError> {
         let codec = self.shared.as_ref().map(|s| s.codec).unwrap_or_default();
+        let before = self.buffer.len();
         codec
             .decode_extend(payload, &mut self.buffer)
             .map_err(CallError::Decode)?;
         self.next_position = position;
+        let (items, bytes) = &mut self.received;
+        *items = items.saturating_add((self.buffer.len() - before) as u64);
+        *bytes = bytes.saturating_add(payload.len() as u64);
         Ok(())
+    }
+
+    /// The consumer waits for items with none buffered: the credit's round trip holds it
+    /// back, so a window that may grow doubles (see `Builder::stream_window`), and the
+    /// producer is granted the difference at once.
+    fn grow_window(&mut self, id: u64) {
+        let (items, bytes) = self.received;
+        if !self.grows || items == self.grown_at {
+            return; // fixed, waiting for the first batch, or grown for this wait already
+        }
+        self.grown_at = items;
+        let by_bytes = MAX_GROWN_BYTES / (bytes / items).max(1);
+        let grown = self
+            .window
+            .saturating_mul(2)
+            .min(MAX_GROWN_WINDOW)
+            .min(by_bytes);
+        if grown <= self.window {
+            return;
+        }
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let credit = grown - self.window;
+        self.window = grown;
+        let _ = shared.send_command(Command::GrantCredit { stream: id, credit });
     }
 }
 
@@ -304,24 +356,29 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                         Err(error) => return this.fail(error),
                     }
                 }
-                State::Windowed { events, .. } => match std::task::ready!(events.poll_recv(cx)) {
-                    Some(StreamEvent::Items { position, payload }) => {
+                State::Windowed { id, events } => match events.poll_recv(cx) {
+                    Poll::Pending => {
+                        let id = *id;
+                        this.grow_window(id);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Some(StreamEvent::Items { position, payload })) => {
                         if let Err(error) = this.decode_batch(position, &payload) {
                             return this.fail(error);
                         }
                     }
-                    Some(StreamEvent::End(None)) => this.state = State::Done,
+                    Poll::Ready(Some(StreamEvent::End(None))) => this.state = State::Done,
                     // NB. Not a clean end: only the producer's end is one.
-                    None => {
+                    Poll::Ready(None) => {
                         let reason = this.shared.as_ref().map_or(Termination::Dropped, |s| {
                             s.lifecycle.reason_or(Termination::Stopped)
                         });
                         this.state = State::Failing(Some(CallError::Terminated(reason)))
                     }
-                    Some(StreamEvent::End(Some(error))) => {
+                    Poll::Ready(Some(StreamEvent::End(Some(error)))) => {
                         this.state = State::Failing(Some(CallError::Remote(error)))
                     }
-                    Some(StreamEvent::Terminated(reason)) => {
+                    Poll::Ready(Some(StreamEvent::Terminated(reason))) => {
                         this.state = State::Failing(Some(CallError::Terminated(reason)))
                     }
                 },
