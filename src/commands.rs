@@ -6,9 +6,10 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use crate::shared::Command;
+use crate::wake::DriverWaker;
 
 /// The most room for commands kept after a burst.
 const KEPT: usize = 1024;
@@ -20,9 +21,8 @@ struct Queue {
 #[derive(Default)]
 struct Queued {
     commands: VecDeque<Command>,
-    /// The driver's waker, from its last look at an empty queue. Kept under the same lock as
-    /// the commands, so that looking and registering are one step (no second atomic dance).
-    driver: Option<Waker>,
+    /// The driver's waker, from its last look at an empty queue.
+    driver: DriverWaker,
     /// The sender (the handles' shared state) is gone.
     sender_gone: bool,
     /// The driver takes no more.
@@ -67,10 +67,7 @@ impl CommandSender {
             drop(command);
             return Err(Closed);
         }
-        let driver = match queued.commands.is_empty() {
-            true => queued.driver.clone(),
-            false => None,
-        };
+        let driver = queued.driver.for_push(queued.commands.is_empty());
         queued.commands.push_back(command);
         drop(queued);
         if let Some(driver) = driver {
@@ -121,10 +118,7 @@ impl CommandReceiver {
             return Poll::Ready(None);
         }
         // NB. Looked and registered under one lock: a command queued after it finds the waker.
-        let old = match &queued.driver {
-            Some(waker) if waker.will_wake(cx.waker()) => None,
-            _ => queued.driver.replace(cx.waker().clone()),
-        };
+        let old = queued.driver.register(cx.waker());
         drop(queued);
         drop(old);
         Poll::Pending

@@ -15,9 +15,35 @@ pub(crate) struct WakeQueue {
 #[derive(Default)]
 struct Woken {
     keys: Vec<u64>,
-    /// The driver's waker, from its last look at an empty queue: kept under the same lock as
-    /// the keys, so that looking and registering are one step (as in `commands.rs`).
-    driver: Option<Waker>,
+    driver: DriverWaker,
+}
+
+/// The driver's waker, kept under the lock of the queue it waits on (this one, and the
+/// command queue): looking at the queue and registering are then one step, and a push wakes
+/// the driver only when it found the queue empty, since the driver takes all it holds at once.
+/// Wakers are dropped and woken by the callers once the lock is released.
+#[derive(Default)]
+pub(crate) struct DriverWaker(Option<Waker>);
+
+impl DriverWaker {
+    /// Keeps `waker` unless the kept one wakes the same task; the one it replaces.
+    #[must_use = "drop the old waker once the lock is released"]
+    pub(crate) fn register(&mut self, waker: &Waker) -> Option<Waker> {
+        match &self.0 {
+            Some(kept) if kept.will_wake(waker) => None,
+            _ => self.0.replace(waker.clone()),
+        }
+    }
+
+    /// The waker to wake for a push that found the queue empty.
+    pub(crate) fn for_push(&self, was_empty: bool) -> Option<Waker> {
+        self.0.clone().filter(|_| was_empty)
+    }
+
+    /// The waker, taken out: nothing will wait on the queue again.
+    pub(crate) fn take(&mut self) -> Option<Waker> {
+        self.0.take()
+    }
 }
 
 impl WakeQueue {
@@ -33,17 +59,14 @@ impl WakeQueue {
         if !into.is_empty() {
             return;
         }
-        let old = match &woken.driver {
-            Some(driver) if driver.will_wake(waker) => None,
-            _ => woken.driver.replace(waker.clone()),
-        };
+        let old = woken.driver.register(waker);
         drop(woken);
         drop(old);
     }
 
     /// Wakes the driver without queueing a key.
     pub(crate) fn wake_driver(&self) {
-        let driver = self.lock().driver.clone();
+        let driver = self.lock().driver.for_push(true);
         if let Some(driver) = driver {
             driver.wake();
         }
@@ -53,10 +76,7 @@ impl WakeQueue {
     /// so a key queued behind others is taken with them).
     fn push(&self, key: u64) {
         let mut woken = self.lock();
-        let driver = match woken.keys.is_empty() {
-            true => woken.driver.clone(),
-            false => None,
-        };
+        let driver = woken.driver.for_push(woken.keys.is_empty());
         woken.keys.push(key);
         drop(woken);
         if let Some(driver) = driver {
