@@ -27,6 +27,7 @@ pub(crate) struct DriverWaker(Option<Waker>);
 
 impl DriverWaker {
     /// Keeps `waker` unless the kept one wakes the same task; the one it replaces.
+    #[inline]
     #[must_use = "drop the old waker once the lock is released"]
     pub(crate) fn register(&mut self, waker: &Waker) -> Option<Waker> {
         match &self.0 {
@@ -36,11 +37,16 @@ impl DriverWaker {
     }
 
     /// The waker to wake for a push that found the queue empty.
+    #[inline]
     pub(crate) fn for_push(&self, was_empty: bool) -> Option<Waker> {
-        self.0.clone().filter(|_| was_empty)
+        match was_empty {
+            true => self.0.clone(),
+            false => None,
+        }
     }
 
     /// The waker, taken out: nothing will wait on the queue again.
+    #[inline]
     pub(crate) fn take(&mut self) -> Option<Waker> {
         self.0.take()
     }
