@@ -71,6 +71,7 @@ where
             }
         }
         // The turn's share is read: come back for more.
+        self.unfinished = true;
         Ok(true)
     }
 
