@@ -43,6 +43,11 @@ stream_request!(Fed => u64, "fed");
 struct Kilobytes;
 stream_request!(Kilobytes => String, "kilobytes");
 
+/// `n` items of 2 KiB each.
+#[derive(Serialize, Deserialize)]
+struct Blocks(u64);
+stream_request!(Blocks => String, "blocks");
+
 /// A notification whose handler never finishes.
 #[derive(Serialize, Deserialize)]
 struct Hold;
@@ -666,4 +671,55 @@ async fn a_waiting_consumer_grows_a_default_window_but_never_a_set_one_or_past_t
         "no growth past the byte bound"
     );
     consumer.abort();
+}
+
+// issue 14: a turn of the driver ends once every source waits for a wake, so streams that take
+// turns for the write buffer, and queue themselves behind one another, must each be polled
+// again (a liveness check; the lost wake a review found here needs a timing this test does not
+// force)
+#[tokio::test]
+async fn streams_that_fill_the_transport_all_finish_once_the_peer_reads() {
+    const STREAMS: u64 = 4;
+    const ITEMS: u64 = 300;
+    // Each item waits for a wake first: the streams queue themselves, often behind others.
+    let router = Router::new().stream(|_cx: Context, Blocks(n)| async move {
+        Ok(stream::iter(0..n).then(|_| async {
+            tokio::task::yield_now().await;
+            Ok("x".repeat(2048))
+        }))
+    });
+    // A small write buffer, so the streams take turns for room; the idle sweep (which polls
+    // the streams again) far away, so it cannot hide a stream nobody polls.
+    let builder = Dispatcher::builder()
+        .handler(router)
+        .write_buffer_limit(8 * 1024)
+        .stream_idle_timeout(Duration::from_secs(3600));
+    let (_dispatcher, mut peer) = RawPeer::connect_with(builder).await;
+    let mut streams = Vec::new();
+    for request in 1..=STREAMS {
+        streams.push(peer.open_stream(request, "blocks", &Blocks(ITEMS)).await);
+    }
+    for &stream in &streams {
+        // One more than the items: the producer looks for the end only with credit left.
+        peer.stream_credit(stream, ITEMS + 1).await;
+    }
+    // The peer reads nothing for a while: the socket fills, the producers wait for room.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut items = vec![0u64; streams.len()];
+    let mut ended = 0;
+    while ended < streams.len() {
+        let envelope = peer.read().await;
+        let Some(at) = streams.iter().position(|&s| envelope[1] == s) else {
+            continue;
+        };
+        match envelope[0].as_u64() {
+            Some(8) => items[at] += envelope[3].as_array().expect("a batch").len() as u64,
+            Some(9) => {
+                assert_eq!(envelope, json!([9, streams[at]]), "a normal end");
+                ended += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(items, vec![ITEMS; streams.len()]);
 }

@@ -506,10 +506,19 @@ where
             return false;
         }
         let mut progress = self.answer_orphaned_pulls();
-        if self.woken.is_empty() {
-            self.streams.take_woken(cx.waker(), &mut self.woken);
-        }
+        // NB. The queue is looked at again whenever the taken ids run out with room left, but
+        // once a pass: a key queued behind others wakes nobody, so a pass that ended with room
+        // and an untaken queue would leave those streams until some other wake. A stream that
+        // queues itself again after this look finds the queue empty and wakes the task.
+        let mut taken = false;
         while self.write.has_room() {
+            if self.woken.is_empty() {
+                if taken {
+                    break;
+                }
+                self.streams.take_woken(cx.waker(), &mut self.woken);
+                taken = true;
+            }
             let Some(id) = self.woken.pop() else {
                 break;
             };
@@ -774,6 +783,8 @@ where
         self.fail_outgoing(Failing::All);
         self.handlers.abort_all();
         self.admission.clear();
+        // No stream is polled once closing: ids left here would only keep the loop unsettled.
+        self.woken.clear();
         for command in self.outbox.drain() {
             if let Command::Notify(notification) = command {
                 tracing::debug!(method = %notification.method, "notification not written before close");
