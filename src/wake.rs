@@ -57,14 +57,15 @@ impl WakeQueue {
         self.woken.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves the woken keys into `into` (which should be empty); when there are none, keeps
-    /// `waker` for the next key.
+    /// Moves the woken keys into `into` (which should be empty), and keeps `waker` for the
+    /// next key.
+    ///
+    /// NB. Kept at every take, not only at one that finds nothing: the driver may end its turn
+    /// right after a take that found keys (the streams' queue is looked at once a pass), and
+    /// the next key must find this task's waker, not an older task's or none.
     pub(crate) fn take_or_register(&self, waker: &Waker, into: &mut Vec<u64>) {
         let mut woken = self.lock();
         std::mem::swap(&mut woken.keys, into);
-        if !into.is_empty() {
-            return;
-        }
         let old = woken.driver.register(waker);
         drop(woken);
         drop(old);
@@ -160,6 +161,32 @@ mod tests {
         );
         queue.wake_driver();
         assert_eq!(count.0.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_take_that_finds_keys_keeps_the_new_drivers_waker() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (old, new) = (
+            Arc::new(Count(Default::default())),
+            Arc::new(Count(Default::default())),
+        );
+        let queue = Arc::new(WakeQueue::default());
+        let mut keys = Vec::new();
+        // The driver's task looked once, then moved to another task (or never looked at an
+        // empty queue): its next look finds a key.
+        queue.take_or_register(&Waker::from(Arc::clone(&old)), &mut keys);
+        Waker::from(Arc::new(KeyWaker::new(1, Arc::clone(&queue)))).wake();
+        queue.take_or_register(&Waker::from(Arc::clone(&new)), &mut keys);
+        assert_eq!(keys, [1]);
+        // It may end its turn now: the next key must wake the task that took the first.
+        Waker::from(Arc::new(KeyWaker::new(2, Arc::clone(&queue)))).wake();
+        assert_eq!(new.0.load(Ordering::SeqCst), 1, "the taking task is woken");
+        assert_eq!(old.0.load(Ordering::SeqCst), 1, "only by the first key");
     }
 
     #[test]
