@@ -134,14 +134,17 @@ impl Wake for KeyWaker {
 mod tests {
     use super::*;
 
+    /// A driver's waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn the_first_key_after_a_look_at_an_empty_queue_wakes_the_driver_once() {
-        struct Count(std::sync::atomic::AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
         let count = Arc::new(Count(Default::default()));
         let driver = Waker::from(Arc::clone(&count));
         let queue = Arc::new(WakeQueue::default());
@@ -165,12 +168,6 @@ mod tests {
 
     #[test]
     fn a_take_that_finds_keys_keeps_the_new_drivers_waker() {
-        struct Count(std::sync::atomic::AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
         let (old, new) = (
             Arc::new(Count(Default::default())),
             Arc::new(Count(Default::default())),
