@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -174,6 +174,36 @@ struct Storage {
     /// Set (after the push, under no lock) when `Table::orphaned` may hold pulls: the driver
     /// looks at it every turn, and most connections never have one.
     orphans: AtomicBool,
+    /// How many streams the table held when its lock was last released: the driver's turn
+    /// asks whether there are any without taking the lock.
+    stored: AtomicUsize,
+}
+
+/// The table, locked; releasing it publishes how many streams it holds.
+struct TableGuard<'a> {
+    table: MutexGuard<'a, Table>,
+    stored: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for TableGuard<'_> {
+    type Target = Table;
+
+    fn deref(&self) -> &Table {
+        &self.table
+    }
+}
+
+impl std::ops::DerefMut for TableGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Table {
+        &mut self.table
+    }
+}
+
+impl Drop for TableGuard<'_> {
+    fn drop(&mut self) {
+        self.stored
+            .store(self.table.entries.len(), Ordering::Release);
+    }
 }
 
 struct Table {
@@ -262,6 +292,7 @@ impl Streams {
                 max,
                 woken: Arc::default(),
                 orphans: AtomicBool::new(false),
+                stored: AtomicUsize::new(0),
             }),
         }
     }
@@ -346,6 +377,12 @@ impl Streams {
     }
 
     /// The pull requests whose streams were removed while they waited: (stream, request).
+    /// `true` when pulls may have been left by removed streams (a flag's load).
+    #[inline]
+    pub(crate) fn may_have_orphaned_pulls(&self) -> bool {
+        self.inner.orphans.load(Ordering::Acquire)
+    }
+
     pub(crate) fn take_orphaned_pulls(&self) -> Vec<(u64, u64)> {
         if !self.inner.orphans.swap(false, Ordering::Acquire) {
             return Vec::new();
@@ -355,7 +392,7 @@ impl Streams {
 
     /// How many streams are stored.
     pub fn len(&self) -> usize {
-        self.table().entries.len()
+        self.inner.stored.load(Ordering::Acquire)
     }
 
     /// `true` when none are.
@@ -363,8 +400,11 @@ impl Streams {
         self.len() == 0
     }
 
-    fn table(&self) -> MutexGuard<'_, Table> {
-        self.inner.table.lock().unwrap_or_else(|e| e.into_inner())
+    fn table(&self) -> TableGuard<'_> {
+        TableGuard {
+            table: self.inner.table.lock().unwrap_or_else(|e| e.into_inner()),
+            stored: &self.inner.stored,
+        }
     }
 
     /// The consumer granted `credit` more items (saturating at [`MAX_CREDIT`]).
@@ -572,6 +612,31 @@ mod tests {
             }) => (position, Codec::default().decode(&payload).unwrap(), pull),
             other => panic!("expected items, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_count_follows_every_way_a_stream_comes_and_goes() {
+        let streams = storage(8);
+        let one = || stream::iter([Ok::<_, HandlerError>(1u32)]);
+        let (a, b, c) = (
+            streams.add(one()).unwrap(),
+            streams.add(one()).unwrap(),
+            streams.add(one()).unwrap(),
+        );
+        assert_eq!((streams.len(), streams.is_empty()), (3, false));
+        assert!(streams.remove(a));
+        assert_eq!(streams.len(), 2);
+        // Ending: the item, then the end releases it.
+        streams.grant(b, 5);
+        assert_eq!(items(streams.poll_stream(b, MAX_BATCH, usize::MAX)).1, [1]);
+        assert!(matches!(
+            streams.poll_stream(b, MAX_BATCH, usize::MAX),
+            Some(Produced::End { .. })
+        ));
+        assert_eq!(streams.len(), 1);
+        let _ = c;
+        streams.close();
+        assert_eq!((streams.len(), streams.is_empty()), (0, true));
     }
 
     #[tokio::test]

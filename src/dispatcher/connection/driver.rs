@@ -367,6 +367,9 @@ where
     /// Writes the calls and notifications waiting in the outbox, in order, while the write
     /// buffer and the peer's window have room.
     fn flush_outbox(&mut self) -> bool {
+        if self.outbox.is_empty() {
+            return false;
+        }
         let codec = self.config.codec;
         let mut progress = false;
         while self.write.has_room() {
@@ -541,6 +544,9 @@ where
     /// Answers the pull requests whose streams were removed while they waited (by a handler,
     /// or by the peer's own cancel or credit): nothing else would.
     pub(super) fn answer_orphaned_pulls(&mut self) -> bool {
+        if !self.streams.may_have_orphaned_pulls() {
+            return false;
+        }
         let orphaned = self.streams.take_orphaned_pulls();
         for &(stream, request) in &orphaned {
             self.admission.pull_done(request);
