@@ -9,6 +9,10 @@
 //! cargo bench --bench roundtrip -- --current-thread
 //! ```
 //! The two-process cases spawn this binary again as the peer, connected by a Unix socket.
+//! The clients (raw and dispatcher alike) run in the runtime's main future; with
+//! `CLIENT_TASK=1` each runs in a task of its own, as a server's callers do: a call's answer
+//! then wakes its caller inside the runtime, where the main future is woken through the I/O
+//! driver (one more system call and park per wake on the current-thread runtime).
 
 #[path = "support/raw_echo.rs"]
 mod raw_echo;
@@ -159,10 +163,17 @@ async fn measure(
     dir: &Path,
 ) -> Duration {
     let (stream, child) = connect(peer, two_processes, dir).await;
+    let in_task = std::env::var_os("CLIENT_TASK").is_some();
     let elapsed = match peer {
         Peer::Raw => {
             let start = Instant::now();
-            raw_client(stream, total, window).await;
+            if in_task {
+                tokio::spawn(raw_client(stream, total, window))
+                    .await
+                    .unwrap();
+            } else {
+                raw_client(stream, total, window).await;
+            }
             start.elapsed()
         }
         Peer::Dispatcher => {
@@ -173,7 +184,14 @@ async fn measure(
             // Warm up the connection (buffers, allocator) before timing.
             dispatcher_client(&dispatcher, 1000.min(total), window).await;
             let start = Instant::now();
-            dispatcher_client(&dispatcher, total, window).await;
+            if in_task {
+                let client = dispatcher.clone();
+                tokio::spawn(async move { dispatcher_client(&client, total, window).await })
+                    .await
+                    .unwrap();
+            } else {
+                dispatcher_client(&dispatcher, total, window).await;
+            }
             let elapsed = start.elapsed();
             dispatcher.stop().await;
             elapsed
