@@ -191,6 +191,9 @@ struct Slot<F> {
     /// Reused from run to run: a new handler future is pinned into the same allocation.
     run: Pin<Box<Option<InFlight<F>>>>,
     waker: Arc<SlotWaker>,
+    /// Its request is in `Handlers::requests` (a run that finishes at its first poll, as most
+    /// do, never is).
+    indexed: bool,
 }
 
 /// The peer's requests (and notifications) our handlers are working on.
@@ -225,6 +228,7 @@ impl<F> Handlers<F> {
         let index = self.free.pop().unwrap_or_else(|| {
             let index = self.slots.len();
             self.slots.push(Slot {
+                indexed: false,
                 run: Box::pin(None),
                 waker: Arc::new(SlotWaker {
                     wake: KeyWaker::new(index as u64, Arc::clone(&self.queue)),
@@ -290,8 +294,10 @@ impl<F> Handlers<F> {
         self.free.push(index);
         self.running -= 1;
         self.ordinary -= usize::from(!run.nested);
-        if let Some(id) = run.id {
-            self.requests.remove(&id);
+        if std::mem::take(&mut self.slots[index].indexed) {
+            if let Some(id) = run.id {
+                self.requests.remove(&id);
+            }
         }
         Some(run)
     }
@@ -335,15 +341,21 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> Handlers<F> {
     ) -> Option<Finished> {
         self.running += 1;
         self.ordinary += usize::from(!run.nested);
-        if let Some(id) = run.id {
-            self.requests.insert(id, index);
-        }
+        let id = run.id;
         self.slots[index].run.as_mut().set(Some(InFlight {
             fut: fut.instrument(span),
             deadline: run.deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             run,
         }));
-        self.poll_slot(index)
+        // NB. Indexed by its id only if it is still running after this poll: nothing looks
+        // the id up while the driver polls it (what the handler asks of the connection waits
+        // in the command queue until the driver is back).
+        let finished = self.poll_slot(index);
+        if let (None, Some(id)) = (&finished, id) {
+            self.requests.insert(id, index);
+            self.slots[index].indexed = true;
+        }
+        finished
     }
 
     fn poll_slot(&mut self, index: usize) -> Option<Finished> {
