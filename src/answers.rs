@@ -6,6 +6,7 @@
 //! The lock is held for a few instructions at a time and never while user code runs: a waker
 //! is woken after it is released.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -15,6 +16,9 @@ use crate::shared::RawAnswer;
 #[derive(Default)]
 pub(crate) struct Answers {
     table: Mutex<Table>,
+    /// Slots whose caller stopped waiting before the answer: while there are none, nobody
+    /// has to take the lock to ask whether a call is still wanted (the driver asks of each).
+    abandoned: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -100,22 +104,35 @@ impl AnswerSender {
                 }
                 Ok(())
             }
-            _ => {
+            old => {
                 let Slot::Answered(answer) = std::mem::replace(slot, Slot::Free) else {
                     unreachable!("just set")
                 };
                 table.free(self.key);
+                drop(table);
+                self.answers.forget(&old);
                 Err(answer)
             }
         }
     }
 
-    /// `true` when the caller stopped waiting.
+    /// `true` when the caller stopped waiting. (A caller that stops a moment after is told
+    /// by its cancel.)
     pub(crate) fn is_closed(&self) -> bool {
-        matches!(
-            self.answers.lock().slots[self.key as usize],
-            Slot::Abandoned
-        )
+        self.answers.abandoned.load(Ordering::Acquire) > 0
+            && matches!(
+                self.answers.lock().slots[self.key as usize],
+                Slot::Abandoned
+            )
+    }
+}
+
+impl Answers {
+    /// `slot` was taken out of the table: one abandoned slot fewer if it was one.
+    fn forget(&self, slot: &Slot) {
+        if matches!(slot, Slot::Abandoned) {
+            self.abandoned.fetch_sub(1, Ordering::Release);
+        }
     }
 }
 
@@ -133,7 +150,11 @@ impl Drop for AnswerSender {
                     waker.wake();
                 }
             }
-            _ => table.free(self.key),
+            old => {
+                table.free(self.key);
+                drop(table);
+                self.answers.forget(&old);
+            }
         }
     }
 }
@@ -199,8 +220,11 @@ impl AnswerReceiver {
         let slot = &mut table.slots[self.key as usize];
         let old = std::mem::replace(slot, Slot::Abandoned);
         // A waiting slot is the sender's to free.
-        if !matches!(old, Slot::Waiting(_)) {
-            table.free(self.key);
+        match old {
+            Slot::Waiting(_) => {
+                answers.abandoned.fetch_add(1, Ordering::Release);
+            }
+            _ => table.free(self.key),
         }
         drop(table);
         // An unread answer (or an old waker) is dropped outside the lock.
@@ -308,6 +332,11 @@ mod tests {
         assert_eq!(answers.in_use(), 0);
         // The slots were reused: no more than the two of the last case.
         assert!(answers.lock().slots.len() <= 2);
+        assert_eq!(
+            answers.abandoned.load(Ordering::SeqCst),
+            0,
+            "every abandoned slot was counted out when freed"
+        );
     }
 
     #[test]
@@ -361,6 +390,7 @@ mod tests {
         }
         driver.join().unwrap();
         assert_eq!(answers.in_use(), 0);
+        assert_eq!(answers.abandoned.load(Ordering::SeqCst), 0);
     }
 
     #[test]
