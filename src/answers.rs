@@ -204,7 +204,12 @@ impl AnswerReceiver {
                 Slot::Answered(answer) => Ok(answer),
                 _ => unreachable!("just matched"),
             },
-            _ => Err(Closed),
+            // NB. Never an abandoned slot: `done` keeps a released receiver from polling (an
+            // abandoned slot freed here would stay in the count).
+            other => {
+                debug_assert!(!matches!(other, Slot::Abandoned), "polled after release");
+                Err(Closed)
+            }
         };
         table.free(self.key);
         self.done = true;
