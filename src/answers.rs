@@ -47,6 +47,13 @@ impl Table {
 }
 
 impl Answers {
+    /// `slot` was taken out of the table: one abandoned slot fewer if it was one.
+    fn forget(&self, slot: &Slot) {
+        if matches!(slot, Slot::Abandoned) {
+            self.abandoned.fetch_sub(1, Ordering::Release);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Table> {
         // NB. Nothing panics while it is held; a poisoned table is still consistent.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -124,15 +131,6 @@ impl AnswerSender {
                 self.answers.lock().slots[self.key as usize],
                 Slot::Abandoned
             )
-    }
-}
-
-impl Answers {
-    /// `slot` was taken out of the table: one abandoned slot fewer if it was one.
-    fn forget(&self, slot: &Slot) {
-        if matches!(slot, Slot::Abandoned) {
-            self.abandoned.fetch_sub(1, Ordering::Release);
-        }
     }
 }
 

@@ -376,15 +376,13 @@ impl Streams {
         entry.is_some()
     }
 
-    /// `true` when pulls may have been left by removed streams (a flag's load).
-    #[inline]
-    pub(crate) fn may_have_orphaned_pulls(&self) -> bool {
-        self.inner.orphans.load(Ordering::Acquire)
-    }
-
     /// The pull requests whose streams were removed while they waited: (stream, request).
+    /// Most turns find none: then it is a flag's load, inlined into the driver's turn.
+    #[inline]
     pub(crate) fn take_orphaned_pulls(&self) -> Vec<(u64, u64)> {
-        if !self.inner.orphans.swap(false, Ordering::Acquire) {
+        if !self.inner.orphans.load(Ordering::Acquire)
+            || !self.inner.orphans.swap(false, Ordering::Acquire)
+        {
             return Vec::new();
         }
         std::mem::take(&mut self.table().orphaned)

@@ -544,9 +544,6 @@ where
     /// Answers the pull requests whose streams were removed while they waited (by a handler,
     /// or by the peer's own cancel or credit): nothing else would.
     pub(super) fn answer_orphaned_pulls(&mut self) -> bool {
-        if !self.streams.may_have_orphaned_pulls() {
-            return false;
-        }
         let orphaned = self.streams.take_orphaned_pulls();
         for &(stream, request) in &orphaned {
             self.admission.pull_done(request);
@@ -947,13 +944,13 @@ impl<S: Service<Incoming>> Driver<S> {
     }
 
     /// The phase, as far as a step's next pass depends on it.
-    fn phase_state(&self) -> (u8, bool) {
+    fn phase_state(&self) -> (u8, bool, bool) {
         match &self.phase {
-            Phase::Open => (0, false),
-            Phase::Draining { peer_gone, .. } => (1, *peer_gone),
+            Phase::Open => (0, false, false),
+            Phase::Draining { peer_gone, .. } => (1, *peer_gone, false),
             Phase::Closing {
                 shut, read_closed, ..
-            } => (2 + u8::from(*shut) * 2 + u8::from(*read_closed), false),
+            } => (2, *shut, *read_closed),
         }
     }
 
