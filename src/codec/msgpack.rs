@@ -159,10 +159,24 @@ type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
 // `io::Write`, which costs more than the bytes): the same bytes rmp would write.
 
 fn uint(w: &mut Writer<'_>, value: u64) {
+    let buf = w.get_mut();
     match value {
-        0..=0x7f => w.get_mut().put_u8(value as u8),
+        0..=0x7f => buf.put_u8(value as u8),
+        0x80..=0xff => {
+            buf.put_u8(0xcc);
+            buf.put_u8(value as u8);
+        }
+        0x100..=0xffff => {
+            buf.put_u8(0xcd);
+            buf.put_u16(value as u16);
+        }
+        0x1_0000..=0xffff_ffff => {
+            buf.put_u8(0xce);
+            buf.put_u32(value as u32);
+        }
         _ => {
-            let _ = enc::write_uint(w, value);
+            buf.put_u8(0xcf);
+            buf.put_u64(value);
         }
     }
 }
@@ -449,6 +463,34 @@ impl Reader<'_> {
             Ok(())
         } else {
             Err(format!("{} trailing bytes", self.rest.len()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsigned_forms_are_the_bytes_rmp_writes() {
+        let edges = [
+            0,
+            0x7f,
+            0x80,
+            0xff,
+            0x100,
+            0xffff,
+            0x1_0000,
+            0xffff_ffff,
+            0x1_0000_0000,
+            u64::MAX,
+        ];
+        for value in edges {
+            let mut ours = BytesMut::new();
+            uint(&mut (&mut ours).writer(), value);
+            let mut theirs = Vec::new();
+            enc::write_uint(&mut theirs, value).unwrap();
+            assert_eq!(&ours[..], &theirs[..], "{value:#x}");
         }
     }
 }
