@@ -228,7 +228,14 @@ type Read<T> = Result<T, String>;
 
 impl Reader<'_> {
     fn envelope(&mut self) -> Read<Envelope> {
-        let len = rmp::decode::read_array_len(&mut self.rest).map_err(|e| e.to_string())?;
+        let len = match *self.rest {
+            // NB. The form every envelope has (a fixarray) without rmp's generic reader.
+            [marker @ 0x90..=0x9f, ..] => {
+                self.rest = &self.rest[1..];
+                u32::from(marker & 0x0f)
+            }
+            _ => rmp::decode::read_array_len(&mut self.rest).map_err(|e| e.to_string())?,
+        };
         let kind = self.uint()?;
         let kind = u8::try_from(kind)
             .ok()
@@ -399,8 +406,19 @@ impl Reader<'_> {
 
     /// A string's bytes, not checked yet.
     fn str_bytes(&mut self) -> Read<&[u8]> {
-        let len = rmp::decode::read_str_len(&mut self.rest)
-            .map_err(|e| format!("expected a string: {e}"))? as usize;
+        let len = match *self.rest {
+            // NB. Method names and attributes are nearly always short: a fixstr, or a str8.
+            [marker @ 0xa0..=0xbf, ..] => {
+                self.rest = &self.rest[1..];
+                usize::from(marker & 0x1f)
+            }
+            [0xd9, len, ..] => {
+                self.rest = &self.rest[2..];
+                usize::from(len)
+            }
+            _ => rmp::decode::read_str_len(&mut self.rest)
+                .map_err(|e| format!("expected a string: {e}"))? as usize,
+        };
         if len > self.rest.len() {
             return Err(format!("string of {len} bytes runs past the frame"));
         }
@@ -491,6 +509,52 @@ mod tests {
             let mut theirs = Vec::new();
             enc::write_uint(&mut theirs, value).unwrap();
             assert_eq!(&ours[..], &theirs[..], "{value:#x}");
+        }
+    }
+
+    fn request(method: &str) -> Envelope {
+        Envelope::Request {
+            id: 300,
+            method: Method::from(method.to_owned()),
+            attributes: Attributes::new(),
+            timeout_us: 0,
+            parent: 0,
+            payload: Bytes::from_static(&[0xc0]),
+        }
+    }
+
+    #[test]
+    fn method_names_of_every_string_form_come_back() {
+        for len in [0, 1, 31, 32, 255, 256, 70_000] {
+            let name = "m".repeat(len);
+            let mut frame = BytesMut::new();
+            encode(&request(&name), &mut frame);
+            let back = decode(frame.freeze()).unwrap();
+            assert_eq!(back, request(&name), "a name of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn envelopes_in_rmps_longer_forms_are_read() {
+        // An array16 header and a str16 name, as another MessagePack writer may send them.
+        let mut frame = vec![0xdc];
+        frame.extend_from_slice(&7u16.to_be_bytes());
+        enc::write_uint(&mut frame, 1).unwrap();
+        enc::write_uint(&mut frame, 300).unwrap();
+        frame.push(0xda);
+        frame.extend_from_slice(&2u16.to_be_bytes());
+        frame.extend_from_slice(b"go");
+        frame.extend_from_slice(&[0x80, 0x00, 0x00, 0xc0]);
+        assert_eq!(decode(Bytes::from(frame)).unwrap(), request("go"));
+    }
+
+    #[test]
+    fn a_string_header_cut_short_is_an_error() {
+        for frame in [
+            &[0x97, 0x01, 0x01, 0xd9][..],
+            &[0x97, 0x01, 0x01, 0xa5, b'a'],
+        ] {
+            assert!(decode(Bytes::copy_from_slice(frame)).is_err(), "{frame:x?}");
         }
     }
 }
