@@ -71,7 +71,7 @@ use tower_service::Service;
 use crate::codec::Codec;
 use crate::envelope::Method;
 use crate::error::{CallError, CodecError, HandlerError, IntoHandlerError};
-use crate::handler::{Incoming, Reply};
+use crate::handler::{HandlerResult, Incoming, Reply};
 use crate::message::Attributes;
 use crate::shared::RawResponse;
 
@@ -343,7 +343,8 @@ where
         let mut handler = std::mem::replace(&mut self.handler, fresh);
         let endpoint: Endpoint = Box::new(move |incoming| {
             let answer = handler.call(incoming);
-            Box::pin(async move { answer.await.map_err(IntoHandlerError::into_handler_error) })
+            // NB. Not an `async` block, which would keep the handler's future twice.
+            Box::pin(HandlerResult::new(answer))
         });
         Next::new(Arc::clone(&self.middlewares), endpoint).run(incoming)
     }

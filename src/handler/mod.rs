@@ -8,6 +8,9 @@ mod router;
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -17,7 +20,7 @@ pub use router::Router;
 use crate::codec::Codec;
 use crate::context::Context;
 use crate::envelope::ErrorBody;
-use crate::error::{CodecError, HandlerError};
+use crate::error::{CodecError, HandlerError, IntoHandlerError};
 use crate::message::Attributes;
 
 /// An inbound request or notification, as the handler pipeline sees it.
@@ -300,5 +303,34 @@ impl ErrorHandler for StrictErrorHandler {
 impl fmt::Debug for dyn ErrorHandler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("dyn ErrorHandler")
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A handler service's future, with its error made a [`HandlerError`].
+    pub(crate) struct HandlerResult<F> {
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F> HandlerResult<F> {
+    pub(crate) fn new(fut: F) -> Self {
+        Self { fut }
+    }
+}
+
+impl<F, E> Future for HandlerResult<F>
+where
+    F: Future<Output = Result<Reply, E>>,
+    E: IntoHandlerError,
+{
+    type Output = Result<Reply, HandlerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        self.project()
+            .fut
+            .poll(cx)
+            .map(|result| result.map_err(IntoHandlerError::into_handler_error))
     }
 }

@@ -24,7 +24,7 @@ use tower_service::Service;
 
 use super::admission::Admission;
 use super::consumers::Consumers;
-use super::handlers::{HandlerResult, Handlers};
+use super::handlers::Handlers;
 use super::outgoing::{Held, Outbox, Outgoing, PeerWindow, Released, Window};
 use super::write::{WriteError, WriteSide};
 use super::Config;
@@ -32,6 +32,7 @@ use crate::codec::Codec;
 use crate::commands::CommandReceiver;
 use crate::envelope::{Envelope, ErrorBody};
 use crate::error::{code, CallError, IntoHandlerError, ProtocolError, Termination};
+use crate::handler::HandlerResult;
 use crate::handler::{Incoming, Reply};
 use crate::limits::Limits;
 use crate::message::Attributes;

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use crate::envelope::Method;
-use crate::error::{HandlerError, IntoHandlerError};
+use crate::error::HandlerError;
 use crate::handler::Reply;
 use crate::hash::SeededState;
 use crate::wake::{KeyWaker, WakeQueue};
@@ -73,35 +73,6 @@ impl Run {
 pub(crate) struct Finished {
     pub(crate) run: Run,
     pub(crate) outcome: Outcome,
-}
-
-pin_project! {
-    /// A handler service's future, with its error made a [`HandlerError`].
-    pub(crate) struct HandlerResult<F> {
-        #[pin]
-        fut: F,
-    }
-}
-
-impl<F> HandlerResult<F> {
-    pub(crate) fn new(fut: F) -> Self {
-        Self { fut }
-    }
-}
-
-impl<F, E> Future for HandlerResult<F>
-where
-    F: Future<Output = Result<Reply, E>>,
-    E: IntoHandlerError,
-{
-    type Output = Result<Reply, HandlerError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project()
-            .fut
-            .poll(cx)
-            .map(|result| result.map_err(IntoHandlerError::into_handler_error))
-    }
 }
 
 pin_project! {

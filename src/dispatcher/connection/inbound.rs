@@ -12,13 +12,14 @@ use tower_service::Service;
 use super::admission::{Queued, Verdict};
 use super::consumers::Delivery;
 use super::driver::{end_of_pull, Driver, Phase, TURN};
-use super::handlers::{Finished, HandlerResult, Outcome, Run};
+use super::handlers::{Finished, Outcome, Run};
 use crate::context::Context;
 use crate::dispatcher::InboundEnvelope;
 use crate::envelope::{Envelope, EnvelopeKind, ErrorBody, Method, PartialHeader};
 use crate::error::{
     code, CallError, HandlerError, IntoHandlerError, ProtocolError, RemoteError, Termination,
 };
+use crate::handler::HandlerResult;
 use crate::handler::{Failed, Incoming, Reply, ReplyBody};
 use crate::message::Attributes;
 use crate::shared::RawResponse;
