@@ -553,6 +553,7 @@ mod tests {
         for frame in [
             &[0x97, 0x01, 0x01, 0xd9][..],
             &[0x97, 0x01, 0x01, 0xa5, b'a'],
+            &[0x97, 0x01, 0x01, 0xd9, 0x05, b'a'],
         ] {
             assert!(decode(Bytes::copy_from_slice(frame)).is_err(), "{frame:x?}");
         }

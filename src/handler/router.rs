@@ -247,12 +247,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let value = std::task::ready!(this.fut.poll(cx))?;
-        let prepared = this
-            .prepared
-            .take()
-            .expect("a route's future polled after it ended");
-        Poll::Ready((this.answer)(prepared, value))
+        assert!(
+            this.prepared.is_some(),
+            "a route's future polled after it ended"
+        );
+        let result = std::task::ready!(this.fut.poll(cx));
+        let prepared = this.prepared.take().expect("checked above");
+        Poll::Ready(result.and_then(|value| (this.answer)(prepared, value)))
     }
 }
 
