@@ -504,16 +504,23 @@ async fn handled_requests_get_a_tracing_span_with_method_and_id() {
     let _server = Dispatcher::builder()
         .handler(Router::new().request(|_cx: Context, Echo(s)| async move {
             tracing::info!("handling");
+            // Polled again after a wake: still in its span.
+            tokio::task::yield_now().await;
+            tracing::info!("resumed");
             Ok(s)
         }))
         .spawn(b);
     let client = Dispatcher::builder().spawn(a);
     within(client.request(Echo("traced".into()))).await.unwrap();
     let output = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    assert!(
-        output.contains("handle{method=echo id=1}: ") && output.contains("handling"),
-        "{output}"
-    );
+    for event in ["handling", "resumed"] {
+        assert!(
+            output
+                .lines()
+                .any(|line| line.contains("handle{method=echo id=1}: ") && line.contains(event)),
+            "{event}: {output}"
+        );
+    }
 }
 
 /// The same request as two versions of a program declare it: fields in another order, and a
