@@ -230,9 +230,11 @@ impl<T> IntoFuture for Call<T> {
                 .and_then(|timeout| Instant::now().checked_add(timeout))
         });
         self.deadline = deadline;
-        let timer = deadline.map(|deadline| Timer {
-            timeout: self.timeout.unwrap_or_default(),
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        let timer = deadline.map(|deadline| {
+            Box::pin(Timer {
+                timeout: self.timeout.unwrap_or_default(),
+                sleep: tokio::time::sleep_until(deadline),
+            })
         });
         let state = match &self.target {
             Ok(shared) if self.pipeline && shared.outbound.is_some() => {
@@ -420,15 +422,20 @@ impl<T> fmt::Debug for Call<T> {
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<T> {
     state: State<T>,
-    timer: Option<Timer>,
+    /// Boxed whole (one allocation, as the `Sleep` alone took): most calls have none, and the
+    /// future stays small.
+    timer: Option<Pin<Box<Timer>>>,
     codec: Codec,
     decode: Decode<T>,
 }
 
-/// The call's deadline: it runs through every state.
-struct Timer {
-    timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+pin_project_lite::pin_project! {
+    /// The call's deadline: it runs through every state.
+    struct Timer {
+        timeout: Duration,
+        #[pin]
+        sleep: Sleep,
+    }
 }
 
 type Admit = Pin<Box<dyn Future<Output = Result<u32, CallError>> + Send>>;
@@ -529,10 +536,11 @@ impl<T> Future for ResponseFuture<T> {
             return Poll::Ready(result);
         }
         if let Some(timer) = &mut this.timer {
-            if timer.sleep.as_mut().poll(cx).is_ready() {
+            let timer = timer.as_mut().project();
+            if timer.sleep.poll(cx).is_ready() {
                 // Dropping the state cancels whatever step the call was in.
                 this.state = State::Done;
-                return Poll::Ready(Err(CallError::Timeout(timer.timeout)));
+                return Poll::Ready(Err(CallError::Timeout(*timer.timeout)));
             }
         }
         Poll::Pending
@@ -560,5 +568,18 @@ impl<T> fmt::Debug for ResponseFuture<T> {
         f.debug_struct("ResponseFuture")
             .field("state", &state)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod size {
+    use super::*;
+
+    /// A call's future is moved into whatever holds it (a `FuturesUnordered`, a `join_all`)
+    /// and kept there until answered: its bytes are paid per pending call.
+    #[test]
+    fn a_calls_future_stays_small() {
+        let size = std::mem::size_of::<ResponseFuture<String>>();
+        assert!(size <= 56, "ResponseFuture<String> takes {size} bytes");
     }
 }
