@@ -15,7 +15,7 @@ use channel_dispatcher::{
     Termination,
 };
 use serde::{Deserialize, Serialize};
-use support::{pair, within, Count, Echo, Transport};
+use support::{pair, within, Count, Echo, Logs, Transport};
 
 #[derive(Serialize, Deserialize)]
 struct Save(String);
@@ -480,25 +480,7 @@ async fn observer_sees_every_inbound_envelope() {
 
 #[tokio::test]
 async fn handled_requests_get_a_tracing_span_with_method_and_id() {
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture("debug");
 
     let (a, b) = channel_dispatcher::Channel::pair();
     let _server = Dispatcher::builder()
@@ -512,7 +494,7 @@ async fn handled_requests_get_a_tracing_span_with_method_and_id() {
         .spawn(b);
     let client = Dispatcher::builder().spawn(a);
     within(client.request(Echo("traced".into()))).await.unwrap();
-    let output = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let output = logs.text();
     for event in ["handling", "resumed"] {
         assert!(
             output
@@ -521,6 +503,45 @@ async fn handled_requests_get_a_tracing_span_with_method_and_id() {
             "{event}: {output}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_cancelled_handler_is_dropped_in_its_span() {
+    struct LogsWhenDropped;
+    impl Drop for LogsWhenDropped {
+        fn drop(&mut self) {
+            tracing::info!("handler dropped");
+        }
+    }
+    let (logs, _guard) = Logs::capture("debug");
+    let (a, b) = channel_dispatcher::Channel::pair();
+    let _server = Dispatcher::builder()
+        .handler(Router::new().request(|_cx: Context, Echo(s)| async move {
+            let _held = LogsWhenDropped;
+            std::future::pending::<()>().await;
+            Ok(s)
+        }))
+        .spawn(b);
+    let client = Dispatcher::builder().spawn(a);
+    // The caller gives up; its cancel makes the server drop the waiting handler.
+    let call = client
+        .request(Echo("cancelled".into()))
+        .timeout(std::time::Duration::from_millis(50));
+    assert!(within(call).await.is_err());
+    within(async {
+        while !logs.text().contains("handler dropped") {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let output = logs.text();
+    assert!(
+        output
+            .lines()
+            .any(|line| line.contains("handle{method=echo id=1}: ")
+                && line.contains("handler dropped")),
+        "{output}"
+    );
 }
 
 /// The same request as two versions of a program declare it: fields in another order, and a

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use channel_dispatcher::server::{FromStream, Server};
@@ -13,7 +12,7 @@ use channel_dispatcher::{
     Channel, Connector, Context, Dispatcher, HandshakeError, PeerInfo, Router, Termination,
 };
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use support::{within, Echo};
+use support::{within, Echo, Logs};
 use tokio::net::TcpListener;
 
 /// A certificate authority, and certificates it signs, as PEM.
@@ -216,32 +215,9 @@ async fn clients_that_never_finish_their_tls_handshake_do_not_hold_up_others() {
     within(server.shutdown()).await;
 }
 
-/// The log lines written while the returned guard lives (this thread's tasks only).
-fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let writer = Arc::clone(&logs);
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || LogWriter(Arc::clone(&writer)))
-        .with_env_filter("channel_dispatcher=warn")
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_plaintext_client_and_a_tls_server_refuse_each_other_at_once() {
-    let (logs, _guard) = capture_logs();
+    let (logs, _guard) = Logs::capture("channel_dispatcher=warn");
     let ca = Authority::new("test CA");
     let (_server, port) = tls_server(&ca, ClientAuth::None).await;
     let channel = within(Channel::connect(&format!("tcp:localhost:{port}")))
@@ -256,7 +232,7 @@ async fn a_plaintext_client_and_a_tls_server_refuse_each_other_at_once() {
     );
     // The server's side says what happened too.
     within(async {
-        while !String::from_utf8_lossy(&logs.lock().unwrap()).contains("does not speak TLS") {
+        while !logs.text().contains("does not speak TLS") {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })

@@ -581,5 +581,8 @@ mod size {
     fn a_calls_future_stays_small() {
         let size = std::mem::size_of::<ResponseFuture<String>>();
         assert!(size <= 56, "ResponseFuture<String> takes {size} bytes");
+        // And it is still `Unpin` (its timer is boxed whole), so `Pin::new(&mut call)` works.
+        fn unpin_and_send<T: Unpin + Send>() {}
+        unpin_and_send::<ResponseFuture<String>>();
     }
 }

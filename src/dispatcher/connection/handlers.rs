@@ -91,8 +91,11 @@ impl<F: Future<Output = Result<Reply, HandlerError>>> InFlight<F> {
     /// Polls once; `Some` with the outcome when the run is over.
     fn poll_outcome(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Outcome> {
         let mut this = self.project();
-        let _entered = this.span.as_deref().map(tracing::Span::enter);
-        match catch_unwind(AssertUnwindSafe(|| this.fut.as_mut().poll(cx))) {
+        let polled = {
+            let _entered = this.span.as_deref().map(tracing::Span::enter);
+            catch_unwind(AssertUnwindSafe(|| this.fut.as_mut().poll(cx)))
+        };
+        match polled {
             Ok(Poll::Ready(result)) => Some(Outcome::Done(result)),
             Err(panic) => Some(Outcome::Panicked(panic)),
             Ok(Poll::Pending) => this
@@ -303,6 +306,14 @@ impl<F> Handlers<F> {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.running == 0
+    }
+}
+
+/// Every run is dropped through [`Handlers::release`], in its span, even when the handlers
+/// go without `abort_all` (an unwind through the driver's end).
+impl<F> Drop for Handlers<F> {
+    fn drop(&mut self) {
+        self.abort_all();
     }
 }
 
