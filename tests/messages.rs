@@ -15,7 +15,7 @@ use channel_dispatcher::{
     Termination,
 };
 use serde::{Deserialize, Serialize};
-use support::{pair, within, Count, Echo, Logs, Transport};
+use support::{pair, within, Count, Echo, Transport};
 
 #[derive(Serialize, Deserialize)]
 struct Save(String);
@@ -475,72 +475,6 @@ async fn observer_sees_every_inbound_envelope() {
             (EnvelopeKind::Request, Some("echo".to_string()), None),
             (EnvelopeKind::Goodbye, None, None),
         ]
-    );
-}
-
-#[tokio::test]
-async fn handled_requests_get_a_tracing_span_with_method_and_id() {
-    let (logs, _guard) = Logs::capture("debug");
-
-    let (a, b) = channel_dispatcher::Channel::pair();
-    let _server = Dispatcher::builder()
-        .handler(Router::new().request(|_cx: Context, Echo(s)| async move {
-            tracing::info!("handling");
-            // Polled again after a wake: still in its span.
-            tokio::task::yield_now().await;
-            tracing::info!("resumed");
-            Ok(s)
-        }))
-        .spawn(b);
-    let client = Dispatcher::builder().spawn(a);
-    within(client.request(Echo("traced".into()))).await.unwrap();
-    let output = logs.text();
-    for event in ["handling", "resumed"] {
-        assert!(
-            output
-                .lines()
-                .any(|line| line.contains("handle{method=echo id=1}: ") && line.contains(event)),
-            "{event}: {output}"
-        );
-    }
-}
-
-#[tokio::test]
-async fn a_cancelled_handler_is_dropped_in_its_span() {
-    struct LogsWhenDropped;
-    impl Drop for LogsWhenDropped {
-        fn drop(&mut self) {
-            tracing::info!("handler dropped");
-        }
-    }
-    let (logs, _guard) = Logs::capture("debug");
-    let (a, b) = channel_dispatcher::Channel::pair();
-    let _server = Dispatcher::builder()
-        .handler(Router::new().request(|_cx: Context, Echo(s)| async move {
-            let _held = LogsWhenDropped;
-            std::future::pending::<()>().await;
-            Ok(s)
-        }))
-        .spawn(b);
-    let client = Dispatcher::builder().spawn(a);
-    // The caller gives up; its cancel makes the server drop the waiting handler.
-    let call = client
-        .request(Echo("cancelled".into()))
-        .timeout(std::time::Duration::from_millis(50));
-    assert!(within(call).await.is_err());
-    within(async {
-        while !logs.text().contains("handler dropped") {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    let output = logs.text();
-    assert!(
-        output
-            .lines()
-            .any(|line| line.contains("handle{method=echo id=1}: ")
-                && line.contains("handler dropped")),
-        "{output}"
     );
 }
 
