@@ -107,7 +107,8 @@ pub(crate) enum StreamEvent {
 }
 
 /// An answer to a call, as the driver delivers it.
-pub(crate) type RawAnswer = Result<RawResponse, CallError>;
+/// The error boxed: it is rare, and an answer waits in a slot (one per pending call).
+pub(crate) type RawAnswer = Result<RawResponse, Box<CallError>>;
 
 pub(crate) type ReplySender = crate::answers::AnswerSender;
 

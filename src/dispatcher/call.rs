@@ -501,7 +501,7 @@ impl<T> ResponseFuture<T> {
                     let answer = ready!(waiting.rx.poll(&waiting.shared.answers, cx));
                     // Answered (or the connection ended): nothing to cancel.
                     waiting.answered = true;
-                    return Poll::Ready(match answer {
+                    return Poll::Ready(match answer.map(|answer| answer.map_err(|e| *e)) {
                         Ok(Ok(raw)) => (self.decode)(self.codec, raw),
                         // NB. The peer's deadline answer may beat our own timer: it is the same
                         // deadline, so the same error.

@@ -177,7 +177,7 @@ where
         match (header.kind, header.id) {
             (Some(EnvelopeKind::Request), Some(id)) => self.answer_error(id, code, message),
             (Some(EnvelopeKind::Response | EnvelopeKind::Error), Some(id)) => {
-                if let Some(held) = self.outgoing.complete_request(id, Err(error)) {
+                if let Some(held) = self.outgoing.complete_request(id, Err(Box::new(error))) {
                     self.release_held(held);
                 }
             }
@@ -248,7 +248,7 @@ where
                 }
             }
             Envelope::Error { id, error, .. } => {
-                let answer = Err(CallError::Remote(remote(error, codec)));
+                let answer = Err(Box::new(CallError::Remote(remote(error, codec))));
                 match self.outgoing.complete_request(id, answer) {
                     Some(held) => self.release_held(held),
                     None => {
