@@ -279,13 +279,6 @@ pub(crate) fn test_channel() -> (AnswerSender, TestReceiver) {
 
 #[cfg(test)]
 mod tests {
-    /// One slot per pending call: an answer's rare error is boxed to keep it small.
-    #[test]
-    fn a_slot_stays_small() {
-        let size = std::mem::size_of::<Slot>();
-        assert!(size <= 56, "a slot takes {size} bytes");
-    }
-
     use super::*;
     use crate::codec::Codec;
     use crate::message::Attributes;
@@ -429,5 +422,12 @@ mod tests {
         assert!(rx
             .poll(&answers, &mut Context::from_waker(&waker))
             .is_ready());
+    }
+
+    /// One slot per pending call: an answer's rare error is boxed to keep it small.
+    #[test]
+    fn a_slot_stays_small() {
+        let size = std::mem::size_of::<Slot>();
+        assert!(size <= 56, "a slot takes {size} bytes");
     }
 }
