@@ -436,7 +436,8 @@ pub struct HandlerError {
     pub(crate) kind: HandlerErrorKind,
     pub(crate) code: i64,
     pub(crate) message: String,
-    pub(crate) data: Option<Bytes>,
+    /// Boxed: rarely set, and an error is moved like an answer.
+    pub(crate) data: Option<Box<Bytes>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -466,7 +467,7 @@ impl HandlerError {
     /// Attaches structured data, already encoded with the connection's codec
     /// (see [`Context::encode`](crate::Context::encode)).
     pub fn with_data(mut self, data: Bytes) -> Self {
-        self.data = Some(data);
+        self.data = Some(Box::new(data));
         self
     }
 

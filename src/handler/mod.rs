@@ -107,8 +107,12 @@ pub struct Reply {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum ReplyBody {
     Value(Bytes),
-    Error(ErrorBody),
-    Fatal { code: i64, message: String },
+    /// Boxed: errors are rare, and a reply is moved through every step of a handler's run.
+    Error(Box<ErrorBody>),
+    Fatal {
+        code: i64,
+        message: String,
+    },
     Nothing,
 }
 
@@ -121,11 +125,11 @@ impl Reply {
     /// An error answer: the caller gets
     /// [`CallError::Remote`](crate::CallError::Remote); the connection stays up.
     pub fn error(code: i64, message: impl Into<String>) -> Self {
-        Self::with_body(ReplyBody::Error(ErrorBody {
+        Self::with_body(ReplyBody::Error(Box::new(ErrorBody {
             code,
             message: message.into(),
             data: None,
-        }))
+        })))
     }
 
     /// A fatal error: sent to the peer, then the connection
@@ -143,11 +147,11 @@ impl Reply {
     }
 
     pub(crate) fn from_error(error: HandlerError) -> Self {
-        Self::with_body(ReplyBody::Error(ErrorBody {
+        Self::with_body(ReplyBody::Error(Box::new(ErrorBody {
             code: error.code,
             message: error.message,
-            data: error.data,
-        }))
+            data: error.data.map(|data| *data),
+        })))
     }
 
     fn with_body(body: ReplyBody) -> Self {
@@ -332,5 +336,18 @@ where
             .fut
             .poll(cx)
             .map(|result| result.map_err(IntoHandlerError::into_handler_error))
+    }
+}
+
+#[cfg(test)]
+mod size {
+    use super::*;
+
+    /// What a handler's run returns is moved through each of its steps (the route, the
+    /// middleware, the slot, the driver): its rare parts are boxed.
+    #[test]
+    fn a_handlers_answer_stays_small() {
+        let size = std::mem::size_of::<Result<Reply, HandlerError>>();
+        assert!(size <= 56, "Result<Reply, HandlerError> takes {size} bytes");
     }
 }

@@ -561,7 +561,7 @@ where
                 let envelope = Envelope::Error {
                     id,
                     attributes,
-                    error,
+                    error: *error,
                 };
                 if self.write.write(&envelope).is_ok() {
                     return;
