@@ -126,11 +126,11 @@ impl Admission {
         if self.requests >= self.limits.max_pending_requests {
             return self.strike(Limit::PendingRequests, self.limits.max_pending_requests);
         }
-        if self.over_bytes(run.bytes) {
+        if self.over_bytes(run.bytes()) {
             return self.strike(Limit::PendingBytes, self.limits.max_pending_bytes);
         }
         self.requests += 1;
-        self.bytes += run.bytes;
+        self.bytes += run.bytes();
         self.strikes = 0;
         Verdict::Admitted
     }
@@ -143,7 +143,7 @@ impl Admission {
             let limit = Limit::PendingNotifications;
             return Verdict::CutOff(ProtocolError::AdmissionExceeded { limit, max });
         }
-        if self.over_bytes(run.bytes) {
+        if self.over_bytes(run.bytes()) {
             let (limit, max) = (Limit::PendingBytes, self.limits.max_pending_bytes);
             return Verdict::CutOff(ProtocolError::AdmissionExceeded { limit, max });
         }
@@ -171,7 +171,7 @@ impl Admission {
             }
             None => {
                 self.notifications += 1;
-                self.bytes += queued.run.bytes;
+                self.bytes += queued.run.bytes();
             }
         }
         match queued.run.nested {
@@ -206,7 +206,7 @@ impl Admission {
             None => {
                 // A notification leaves the window when it starts: the peer is credited for it.
                 self.notifications -= 1;
-                self.bytes -= queued.run.bytes;
+                self.bytes -= queued.run.bytes();
                 self.credit += 1;
             }
         }
@@ -227,7 +227,7 @@ impl Admission {
             self.nested = self.nested.saturating_sub(1);
         } else {
             self.requests = self.requests.saturating_sub(1);
-            self.bytes = self.bytes.saturating_sub(run.bytes);
+            self.bytes = self.bytes.saturating_sub(run.bytes());
         }
     }
 
@@ -325,13 +325,7 @@ mod tests {
 
     fn queued(id: Option<u64>, nested: bool, bytes: usize) -> Queued {
         Queued {
-            run: Run {
-                id,
-                method: Method::from_static("m"),
-                deadline: None,
-                nested,
-                bytes,
-            },
+            run: Run::new(id, Method::from_static("m"), None, nested, bytes),
             attributes: Attributes::new(),
             payload: Bytes::new(),
         }

@@ -51,11 +51,33 @@ pub(crate) struct Run {
     pub(crate) deadline: Option<Instant>,
     /// A nested request: it ran outside the handler limit.
     pub(crate) nested: bool,
-    /// Payload bytes counted against the pending-bytes limit while it runs.
-    pub(crate) bytes: usize,
+    /// Payload bytes counted against the pending-bytes limit while it runs (a frame's, so
+    /// they fit: `u32` keeps the record, which each waiting request holds, a word smaller).
+    bytes: u32,
 }
 
 impl Run {
+    pub(crate) fn new(
+        id: Option<u64>,
+        method: Method,
+        deadline: Option<Instant>,
+        nested: bool,
+        bytes: usize,
+    ) -> Self {
+        Self {
+            id,
+            method,
+            deadline,
+            nested,
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Payload bytes counted against the pending-bytes limit while it runs.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes as usize
+    }
+
     /// What a slot's run is left with while its future is dropped.
     fn placeholder() -> Self {
         Self {
@@ -383,14 +405,15 @@ mod tests {
 
     type BoxHandler = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
 
+    /// Every waiting request holds its run record.
+    #[test]
+    fn a_run_record_stays_small() {
+        let size = std::mem::size_of::<Run>();
+        assert!(size <= 72, "a run takes {size} bytes");
+    }
+
     fn run(id: Option<u64>, method: &'static str, deadline: Option<Instant>) -> Run {
-        Run {
-            id,
-            method: Method::from_static(method),
-            deadline,
-            nested: false,
-            bytes: 0,
-        }
+        Run::new(id, Method::from_static(method), deadline, false, 0)
     }
 
     fn start(

@@ -361,13 +361,7 @@ where
         let deadline = (timeout_us > 0)
             .then(|| Instant::now().checked_add(Duration::from_micros(timeout_us)))
             .flatten();
-        let run = Run {
-            id: Some(id),
-            method,
-            deadline,
-            nested,
-            bytes: payload.len(),
-        };
+        let run = Run::new(Some(id), method, deadline, nested, payload.len());
         match self.admission.request(&run) {
             Verdict::Admitted => {
                 let queued = Queued {
@@ -392,13 +386,7 @@ where
             tracing::debug!(%method, "notification during shutdown dropped");
             return;
         }
-        let run = Run {
-            id: None,
-            method,
-            deadline: None,
-            nested: false,
-            bytes: payload.len(),
-        };
+        let run = Run::new(None, method, None, false, payload.len());
         match self.admission.notification(&run) {
             Verdict::CutOff(error) => self.violation(error),
             _ => {
