@@ -158,11 +158,19 @@ type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
 // The shortest MessagePack forms, written straight into the buffer (rmp's writers go through
 // `io::Write`, which costs more than the bytes): the same bytes rmp would write.
 
+#[inline]
 fn uint(w: &mut Writer<'_>, value: u64) {
-    let buf = w.get_mut();
     match value {
-        0..=0x7f => buf.put_u8(value as u8),
-        0x80..=0xff => {
+        // NB. The common case (kinds, zeros, small ids) inline; the longer forms out of line.
+        0..=0x7f => w.get_mut().put_u8(value as u8),
+        _ => long_uint(w.get_mut(), value),
+    }
+}
+
+#[inline(never)]
+fn long_uint(buf: &mut BytesMut, value: u64) {
+    match value {
+        0..=0xff => {
             buf.put_u8(0xcc);
             buf.put_u8(value as u8);
         }
