@@ -390,11 +390,23 @@ impl Reader<'_> {
         Ok(id)
     }
 
+    #[inline]
     fn uint(&mut self) -> Read<u64> {
-        // NB. The forms this side writes (envelope kinds, small ids, zeros) without rmp's
-        // generic reader; anything else goes through it.
+        // NB. The one-byte form (kinds, zeros, small ids) inline, the others out of line.
+        match *self.rest {
+            [byte @ 0..=0x7f, ref rest @ ..] => {
+                self.rest = rest;
+                Ok(u64::from(byte))
+            }
+            _ => self.long_uint(),
+        }
+    }
+
+    /// The unsigned forms this side writes without rmp's generic reader; anything else goes
+    /// through it.
+    #[inline(never)]
+    fn long_uint(&mut self) -> Read<u64> {
         let (value, len) = match *self.rest {
-            [byte @ 0..=0x7f, ..] => (u64::from(byte), 1),
             [0xcc, byte, ..] => (u64::from(byte), 2),
             [0xcd, a, b, ..] => (u64::from(u16::from_be_bytes([a, b])), 3),
             [0xce, a, b, c, d, ..] => (u64::from(u32::from_be_bytes([a, b, c, d])), 5),
@@ -518,6 +530,36 @@ mod tests {
             enc::write_uint(&mut theirs, value).unwrap();
             assert_eq!(&ours[..], &theirs[..], "{value:#x}");
         }
+    }
+
+    #[test]
+    fn unsigned_forms_rmp_writes_are_read() {
+        for id in [
+            0,
+            0x7f,
+            0x80,
+            0xff,
+            0x100,
+            0xffff,
+            0x1_0000,
+            0xffff_ffff,
+            0x1_0000_0000,
+            u64::MAX,
+        ] {
+            let mut frame = vec![0x92, 6];
+            enc::write_uint(&mut frame, id).unwrap();
+            assert_eq!(
+                decode(Bytes::from(frame)).unwrap(),
+                Envelope::Cancel { id },
+                "{id:#x}"
+            );
+        }
+        // A signed form of a small positive value, as another writer may send it: rmp's reader.
+        let frame = vec![0x92, 6, 0xd0, 0x05];
+        assert_eq!(
+            decode(Bytes::from(frame)).unwrap(),
+            Envelope::Cancel { id: 5 }
+        );
     }
 
     fn request(method: &str) -> Envelope {
