@@ -464,12 +464,20 @@ impl Reader<'_> {
             .map_err(|e| format!("string is not UTF-8: {e}"))
     }
 
+    #[inline]
     fn attributes(&mut self) -> Read<Attributes> {
-        // NB. Nearly always none: no allocation, no sort.
-        if self.rest.first() == Some(&0x80) {
-            self.rest = &self.rest[1..];
-            return Ok(Attributes::new());
+        // NB. Nearly always none: no allocation, no sort, no call.
+        match *self.rest {
+            [0x80, ref rest @ ..] => {
+                self.rest = rest;
+                Ok(Attributes::new())
+            }
+            _ => self.some_attributes(),
         }
+    }
+
+    #[inline(never)]
+    fn some_attributes(&mut self) -> Read<Attributes> {
         let len = rmp::decode::read_map_len(&mut self.rest)
             .map_err(|e| format!("expected an attribute map: {e}"))?;
         if len as usize > crate::codec::MAX_DECODED_ATTRIBUTES {
