@@ -139,9 +139,18 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
     }
 }
 
+#[inline]
 fn write_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
+    // NB. The common case (no attributes) is one byte, a fixmap of 0, written inline.
+    match attributes.is_empty() {
+        true => w.get_mut().put_u8(0x80),
+        false => write_some_attributes(w, attributes),
+    }
+}
+
+#[inline(never)]
+fn write_some_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
     match attributes.len() {
-        // NB. The common case (no attributes) is one byte: a fixmap of 0.
         len @ 0..=15 => w.get_mut().put_u8(0x80 | len as u8),
         len => {
             let _ = enc::write_map_len(w, len as u32);
