@@ -235,6 +235,12 @@ pub(super) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
     }
 }
 
+#[cold]
+#[inline(never)]
+fn wrong_length(kind: EnvelopeKind, len: u32, expected: u32) -> String {
+    format!("{kind:?} envelope with {len} elements, expected {expected}")
+}
+
 struct Reader<'a> {
     frame: &'a Bytes,
     rest: &'a [u8],
@@ -260,12 +266,9 @@ impl Reader<'_> {
             .ok_or_else(|| format!("unknown envelope kind {kind}"))?;
         self.header.kind = Some(kind);
         let expect = |n: u32| -> Read<()> {
-            if len == n {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{kind:?} envelope with {len} elements, expected {n}"
-                ))
+            match len == n {
+                true => Ok(()),
+                false => Err(wrong_length(kind, len, n)),
             }
         };
         Ok(match kind {
