@@ -237,6 +237,18 @@ pub(super) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
 
 #[cold]
 #[inline(never)]
+fn string_past_frame(len: usize) -> String {
+    format!("string of {len} bytes runs past the frame")
+}
+
+#[cold]
+#[inline(never)]
+fn missing_payload() -> String {
+    "missing payload".into()
+}
+
+#[cold]
+#[inline(never)]
 fn wrong_length(kind: EnvelopeKind, len: u32, expected: u32) -> String {
     format!("{kind:?} envelope with {len} elements, expected {expected}")
 }
@@ -448,11 +460,10 @@ impl Reader<'_> {
                 self.rest = &self.rest[2..];
                 usize::from(len)
             }
-            _ => rmp::decode::read_str_len(&mut self.rest)
-                .map_err(|e| format!("expected a string: {e}"))? as usize,
+            _ => self.long_str_len()?,
         };
         if len > self.rest.len() {
-            return Err(format!("string of {len} bytes runs past the frame"));
+            return Err(string_past_frame(len));
         }
         let (bytes, rest) = self.rest.split_at(len);
         self.rest = rest;
@@ -466,6 +477,13 @@ impl Reader<'_> {
 
     fn string(&mut self) -> Read<String> {
         self.str().map(str::to_owned)
+    }
+
+    #[inline(never)]
+    fn long_str_len(&mut self) -> Read<usize> {
+        rmp::decode::read_str_len(&mut self.rest)
+            .map(|len| len as usize)
+            .map_err(|e| format!("expected a string: {e}"))
     }
 
     /// A method name, sliced from the frame (its UTF-8 checked once, there).
@@ -509,7 +527,7 @@ impl Reader<'_> {
     /// The rest of the frame: the last array element, kept as raw MessagePack.
     fn payload(&mut self) -> Read<Bytes> {
         if self.rest.is_empty() {
-            return Err("missing payload".into());
+            return Err(missing_payload());
         }
         let start = self.frame.len() - self.rest.len();
         self.rest = &[];
