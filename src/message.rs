@@ -159,6 +159,7 @@ impl Attributes {
 
     /// The pairs, sorted by name. (Never `Some` of an empty `Vec`: equality relies on it.)
     fn pairs(&self) -> &[(String, String)] {
+        debug_assert!(!matches!(&self.0, Some(pairs) if pairs.is_empty()));
         self.0.as_deref().map_or(&[], Vec::as_slice)
     }
 

@@ -150,6 +150,7 @@ fn write_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
 
 #[inline(never)]
 fn write_some_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
+    debug_assert!(!attributes.is_empty());
     match attributes.len() {
         len @ 0..=15 => w.get_mut().put_u8(0x80 | len as u8),
         len => {

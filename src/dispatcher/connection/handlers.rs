@@ -69,6 +69,8 @@ impl Run {
             method,
             deadline,
             nested,
+            // NB. A frame's payload, and frames are at most `u32::MAX` long (the builder caps
+            // the limit): the saturation never happens.
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
         }
     }
