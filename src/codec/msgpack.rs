@@ -548,21 +548,23 @@ impl Reader<'_> {
 mod tests {
     use super::*;
 
+    /// Each unsigned form's edges.
+    const EDGES: [u64; 10] = [
+        0,
+        0x7f,
+        0x80,
+        0xff,
+        0x100,
+        0xffff,
+        0x1_0000,
+        0xffff_ffff,
+        0x1_0000_0000,
+        u64::MAX,
+    ];
+
     #[test]
     fn unsigned_forms_are_the_bytes_rmp_writes() {
-        let edges = [
-            0,
-            0x7f,
-            0x80,
-            0xff,
-            0x100,
-            0xffff,
-            0x1_0000,
-            0xffff_ffff,
-            0x1_0000_0000,
-            u64::MAX,
-        ];
-        for value in edges {
+        for value in EDGES {
             let mut ours = BytesMut::new();
             uint(&mut (&mut ours).writer(), value);
             let mut theirs = Vec::new();
@@ -573,18 +575,7 @@ mod tests {
 
     #[test]
     fn unsigned_forms_rmp_writes_are_read() {
-        for id in [
-            0,
-            0x7f,
-            0x80,
-            0xff,
-            0x100,
-            0xffff,
-            0x1_0000,
-            0xffff_ffff,
-            0x1_0000_0000,
-            u64::MAX,
-        ] {
+        for id in EDGES {
             let mut frame = vec![0x92, 6];
             enc::write_uint(&mut frame, id).unwrap();
             assert_eq!(
