@@ -61,9 +61,42 @@ pub(crate) struct Outbound {
     pub(crate) permit: Permit,
     /// The queued bytes it holds (of its permit's class) until written.
     pub(crate) queued: u32,
-    /// The peer's request whose handler makes this call, if any (any id: 0 is a PHP peer's
-    /// first, and "none" only on the native wire).
-    pub(crate) parent: Option<u64>,
+    /// The peer's request whose handler makes this call, if `nested` (any id: 0 is a PHP
+    /// peer's first, and "none" only on the native wire). Not an `Option`: the flag fits
+    /// beside the permit, and a command stays small enough to move without `memcpy`.
+    parent_id: u64,
+    nested: bool,
+}
+
+impl Outbound {
+    pub(crate) fn new(
+        method: Method,
+        attributes: Attributes,
+        payload: Bytes,
+        permit: Permit,
+        queued: u32,
+        parent: Option<u64>,
+    ) -> Self {
+        Self {
+            method,
+            attributes,
+            payload,
+            permit,
+            queued,
+            parent_id: parent.unwrap_or(0),
+            nested: parent.is_some(),
+        }
+    }
+
+    /// The peer's request whose handler makes this call, if any.
+    pub(crate) fn parent(&self) -> Option<u64> {
+        self.nested.then_some(self.parent_id)
+    }
+
+    /// Makes it an ordinary call, not nested in a peer's request.
+    pub(crate) fn not_nested(&mut self) {
+        self.nested = false;
+    }
 }
 
 /// Which in-flight permit a message holds.

@@ -187,14 +187,14 @@ impl<T> Call<T> {
             .map_err(fail)?;
         let id = shared.next_id();
         let (tx, mut rx) = shared.answers.channel();
-        let call = Outbound {
-            method: self.method,
-            attributes: self.attributes,
+        let call = Outbound::new(
+            self.method,
+            self.attributes,
             payload,
             permit,
             queued,
-            parent: self.parent,
-        };
+            self.parent,
+        );
         let command = Command::Call {
             id,
             call,
@@ -388,14 +388,7 @@ async fn queue_notification(
     }
     shared.check_limits(&method, &attributes, &payload)?;
     let queued = shared.admit(permit, payload.len()).await?;
-    let notification = Outbound {
-        method,
-        attributes,
-        payload,
-        permit,
-        queued,
-        parent: None,
-    };
+    let notification = Outbound::new(method, attributes, payload, permit, queued, None);
     shared
         .send_command(Command::Notify(notification))
         .map_err(|()| {

@@ -260,7 +260,7 @@ where
                 // 0 breaks the protocol), while the PHP wire carries no parent at all.
                 let expressible = |parent: u64| parent != 0 || self.config.codec.is_php();
                 let nested = call
-                    .parent
+                    .parent()
                     .is_some_and(|parent| expressible(parent) && self.handlers.is_running(parent));
                 let allowed = match self.phase {
                     Phase::Open => true,
@@ -272,10 +272,10 @@ where
                     return self.released.message(&call);
                 }
                 if !nested {
-                    call.parent = None;
+                    call.not_nested();
                 }
                 // Written at once when nothing of its kind waits before it and there is room.
-                let window = match call.parent {
+                let window = match call.parent() {
                     Some(parent) => Window::Nested { parent },
                     None => Window::Request(self.config.codec.payload_len(&call.payload)),
                 };
@@ -388,12 +388,12 @@ where
                     reply,
                 } => {
                     if call
-                        .parent
+                        .parent()
                         .is_some_and(|parent| !self.handlers.is_running(parent))
                     {
                         // Its handler finished while it waited: the peer would not find it
                         // pending, so it waits for the window like any other call.
-                        call.parent = None;
+                        call.not_nested();
                         self.outbox.push(Command::Call {
                             id,
                             call,
@@ -402,7 +402,7 @@ where
                         });
                         continue;
                     }
-                    let window = match call.parent {
+                    let window = match call.parent() {
                         None => Window::Request(codec.payload_len(&call.payload)),
                         Some(parent) => Window::Nested { parent },
                     };
@@ -445,13 +445,14 @@ where
             let left = deadline.saturating_duration_since(Instant::now());
             u64::try_from(left.as_micros()).unwrap_or(u64::MAX).max(1)
         });
+        // NB. 0 is "none" on the native wire; the PHP wire carries no parent.
+        let parent = call.parent().unwrap_or(0);
         let envelope = Envelope::Request {
             id,
             method: call.method,
             attributes: call.attributes,
             timeout_us,
-            // NB. 0 is "none" on the native wire; the PHP wire carries no parent.
-            parent: call.parent.unwrap_or(0),
+            parent,
             payload: call.payload,
         };
         match self.write.write(&envelope) {

@@ -264,7 +264,7 @@ impl Outbox {
         while at < self.nested.len() {
             let (gone, waits) = match &self.nested[at] {
                 Command::Call { reply, call, .. } => {
-                    let nests = call.parent.map_or(true, |parent| window.may_nest(parent));
+                    let nests = call.parent().map_or(true, |parent| window.may_nest(parent));
                     (reply.is_closed(), !nests)
                 }
                 _ => (false, false),
@@ -421,14 +421,14 @@ mod tests {
     }
 
     fn outbound(len: usize) -> Outbound {
-        Outbound {
-            method: Method::from_static("m"),
-            attributes: Attributes::new(),
-            payload: Bytes::from(vec![1; len]),
-            permit: Permit::Handle,
-            queued: len as u32,
-            parent: None,
-        }
+        Outbound::new(
+            Method::from_static("m"),
+            Attributes::new(),
+            Bytes::from(vec![1; len]),
+            Permit::Handle,
+            len as u32,
+            None,
+        )
     }
 
     fn call(id: u64, len: usize) -> (Command, TestReceiver) {
