@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+use crate::error::CallError;
 use crate::shared::RawAnswer;
 
 /// The slots of one connection's pending calls.
@@ -121,6 +122,12 @@ impl AnswerSender {
                 Err(answer)
             }
         }
+    }
+
+    /// Fails the call with `error` (boxed here, for every failure alike); ignored when the
+    /// caller stopped waiting.
+    pub(crate) fn fail(self, error: CallError) {
+        let _ = self.send(Err(Box::new(error)));
     }
 
     /// `true` when the caller stopped waiting. (A caller that stops a moment after is told

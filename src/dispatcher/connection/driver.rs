@@ -147,7 +147,7 @@ fn fail_queued(commands: &mut CommandReceiver, reason: &Termination) {
     while let Some(command) = commands.try_recv() {
         match command {
             Command::Call { reply, .. } => {
-                let _ = reply.send(Err(Box::new(CallError::Terminated(reason.clone()))));
+                reply.fail(CallError::Terminated(reason.clone()));
             }
             Command::OpenStream { events, .. } => {
                 let _ = events.send(StreamEvent::Terminated(reason.clone()));
@@ -268,7 +268,7 @@ where
                     Phase::Closing { .. } => false,
                 };
                 if !allowed {
-                    let _ = reply.send(Err(Box::new(self.terminated())));
+                    reply.fail(self.terminated());
                     return self.released.message(&call);
                 }
                 if !nested {
@@ -433,11 +433,11 @@ where
             .peer_limits
             .check_parts(Some(call.method.as_str()), &call.attributes);
         if let Err(error) = checked {
-            let _ = reply.send(Err(Box::new(CallError::Limit(error))));
+            reply.fail(CallError::Limit(error));
             return self.released.answered(permit);
         }
         if let Err(error) = carried(self.config.codec, &call) {
-            let _ = reply.send(Err(Box::new(CallError::Encode(error))));
+            reply.fail(CallError::Encode(error));
             return self.released.answered(permit);
         }
         // The peer is told the time left now, so the time the call waited here counts.
@@ -462,7 +462,7 @@ where
                     .insert_request(id, reply, Held { permit, window });
             }
             Err(error) => {
-                let _ = reply.send(Err(Box::new(CallError::Limit(error))));
+                reply.fail(CallError::Limit(error));
                 self.released.answered(permit);
             }
         }

@@ -76,7 +76,7 @@ impl Outgoing {
         ids.into_iter()
             .filter_map(|id| {
                 let pending = self.pending.remove(&id)?;
-                let _ = pending.reply.send(Err(Box::new(error())));
+                pending.reply.fail(error());
                 Some((id, pending.held))
             })
             .collect()
@@ -343,7 +343,7 @@ impl Outbox {
         let calls = std::mem::take(&mut self.calls).into_iter().map(|(_, c)| c);
         for command in calls.chain(nested) {
             if let Command::Call { call, reply, .. } = command {
-                let _ = reply.send(Err(Box::new(error())));
+                reply.fail(error());
                 released(&call);
             }
         }
