@@ -123,7 +123,7 @@ impl Out<'_> {
 
     fn json<T: serde::Serialize + ?Sized>(&mut self, value: &T) {
         // NB. Strings, integers and string maps always serialize; writing to memory cannot fail.
-        let _ = serde_json::to_writer((&mut *self.0).writer(), value);
+        let _ = serde_json::to_writer(super::Sink(self.0), value);
     }
 }
 

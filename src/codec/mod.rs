@@ -22,7 +22,7 @@ pub(crate) mod php;
 #[cfg(feature = "postcard")]
 mod postcard;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 #[cfg(feature = "postcard")]
 use serde::Deserialize;
@@ -72,6 +72,28 @@ impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Extend<'_, T> 
 /// The most attributes a decoder reads from one envelope, whatever the limits say: a peer's
 /// count never sizes more than this.
 pub(crate) const MAX_DECODED_ATTRIBUTES: usize = u16::MAX as usize;
+
+/// `io::Write` into a `BytesMut`, each write one `extend_from_slice`: bytes' own `Writer` goes
+/// through `BufMut::put` and `write_all`'s loop, which cost more than a small value's bytes.
+pub(crate) struct Sink<'a>(pub(crate) &'a mut BytesMut);
+
+impl std::io::Write for Sink<'_> {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 thread_local! {
     static ENCODE_CHUNK: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
@@ -213,7 +235,7 @@ impl Codec {
             return php::encode_value(value, dst);
         }
         let name = self.name();
-        let writer = dst.writer();
+        let writer = Sink(dst);
         match self {
             #[cfg(feature = "msgpack")]
             Self::MessagePack => value

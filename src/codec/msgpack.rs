@@ -18,7 +18,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use rmp::encode as enc;
 
-use crate::codec::{payload_or_unit, Codec};
+use crate::codec::{payload_or_unit, Codec, Sink};
 use crate::envelope::{Envelope, EnvelopeError, EnvelopeKind, ErrorBody, Method, PartialHeader};
 use crate::error::CodecError;
 use crate::message::Attributes;
@@ -26,7 +26,7 @@ use crate::message::Attributes;
 const CODEC: Codec = Codec::MessagePack;
 
 pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
-    let mut w = dst.writer();
+    let mut w = Sink(dst);
     // NB. Writes into a BytesMut cannot fail; the results only carry rmp's io error type.
     let kind = envelope.kind() as u64;
     match envelope {
@@ -45,7 +45,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             write_attributes(&mut w, attributes);
             uint(&mut w, *timeout_us);
             uint(&mut w, *parent);
-            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+            w.0.put_slice(payload_or_unit(CODEC, payload));
         }
         Envelope::Notification {
             method,
@@ -56,7 +56,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             uint(&mut w, kind);
             str(&mut w, method.as_str());
             write_attributes(&mut w, attributes);
-            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+            w.0.put_slice(payload_or_unit(CODEC, payload));
         }
         Envelope::Response {
             id,
@@ -67,7 +67,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             uint(&mut w, kind);
             uint(&mut w, *id);
             write_attributes(&mut w, attributes);
-            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+            w.0.put_slice(payload_or_unit(CODEC, payload));
         }
         Envelope::Error {
             id,
@@ -81,7 +81,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             let _ = enc::write_sint(&mut w, error.code);
             str(&mut w, &error.message);
             if let Some(data) = &error.data {
-                w.get_mut().put_slice(payload_or_unit(CODEC, data));
+                w.0.put_slice(payload_or_unit(CODEC, data));
             }
         }
         Envelope::Fatal { code, message } => {
@@ -109,7 +109,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
             uint(&mut w, kind);
             uint(&mut w, *stream);
             uint(&mut w, *position);
-            w.get_mut().put_slice(payload_or_unit(CODEC, payload));
+            w.0.put_slice(payload_or_unit(CODEC, payload));
         }
         Envelope::StreamEnd { stream, error } => {
             array_len(&mut w, if error.is_some() { 4 } else { 2 });
@@ -143,7 +143,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
 fn write_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
     // NB. The common case (no attributes) is one byte, a fixmap of 0, written inline.
     match attributes.is_empty() {
-        true => w.get_mut().put_u8(0x80),
+        true => w.0.put_u8(0x80),
         false => write_some_attributes(w, attributes),
     }
 }
@@ -152,7 +152,7 @@ fn write_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
 fn write_some_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
     debug_assert!(!attributes.is_empty());
     match attributes.len() {
-        len @ 0..=15 => w.get_mut().put_u8(0x80 | len as u8),
+        len @ 0..=15 => w.0.put_u8(0x80 | len as u8),
         len => {
             let _ = enc::write_map_len(w, len as u32);
         }
@@ -163,7 +163,7 @@ fn write_some_attributes(w: &mut Writer<'_>, attributes: &Attributes) {
     }
 }
 
-type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
+type Writer<'a> = Sink<'a>;
 
 // The shortest MessagePack forms, written straight into the buffer (rmp's writers go through
 // `io::Write`, which costs more than the bytes): the same bytes rmp would write.
@@ -172,8 +172,8 @@ type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
 fn uint(w: &mut Writer<'_>, value: u64) {
     match value {
         // NB. The common case (kinds, zeros, small ids) inline; the longer forms out of line.
-        0..=0x7f => w.get_mut().put_u8(value as u8),
-        _ => long_uint(w.get_mut(), value),
+        0..=0x7f => w.0.put_u8(value as u8),
+        _ => long_uint(w.0, value),
     }
 }
 
@@ -201,7 +201,7 @@ fn long_uint(buf: &mut BytesMut, value: u64) {
 
 fn array_len(w: &mut Writer<'_>, len: u32) {
     match len {
-        0..=15 => w.get_mut().put_u8(0x90 | len as u8),
+        0..=15 => w.0.put_u8(0x90 | len as u8),
         _ => {
             let _ = enc::write_array_len(w, len);
         }
@@ -211,7 +211,7 @@ fn array_len(w: &mut Writer<'_>, len: u32) {
 fn str(w: &mut Writer<'_>, s: &str) {
     match s.len() {
         len @ 0..=31 => {
-            let buf = w.get_mut();
+            let buf = &mut *w.0;
             buf.put_u8(0xa0 | len as u8);
             buf.put_slice(s.as_bytes());
         }
@@ -566,7 +566,7 @@ mod tests {
     fn unsigned_forms_are_the_bytes_rmp_writes() {
         for value in EDGES {
             let mut ours = BytesMut::new();
-            uint(&mut (&mut ours).writer(), value);
+            uint(&mut Sink(&mut ours), value);
             let mut theirs = Vec::new();
             enc::write_uint(&mut theirs, value).unwrap();
             assert_eq!(&ours[..], &theirs[..], "{value:#x}");

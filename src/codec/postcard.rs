@@ -93,7 +93,7 @@ pub(super) fn encode(envelope: &Envelope, dst: &mut BytesMut) {
 
 fn put<T: Serialize>(dst: &mut BytesMut, value: &T) {
     // NB. Tuples of integers, strings and string maps always serialize; memory writes cannot fail.
-    let _ = ::postcard::to_io(value, dst.writer());
+    let _ = ::postcard::to_io(value, super::Sink(dst));
 }
 
 pub(super) fn decode(frame: Bytes) -> Result<Envelope, EnvelopeError> {
