@@ -48,6 +48,21 @@ pub fn envelope(codec: Codec, body: &[u8]) -> bool {
     }
 }
 
+/// Finds the length of the MessagePack value `body` starts with, as a stream batch's items are
+/// split, and checks it against rmp_serde: one finds a value where the other does, of the same
+/// length.
+#[cfg(feature = "msgpack")]
+pub fn value_len(body: &[u8]) {
+    let found = crate::codec::msgpack::value_len(body);
+    let mut rest = body;
+    let mut de = rmp_serde::Deserializer::new(&mut rest);
+    de.set_max_depth(usize::MAX);
+    let read = <serde::de::IgnoredAny as serde::Deserialize>::deserialize(&mut de).is_ok();
+    drop(de);
+    let read = read.then_some(body.len() - rest.len());
+    assert_eq!(found, read, "{body:x?}");
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Numbers(u8);
 stream_request!(Numbers => u8, "numbers");

@@ -193,6 +193,43 @@ async fn a_consumer_that_grants_u64_max_and_stops_reading_does_not_make_the_prod
     );
 }
 
+// issue 14: a batch's items are decoded as they are taken, so a batch that is cut short, or
+// holds an item of the wrong type, yields the items before the fault, then an error item; the
+// consumer cancels the stream and the connection stays up.
+#[tokio::test(start_paused = true)]
+async fn a_batch_cut_short_yields_its_whole_items_then_an_error() {
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let consumer = consume(dispatcher.stream(Numbers(3)));
+    answer_stream_request(&mut peer).await;
+    // [8, stream, position 0, items]: three items announced, two sent.
+    peer.send_frame(&[0x94, 8, STREAM as u8, 0, 0x93, 0, 1])
+        .await;
+    let items = collected(consumer).await;
+    assert!(
+        matches!(items[..], [Ok(0), Ok(1), Err(CallError::Decode(_))]),
+        "{items:?}"
+    );
+    assert!(error_text(items[2].as_ref().unwrap_err()).contains("cut short"));
+    let cancel = peer.read_until(|envelope| envelope[0] == 11).await;
+    assert_eq!(cancel[1], STREAM);
+    assert_still_up(&dispatcher, &mut peer).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_item_of_the_wrong_type_ends_the_stream_after_the_items_before_it() {
+    let (dispatcher, mut peer) = connect(Probe::default()).await;
+    let consumer = consume(dispatcher.stream(Numbers(3)));
+    answer_stream_request(&mut peer).await;
+    peer.send(&(8u8, STREAM, 0u64, (0u64, "one", 2u64))).await;
+    peer.stream_end(STREAM).await;
+    let items = collected(consumer).await;
+    assert!(
+        matches!(items[..], [Ok(0), Err(CallError::Decode(_))]),
+        "{items:?}"
+    );
+    assert_still_up(&dispatcher, &mut peer).await;
+}
+
 // issue 8, item 6
 #[tokio::test(start_paused = true)]
 async fn a_producer_that_ignores_credit_ends_the_connection() {

@@ -16,7 +16,7 @@
 #[cfg(feature = "json")]
 mod json;
 #[cfg(feature = "msgpack")]
-mod msgpack;
+pub(crate) mod msgpack;
 #[cfg(feature = "php")]
 pub(crate) mod php;
 #[cfg(feature = "postcard")]
@@ -40,35 +40,6 @@ const CHUNK_REFILL: usize = 512;
 #[cfg(feature = "msgpack")]
 const MAX_DEPTH: usize = 128;
 
-/// Decodes a sequence's items onto the end of a queue.
-#[cfg(feature = "msgpack")]
-struct Extend<'a, T>(&'a mut std::collections::VecDeque<T>);
-
-#[cfg(feature = "msgpack")]
-impl<'de, T: serde::Deserialize<'de>> serde::de::DeserializeSeed<'de> for Extend<'_, T> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-}
-
-#[cfg(feature = "msgpack")]
-impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Extend<'_, T> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a sequence of stream items")
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
-        // NB. The count is the peer's: room grows with the items that really come.
-        while let Some(item) = items.next_element()? {
-            self.0.push_back(item);
-        }
-        Ok(())
-    }
-}
 /// The most attributes a decoder reads from one envelope, whatever the limits say: a peer's
 /// count never sizes more than this.
 pub(crate) const MAX_DECODED_ATTRIBUTES: usize = u16::MAX as usize;
@@ -93,6 +64,63 @@ impl std::io::Write for Sink<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// A sequence's items, still encoded: each is decoded when it is taken (see
+/// [`Codec::split_sequence`]).
+#[cfg_attr(not(feature = "msgpack"), allow(dead_code))]
+pub(crate) struct EncodedItems {
+    codec: Codec,
+    bytes: Bytes,
+    /// Where the next item starts.
+    at: usize,
+    /// Items not taken yet, as the sequence's header counts them.
+    left: u32,
+}
+
+impl EncodedItems {
+    /// Items not taken yet.
+    pub(crate) fn len(&self) -> u32 {
+        self.left
+    }
+
+    /// Decodes the next item; `None` after the last. After an error the rest is dropped.
+    pub(crate) fn take<T: DeserializeOwned>(&mut self) -> Option<Result<T, CodecError>> {
+        if self.left == 0 {
+            return None;
+        }
+        let item = match self.codec {
+            #[cfg(feature = "msgpack")]
+            Codec::MessagePack | Codec::MessagePackCompact => {
+                let rest = &self.bytes[self.at..];
+                match msgpack::value_len(rest) {
+                    Some(len) => {
+                        self.at += len;
+                        let mut de = rmp_serde::Deserializer::from_read_ref(&rest[..len]);
+                        de.set_max_depth(MAX_DEPTH);
+                        T::deserialize(&mut de).map_err(|e| CodecError::new(self.codec.name(), e))
+                    }
+                    None => Err(sequence_cut_short(self.codec, self.left)),
+                }
+            }
+            // NB. No other codec makes encoded items (see `split_sequence`).
+            #[allow(unreachable_patterns)]
+            _ => Err(sequence_cut_short(self.codec, self.left)),
+        };
+        self.left = match item {
+            Ok(_) => self.left - 1,
+            Err(_) => 0,
+        };
+        Some(item)
+    }
+}
+
+#[cold]
+fn sequence_cut_short(codec: Codec, missing: u32) -> CodecError {
+    CodecError::new(
+        codec.name(),
+        format_args!("sequence cut short: {missing} items missing"),
+    )
 }
 
 thread_local! {
@@ -290,29 +318,45 @@ impl Codec {
     }
 
     /// Decodes a sequence (a batch of stream items) onto the end of `into`, all of it or, on
-    /// an error, none. With MessagePack the items go straight there, with no `Vec` per batch
-    /// in between (a large allocation per batch, which also makes the allocator consolidate
-    /// its free small chunks each time).
+    /// an error, none: for the codecs whose sequences cannot be split undecoded (see
+    /// [`Codec::split_sequence`]).
     pub(crate) fn decode_extend<T: DeserializeOwned>(
         self,
         bytes: &[u8],
         into: &mut std::collections::VecDeque<T>,
     ) -> Result<(), CodecError> {
+        into.extend(self.decode::<Vec<T>>(bytes)?);
+        Ok(())
+    }
+
+    /// A sequence (a batch of stream items) whose items stay encoded until each is taken, for
+    /// a codec that finds an item's end without its type (MessagePack); `None` for one that
+    /// decodes a sequence whole.
+    ///
+    /// NB. A consumer then holds one decoded item at a time instead of a batch of them: for
+    /// small items, every allocation comes from the allocator's per-thread cache.
+    pub(crate) fn split_sequence(self, bytes: &Bytes) -> Option<Result<EncodedItems, CodecError>> {
         match self {
             #[cfg(feature = "msgpack")]
-            Self::MessagePack | Self::MessagePackCompact if !bytes.is_empty() => {
-                let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-                de.set_max_depth(MAX_DEPTH);
-                let before = into.len();
-                let decoded = serde::de::DeserializeSeed::deserialize(Extend(into), &mut de);
-                decoded.map_err(|e| {
-                    into.truncate(before);
-                    CodecError::new(self.name(), e)
+            Self::MessagePack | Self::MessagePackCompact => {
+                let mut rest = &bytes[..];
+                Some(match rmp::decode::read_array_len(&mut rest) {
+                    Ok(left) => Ok(EncodedItems {
+                        codec: self,
+                        at: bytes.len() - rest.len(),
+                        left,
+                        bytes: bytes.clone(),
+                    }),
+                    Err(e) => Err(CodecError::new(
+                        self.name(),
+                        format_args!("not a sequence: {e}"),
+                    )),
                 })
             }
+            #[allow(unreachable_patterns)]
             _ => {
-                into.extend(self.decode::<Vec<T>>(bytes)?);
-                Ok(())
+                let _ = bytes;
+                None
             }
         }
     }

@@ -254,6 +254,71 @@ fn wrong_length(kind: EnvelopeKind, len: u32, expected: u32) -> String {
     format!("{kind:?} envelope with {len} elements, expected {expected}")
 }
 
+/// The length of the MessagePack value that `bytes` starts with, found without decoding it;
+/// `None` when the value is cut short or uses the one marker MessagePack never uses (`0xc1`).
+///
+/// NB. It counts the values still to skip instead of recursing, so nesting costs no stack;
+/// every value takes a byte at least, so a count past the bytes left is refused at once.
+#[inline]
+pub(crate) fn value_len(bytes: &[u8]) -> Option<usize> {
+    // NB. The common small items (a string under 256 bytes, a small integer, nil, a boolean)
+    // inline.
+    let len = match *bytes.first()? {
+        marker @ 0xa0..=0xbf => 1 + usize::from(marker & 0x1f),
+        0xd9 => 2 + usize::from(*bytes.get(1)?),
+        0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => 1,
+        _ => return long_value_len(bytes),
+    };
+    Some(len).filter(|&len| len <= bytes.len())
+}
+
+#[inline(never)]
+fn long_value_len(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0usize;
+    let mut values = 1usize;
+    while values > 0 {
+        values -= 1;
+        let marker = *bytes.get(at)?;
+        at += 1;
+        // What follows the marker: a fixed size, a length of `n` bytes, or a count of values.
+        let (body, more) = match marker {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (0, 0),
+            0x80..=0x8f => (0, 2 * usize::from(marker & 0x0f)),
+            0x90..=0x9f => (0, usize::from(marker & 0x0f)),
+            0xa0..=0xbf => (usize::from(marker & 0x1f), 0),
+            0xc4 | 0xd9 => (length(bytes, &mut at, 1)?, 0),
+            0xc5 | 0xda => (length(bytes, &mut at, 2)?, 0),
+            0xc6 | 0xdb => (length(bytes, &mut at, 4)?, 0),
+            // An extension's body is its type byte and its data.
+            0xc7 => (length(bytes, &mut at, 1)?.checked_add(1)?, 0),
+            0xc8 => (length(bytes, &mut at, 2)?.checked_add(1)?, 0),
+            0xc9 => (length(bytes, &mut at, 4)?.checked_add(1)?, 0),
+            0xca | 0xce | 0xd2 => (4, 0),
+            0xcb | 0xcf | 0xd3 => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xd4..=0xd8 => (1 + (1 << (marker - 0xd4)), 0),
+            0xdc => (0, length(bytes, &mut at, 2)?),
+            0xdd => (0, length(bytes, &mut at, 4)?),
+            0xde => (0, length(bytes, &mut at, 2)?.checked_mul(2)?),
+            0xdf => (0, length(bytes, &mut at, 4)?.checked_mul(2)?),
+            0xc1 => return None,
+        };
+        at = at.checked_add(body).filter(|&end| end <= bytes.len())?;
+        values = values
+            .checked_add(more)
+            .filter(|&values| values <= bytes.len() - at)?;
+    }
+    Some(at)
+}
+
+/// A big-endian length of `width` bytes at `at`, stepped past.
+fn length(bytes: &[u8], at: &mut usize, width: usize) -> Option<usize> {
+    let field = bytes.get(*at..*at + width)?;
+    *at += width;
+    Some(field.iter().fold(0usize, |n, &b| n << 8 | usize::from(b)))
+}
+
 struct Reader<'a> {
     frame: &'a Bytes,
     rest: &'a [u8],
@@ -547,6 +612,105 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One value of every MessagePack form, each written by rmp.
+    fn every_form() -> Vec<Vec<u8>> {
+        let mut values = Vec::new();
+        let mut write = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut buf = Vec::new();
+            f(&mut buf);
+            values.push(buf);
+        };
+        write(&|b| enc::write_nil(b).unwrap());
+        write(&|b| enc::write_bool(b, true).unwrap());
+        write(&|b| enc::write_f32(b, 1.5).unwrap());
+        write(&|b| enc::write_f64(b, 1.5).unwrap());
+        for n in EDGES {
+            write(&|b| {
+                enc::write_uint(b, n).unwrap();
+            });
+        }
+        for n in [-1, -32, -33, -128, -129, -32_768, -32_769, i64::MIN] {
+            write(&|b| {
+                enc::write_sint(b, n).unwrap();
+            });
+        }
+        for len in [0usize, 31, 32, 255, 256, 65_535, 65_536] {
+            let text = "x".repeat(len);
+            write(&|b| enc::write_str(b, &text).unwrap());
+            write(&|b| enc::write_bin(b, text.as_bytes()).unwrap());
+        }
+        for len in [1u32, 2, 4, 8, 16, 0, 3, 255, 256, 65_536] {
+            write(&|b| {
+                enc::write_ext_meta(b, len, 5).unwrap();
+                b.extend(std::iter::repeat(7).take(len as usize));
+            });
+        }
+        for len in [0u32, 15, 16, 65_535, 65_536] {
+            write(&|b| {
+                enc::write_array_len(b, len).unwrap();
+                b.extend(std::iter::repeat(0xc0).take(len as usize));
+            });
+            write(&|b| {
+                enc::write_map_len(b, len).unwrap();
+                b.extend(std::iter::repeat(0x01).take(2 * len as usize));
+            });
+        }
+        // Nested: [{"a": [1, "b"]}, bin, [[[]]]].
+        write(&|b| {
+            enc::write_array_len(b, 3).unwrap();
+            enc::write_map_len(b, 1).unwrap();
+            enc::write_str(b, "a").unwrap();
+            enc::write_array_len(b, 2).unwrap();
+            enc::write_uint(b, 1).unwrap();
+            enc::write_str(b, "b").unwrap();
+            enc::write_bin(b, &[1, 2, 3]).unwrap();
+            b.extend([0x91, 0x91, 0x90]);
+        });
+        values
+    }
+
+    #[test]
+    fn a_values_length_is_found_for_every_form_and_a_cut_one_is_refused() {
+        for value in every_form() {
+            assert_eq!(value_len(&value), Some(value.len()), "{:x?}", &value[..1]);
+            let mut followed = value.clone();
+            followed.extend([0xc3, 0x00]);
+            assert_eq!(
+                value_len(&followed),
+                Some(value.len()),
+                "{:x?}",
+                &value[..1]
+            );
+            let cuts = [0, 1, value.len() / 2, value.len() - 1];
+            for cut in cuts.into_iter().filter(|&cut| cut < value.len()) {
+                assert_eq!(
+                    value_len(&value[..cut]),
+                    None,
+                    "{:x?} cut to {cut}",
+                    &value[..1]
+                );
+            }
+        }
+        assert_eq!(value_len(&[0xc1]), None, "the never-used marker");
+    }
+
+    #[test]
+    fn counts_and_lengths_past_the_bytes_are_refused_without_reading_on() {
+        let huge = [
+            vec![0xdd, 0xff, 0xff, 0xff, 0xff],       // array32 of 4 G values
+            vec![0xdf, 0xff, 0xff, 0xff, 0xff],       // map32 of 4 G pairs
+            vec![0xdb, 0xff, 0xff, 0xff, 0xff, b'x'], // str32 of 4 GiB
+            vec![0xc9, 0xff, 0xff, 0xff, 0xff, 1],    // ext32 of 4 GiB
+        ];
+        for value in huge {
+            assert_eq!(value_len(&value), None, "{value:x?}");
+        }
+        // A deep nesting costs no stack: 100,000 arrays of one, around a nil.
+        let mut deep = vec![0x91; 100_000];
+        deep.push(0xc0);
+        assert_eq!(value_len(&deep), Some(deep.len()));
+    }
 
     /// Each unsigned form's edges.
     const EDGES: [u64; 10] = [

@@ -58,12 +58,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 pub use storage::{StreamStatus, Streams};
 
+use crate::codec::EncodedItems;
 use crate::dispatcher::ResponseFuture;
 use crate::error::{CallError, RemoteError, Termination};
 use crate::shared::{Command, RawResponse, Shared, StreamEvent};
@@ -100,8 +102,12 @@ pub struct RemoteStream<T> {
     grown_at: u64,
     /// Items yielded since the last credit grant.
     consumed: u64,
+    /// Items received, decoded (see `encoded`).
     buffer: VecDeque<T>,
-    /// Position of the next item in `buffer`.
+    /// Items received, still encoded, for a codec that splits a batch without decoding it;
+    /// they come after `buffer`'s.
+    encoded: Option<EncodedItems>,
+    /// Position of the next item in `buffer` or `encoded`.
     next_position: u64,
     /// Position of the last item yielded.
     position: Option<u64>,
@@ -179,6 +185,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
             grown_at: 0,
             consumed: 0,
             buffer: VecDeque::new(),
+            encoded: None,
             next_position: 0,
             position: None,
             parent: None,
@@ -284,22 +291,47 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     }
 
     fn fail(&mut self, error: CallError) -> Poll<Option<Result<T, CallError>>> {
+        self.encoded = None;
         self.cancel();
         self.state = State::Done;
         Poll::Ready(Some(Err(error)))
     }
 
-    fn decode_batch(&mut self, position: u64, payload: &[u8]) -> Result<(), CallError> {
+    fn decode_batch(&mut self, position: u64, payload: Bytes) -> Result<(), CallError> {
         let codec = self.shared.as_ref().map(|s| s.codec).unwrap_or_default();
-        let before = self.buffer.len();
-        codec
-            .decode_extend(payload, &mut self.buffer)
-            .map_err(CallError::Decode)?;
+        let bytes = payload.len() as u64;
+        let count = match codec.split_sequence(&payload) {
+            Some(items) => {
+                let items = items.map_err(CallError::Decode)?;
+                let count = items.len();
+                self.encoded = Some(items).filter(|items| items.len() > 0);
+                u64::from(count)
+            }
+            None => {
+                let before = self.buffer.len();
+                codec
+                    .decode_extend(&payload, &mut self.buffer)
+                    .map_err(CallError::Decode)?;
+                (self.buffer.len() - before) as u64
+            }
+        };
         self.next_position = position;
-        let (items, bytes) = &mut self.received;
-        *items = items.saturating_add((self.buffer.len() - before) as u64);
-        *bytes = bytes.saturating_add(payload.len() as u64);
+        let (items, received) = &mut self.received;
+        *items = items.saturating_add(count);
+        *received = received.saturating_add(bytes);
         Ok(())
+    }
+
+    /// The next item received, decoded.
+    fn next_buffered(&mut self) -> Option<Result<T, CallError>> {
+        if let Some(item) = self.buffer.pop_front() {
+            return Some(Ok(item));
+        }
+        let item = self.encoded.as_mut()?.take();
+        if item.is_none() {
+            self.encoded = None;
+        }
+        Some(item?.map_err(CallError::Decode))
     }
 
     /// The consumer waits for items with none buffered: the credit's round trip holds it
@@ -335,8 +367,10 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
-            if let Some(item) = this.buffer.pop_front() {
-                return this.yield_item(item);
+            match this.next_buffered() {
+                Some(Ok(item)) => return this.yield_item(item),
+                Some(Err(error)) => return this.fail(error),
+                None => {}
             }
             match &mut this.state {
                 State::Done => return Poll::Ready(None),
@@ -363,7 +397,7 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                         return Poll::Pending;
                     }
                     Poll::Ready(Some(StreamEvent::Items { position, payload })) => {
-                        if let Err(error) = this.decode_batch(position, &payload) {
+                        if let Err(error) = this.decode_batch(position, payload) {
                             return this.fail(error);
                         }
                     }
@@ -419,10 +453,10 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
                                 });
                                 return this.fail(error);
                             }
-                            if let Err(error) = this.decode_batch(position, &raw.payload) {
+                            if let Err(error) = this.decode_batch(position, raw.payload) {
                                 return this.fail(error);
                             }
-                            if this.buffer.is_empty() {
+                            if this.buffer.is_empty() && this.encoded.is_none() {
                                 // The end: the producer released the stream itself.
                                 this.state = State::Done;
                             }
@@ -463,7 +497,10 @@ impl<T> fmt::Debug for RemoteStream<T> {
         f.debug_struct("RemoteStream")
             .field("state", &state)
             .field("position", &self.position)
-            .field("buffered", &self.buffer.len())
+            .field(
+                "buffered",
+                &(self.buffer.len() + self.encoded.as_ref().map_or(0, |e| e.len() as usize)),
+            )
             .finish_non_exhaustive()
     }
 }
