@@ -209,7 +209,7 @@ async fn a_batch_cut_short_yields_its_whole_items_then_an_error() {
         matches!(items[..], [Ok(0), Ok(1), Err(CallError::Decode(_))]),
         "{items:?}"
     );
-    assert!(error_text(items[2].as_ref().unwrap_err()).contains("cut short"));
+    assert!(error_text(items[2].as_ref().unwrap_err()).contains("cut short or malformed"));
     let cancel = peer.read_until(|envelope| envelope[0] == 11).await;
     assert_eq!(cancel[1], STREAM);
     assert_still_up(&dispatcher, &mut peer).await;

@@ -309,6 +309,19 @@ async fn stop_disposes_local_streams_and_ends_remote_ones_with_terminated() {
     }
 }
 
+// issue 14: a MessagePack batch stays encoded until its items are taken; they count as buffered.
+#[tokio::test]
+async fn items_of_a_batch_not_yet_taken_count_as_buffered() {
+    let (client, _server) = peers();
+    let id = within(client.request(Store(50))).await.unwrap();
+    let mut stream = RemoteStream::<u64>::windowed(&client, id).window(8);
+    assert_eq!(within(stream.next()).await.unwrap().unwrap(), 0);
+    // The stored stream has every item ready: the first batch takes the whole credit.
+    assert_eq!(stream.buffered_len(), 7, "{stream:?}");
+    assert_eq!(within(stream.next()).await.unwrap().unwrap(), 1);
+    assert_eq!(stream.buffered_len(), 6);
+}
+
 #[tokio::test]
 async fn window_set_on_a_stream_built_from_an_id_applies() {
     let (client, _server) = peers();

@@ -116,10 +116,13 @@ impl EncodedItems {
 }
 
 #[cold]
-fn sequence_cut_short(codec: Codec, missing: u32) -> CodecError {
+fn sequence_cut_short(codec: Codec, left: u32) -> CodecError {
     CodecError::new(
         codec.name(),
-        format_args!("sequence cut short: {missing} items missing"),
+        format_args!(
+            "stream batch item unreadable: cut short or malformed, with {left} of the \
+             sequence's items left"
+        ),
     )
 }
 

@@ -87,6 +87,11 @@ const MAX_GROWN_BYTES: u64 = 1 << 20;
 ///
 /// After an error item the stream ends. See the [module docs](self).
 ///
+/// With MessagePack, the items of a batch are decoded one at a time, as they are taken: a
+/// batch that a peer got wrong (cut short, or with an item that is not a `T`) yields the
+/// items before the fault, then a [`CallError::Decode`] item. The other codecs decode a
+/// batch whole, so such a batch yields the error item alone.
+///
 /// # Cancellation
 /// Dropping it tells the producer, which drops its stream.
 #[must_use = "streams do nothing unless polled"]
@@ -234,7 +239,7 @@ impl<T: DeserializeOwned> RemoteStream<T> {
 
     /// Items received and not yet yielded.
     pub fn buffered_len(&self) -> usize {
-        self.buffer.len()
+        self.buffered()
     }
 
     fn start(&mut self, id: u64, pull: bool) {
@@ -298,6 +303,12 @@ impl<T: DeserializeOwned> RemoteStream<T> {
     }
 
     fn decode_batch(&mut self, position: u64, payload: Bytes) -> Result<(), CallError> {
+        // NB. `poll_next` takes every buffered item before it looks for the next batch.
+        debug_assert_eq!(
+            self.buffered_len(),
+            0,
+            "a batch arrived over buffered items"
+        );
         let codec = self.shared.as_ref().map(|s| s.codec).unwrap_or_default();
         let bytes = payload.len() as u64;
         let count = match codec.split_sequence(&payload) {
@@ -469,6 +480,14 @@ impl<T: DeserializeOwned> Stream for RemoteStream<T> {
     }
 }
 
+impl<T> RemoteStream<T> {
+    /// Items received and not yet yielded, decoded or not.
+    fn buffered(&self) -> usize {
+        let encoded = self.encoded.as_ref().map_or(0, |items| items.len());
+        self.buffer.len() + encoded as usize
+    }
+}
+
 // NB. Nothing in it is pinned structurally (items are moved out of the buffer by value).
 impl<T> Unpin for RemoteStream<T> {}
 
@@ -497,10 +516,7 @@ impl<T> fmt::Debug for RemoteStream<T> {
         f.debug_struct("RemoteStream")
             .field("state", &state)
             .field("position", &self.position)
-            .field(
-                "buffered",
-                &(self.buffer.len() + self.encoded.as_ref().map_or(0, |e| e.len() as usize)),
-            )
+            .field("buffered", &self.buffered())
             .finish_non_exhaustive()
     }
 }
